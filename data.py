@@ -1,0 +1,372 @@
+"""The benchmark: procedural scenes drawn with Pillow, eight instruction tasks, a tokenizer, batching.
+
+A scene is a few coloured shapes on a 3x3 grid, sometimes with a short string of glyphs in the
+middle row. Each task asks its own kind of question about a scene, in the spirit of the datasets
+that He et al. (arXiv 2311.16206) tune in sequence: ImageNet, VQAv2, GQA, TextVQA, RefCOCO, ...
+Everything is a pure function of (task, split, seed), so two runs see the same pixels.
+Run `python data.py` to print a few examples of every task.
+"""
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SHAPES = ("circle", "square", "triangle", "diamond", "star")
+COLORS = {"red": (225, 50, 50), "green": (50, 190, 70), "blue": (60, 100, 235),
+          "yellow": (235, 215, 50), "purple": (165, 70, 210)}
+SIZES = ("small", "large")
+GLYPHS = "AEHKMPRTX347"  # upper case and digits only, so the tokenizer can split them one by one
+ROWS, COLS = ("top", "middle", "bottom"), ("left", "middle", "right")
+SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[SEP]", "[EOS]"]  # PAD must be id 0: batches pad with zeros
+PAD, BOS, SEP, EOS = 0, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str
+    size: str
+    cell: int   # 0..8, row-major over the 3x3 grid
+    dx: int = 0  # pixel jitter, so that no two drawings of one layout are identical
+    dy: int = 0
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple = ()
+    text: str = ""  # glyphs drawn in the middle row, one per cell
+
+    def key(self):
+        """The layout without jitter: train and test never share a key."""
+        return tuple(sorted((o.shape, o.color, o.size, o.cell) for o in self.objects)), self.text
+
+
+def where(cell):
+    """Grid cell -> 'top left', 'center', 'bottom middle', ..."""
+    row, col = ROWS[cell // 3], COLS[cell % 3]
+    return "center" if row == col == "middle" else f"{row} {col}"
+
+
+def render(scene, size=48):
+    """Draw a scene as a (3, size, size) uint8 array."""
+    img = Image.new("RGB", (size, size), (24, 24, 28))
+    draw, c = ImageDraw.Draw(img), size / 3  # c: the side of one grid cell in pixels
+    for o in scene.objects:
+        cx, cy = (o.cell % 3 + 0.5) * c + o.dx, (o.cell // 3 + 0.5) * c + o.dy
+        r = c * (0.43 if o.size == "large" else 0.27)  # radius: large shapes nearly fill the cell
+        fill = COLORS[o.color]
+        if o.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o.shape == "square":
+            draw.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+        elif o.shape == "diamond":
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        else:  # star: ten points alternating between the outer and an inner radius
+            pts = [(cx + (r if i % 2 == 0 else r * 0.45) * np.sin(i * np.pi / 5),
+                    cy - (r if i % 2 == 0 else r * 0.45) * np.cos(i * np.pi / 5)) for i in range(10)]
+            draw.polygon(pts, fill=fill)
+    font = ImageFont.load_default(size=round(c * 0.9))  # Pillow's bundled font: no download
+    for i, ch in enumerate(scene.text):
+        draw.text(((i + 0.5) * c, 1.5 * c), ch, font=font, fill=(240, 240, 240), anchor="mm", stroke_width=1,
+                  stroke_fill=(240, 240, 240))  # a bold stroke survives the 16 px patch
+    return np.asarray(img).transpose(2, 0, 1).copy()  # (H, W, 3) -> (3, H, W)
+
+
+def random_objects(rng, n, cells=range(9), distinct=None):
+    """n objects in distinct cells; `distinct` = 'shape' or 'color+shape' makes that unique."""
+    objs, seen = [], set()
+    for cell in rng.sample(list(cells), n):
+        while True:
+            o = Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(SIZES), cell,
+                    rng.randint(-1, 1), rng.randint(-1, 1))
+            tag = o.shape if distinct == "shape" else (o.color, o.shape)
+            if distinct is None or tag not in seen:
+                seen.add(tag)
+                objs.append(o)
+                break
+    return tuple(objs)
+
+
+@dataclass
+class Task:
+    """One instruction task: how to draw a suitable scene, and how to ask about it.
+
+    `scene(rng)` draws a scene, and `make(scene, rng)` returns (instruction, answer).
+    `metric` is 'exact' (exact match) or 'f1' (token F1, for free-form text like captions).
+    """
+    name: str
+    like: str       # the real dataset this task stands in for
+    phrasings: tuple
+    scene: object
+    make: object
+    metric: str = "exact"
+
+
+def _classify_scene(rng):
+    return Scene(random_objects(rng, 1))
+
+
+def _classify(scene, rng):
+    """'What object is this?' -> 'triangle'  (one object anywhere)"""
+    return rng.choice(TASKS["classify"].phrasings), scene.objects[0].shape
+
+
+def _color_scene(rng):
+    return Scene(random_objects(rng, rng.randint(1, 3), distinct="shape"))
+
+
+def _color(scene, rng):
+    """'What colour is the square?' -> 'red'  (the shape asked about is unique)"""
+    o = rng.choice(scene.objects)
+    return rng.choice(TASKS["color"].phrasings).format(shape=o.shape), o.color
+
+
+def _count_scene(rng):
+    """1-4 copies of one shape first, then up to 2 objects of other shapes."""
+    shape, cells = rng.choice(SHAPES), rng.sample(range(9), 6)
+    objs = [Obj(shape, rng.choice(list(COLORS)), rng.choice(SIZES), c) for c in cells[:rng.randint(1, 4)]]
+    others = [s for s in SHAPES if s != shape]
+    objs += [Obj(rng.choice(others), rng.choice(list(COLORS)), rng.choice(SIZES), c)
+             for c in cells[len(objs):len(objs) + rng.randint(0, 2)]]
+    return Scene(tuple(objs))
+
+
+def _count(scene, rng):
+    """'How many circles are there?' -> '2'  (0 to 4; usually asks about the first object's shape)"""
+    absent = [s for s in SHAPES if s not in {o.shape for o in scene.objects}]
+    shape = scene.objects[0].shape if rng.random() < 0.85 else rng.choice(absent)
+    n = sum(o.shape == shape for o in scene.objects)
+    return rng.choice(TASKS["count"].phrasings).format(shapes=shape + "s"), str(n)
+
+
+def _spatial_scene(rng):
+    while True:
+        objs = random_objects(rng, rng.randint(2, 3), distinct="color+shape")
+        if objs[0].cell // 3 != objs[1].cell // 3 or objs[0].cell % 3 != objs[1].cell % 3:
+            return Scene(objs)
+
+
+def _spatial(scene, rng):
+    """'Is the red circle left of the blue square?' -> 'yes'  (asks about the first two objects)"""
+    a, b = scene.objects[:2]
+    rels = []  # only relations that are decidable: left/right needs different columns, etc.
+    if a.cell % 3 != b.cell % 3:
+        rels += [("left of", a.cell % 3 < b.cell % 3), ("right of", a.cell % 3 > b.cell % 3)]
+    if a.cell // 3 != b.cell // 3:
+        rels += [("above", a.cell // 3 < b.cell // 3), ("below", a.cell // 3 > b.cell // 3)]
+    rel, truth = rng.choice(rels)
+    q = rng.choice(TASKS["spatial"].phrasings).format(
+        a=f"{a.color} {a.shape}", rel=rel, b=f"{b.color} {b.shape}")
+    return q, "yes" if truth else "no"
+
+
+def _read_scene(rng):
+    text = "".join(rng.choice(GLYPHS) for _ in range(3))
+    return Scene(random_objects(rng, rng.randint(0, 2), cells=(0, 1, 2, 6, 7, 8)), text)
+
+
+def _read(scene, rng):
+    """'What is written here?' -> 'K7A'  (three glyphs in the middle row)"""
+    return rng.choice(TASKS["read"].phrasings), scene.text
+
+
+def _ground_scene(rng):
+    return Scene(random_objects(rng, rng.randint(1, 3), distinct="color+shape"))
+
+
+def _ground(scene, rng):
+    """'Where is the green star?' -> 'top left'  (the object asked about is unique)"""
+    o = rng.choice(scene.objects)
+    return rng.choice(TASKS["ground"].phrasings).format(obj=f"{o.color} {o.shape}"), where(o.cell)
+
+
+def _caption_scene(rng):
+    return Scene(random_objects(rng, rng.randint(1, 2)))
+
+
+def describe(o):
+    return f"a {o.size} {o.color} {o.shape} " + ("in the center" if o.cell == 4 else f"at the {where(o.cell)}")
+
+
+def _caption(scene, rng):
+    """'Describe the image.' -> 'a large red circle at the top left and a small blue square in the center.'"""
+    objs = sorted(scene.objects, key=lambda o: o.cell)
+    return rng.choice(TASKS["caption"].phrasings), " and ".join(describe(o) for o in objs) + "."
+
+
+def _unanswerable_scene(rng):
+    return Scene(random_objects(rng, rng.randint(1, 3), distinct="shape"))
+
+
+def _unanswerable(scene, rng):
+    """'Which colour does the diamond have, if there is one?' -> 'unanswerable'  (half the time)"""
+    present = [o.shape for o in scene.objects]
+    absent = [s for s in SHAPES if s not in present]
+    shape = rng.choice(absent) if rng.random() < 0.5 else rng.choice(present)
+    answer = next((o.color for o in scene.objects if o.shape == shape), "unanswerable")
+    return rng.choice(TASKS["unanswerable"].phrasings).format(shape=shape), answer
+
+
+TASKS = {t.name: t for t in [
+    Task("classify", "ImageNet", ("What object is this?", "What shape is shown?",
+         "Name the object in the picture.", "Which shape do you see?"), _classify_scene, _classify),
+    Task("color", "VQAv2", ("What colour is the {shape}?", "What is the colour of the {shape}?",
+         "Which colour does the {shape} have?"), _color_scene, _color),
+    Task("count", "TallyQA", ("How many {shapes} are there?", "Count the {shapes}.",
+         "What is the number of {shapes}?"), _count_scene, _count),
+    Task("spatial", "GQA", ("Is the {a} {rel} the {b}?", "Answer yes or no: is the {a} {rel} the {b}?",
+         "Would you say the {a} is {rel} the {b}?"), _spatial_scene, _spatial),
+    Task("read", "TextVQA", ("What is written here?", "Read the text in the image.",
+         "What does the text say?"), _read_scene, _read),
+    Task("ground", "RefCOCO", ("Where is the {obj}?", "Locate the {obj}.",
+         "In which part of the image is the {obj}?"), _ground_scene, _ground),
+    Task("caption", "Flickr30k", ("Describe the image.", "Write a short caption.",
+         "What does this picture show?"), _caption_scene, _caption, metric="f1"),
+    Task("unanswerable", "VizWiz", ("Tell me the colour of the {shape}, if there is one.",
+         "If you can see a {shape}, what colour is it?", "Is there a {shape}? Give its colour."),
+         _unanswerable_scene, _unanswerable),
+]}
+ORDERS = {  # named task orders; 'paper' follows the spirit of the paper's sequence
+    "paper": ("read", "classify", "spatial", "unanswerable", "ground", "color", "count", "caption"),
+    "easy-first": ("classify", "color", "ground", "count", "spatial", "unanswerable", "read", "caption"),
+}
+
+
+def _align_scene(rng):
+    text = "".join(rng.choice(GLYPHS) for _ in range(3)) if rng.random() < 0.3 else ""
+    cells = (0, 1, 2, 6, 7, 8) if text else range(9)
+    n = rng.choice((1, 1, 2, 2, 3, 4)) - (1 if text else 0)  # many small scenes: each word is easier to ground
+    return Scene(random_objects(rng, n, cells=cells), text)
+
+
+def _align(scene, rng):
+    """'' -> 'large red circle top left; small blue square center; text K7A'  (the alignment stage)"""
+    parts = [f"{o.size} {o.color} {o.shape} {where(o.cell)}" for o in sorted(scene.objects, key=lambda o: o.cell)]
+    return "", "; ".join(parts + ([f"text {scene.text}"] if scene.text else []))
+
+
+ALIGN = Task("align", "LLaVA-Pretrain (LCS-558K)", ("",), _align_scene, _align, metric="f1")
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+
+def train_tokenizer(tasks, seed):
+    """A word-level tokenizer trained on every instruction and answer the tasks can produce.
+
+    Words keep a '▁' prefix (the Metaspace scheme), and glyphs and punctuation are split off one
+    by one, so 'K7A' becomes '▁', 'K', '7', 'A' and decodes back to 'K7A' exactly.
+    """
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(), pre_tokenizers.Split(Regex(f"[{GLYPHS}]|[.,;:?!]"), "isolated")])
+    tok.decoder = decoders.Metaspace()
+    corpus = []
+    for task in tasks:  # a few hundred scenes per task reach every word of every template
+        rng = random.Random(f"tokenizer-{task.name}-{seed}")
+        corpus += [" ".join(task.make(task.scene(rng), rng)) for _ in range(400)]
+    corpus += list(GLYPHS) + [p.replace("{", "").replace("}", "") for t in tasks for p in t.phrasings]
+    corpus += [" ".join(SHAPES + tuple(COLORS) + SIZES + ROWS + COLS + tuple(s + "s" for s in SHAPES))]
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL, show_progress=False))
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# examples and batches
+
+@dataclass
+class Examples:
+    """A task split stored compactly: uint8 pixels and int16 token rows.
+
+    A token row is [BOS] instruction [SEP] answer [EOS] [PAD]...; the answer starts at `prompt_len`.
+    """
+    name: str
+    images: torch.Tensor      # (N, 3, H, W) uint8
+    tokens: torch.Tensor      # (N, L) int16
+    prompt_len: torch.Tensor  # (N,) int16
+    answers: list = field(default_factory=list)
+    metric: str = "exact"
+
+    def __len__(self):
+        return len(self.answers)
+
+    def subset(self, idx):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Examples(self.name, self.images[idx], self.tokens[idx], self.prompt_len[idx],
+                        [self.answers[i] for i in idx.tolist()], self.metric)
+
+    @staticmethod
+    def concat(parts, name="mix"):
+        return Examples(name, torch.cat([p.images for p in parts]), torch.cat([p.tokens for p in parts]),
+                        torch.cat([p.prompt_len for p in parts]), [a for p in parts for a in p.answers],
+                        parts[0].metric if parts else "exact")
+
+
+def encode(tok, instruction, answer, max_len):
+    """-> (token row as a list padded to max_len, prompt length). Raises if it does not fit."""
+    prompt = [BOS] + tok.encode(instruction).ids + [SEP]
+    row = prompt + tok.encode(answer).ids + [EOS]
+    if len(row) > max_len:
+        raise ValueError(f"{len(row)} tokens do not fit max_text_len={max_len}: {instruction!r} -> {answer!r}")
+    return row + [PAD] * (max_len - len(row)), len(prompt)
+
+
+def make_split(task, split, n, seed, tok, image_size, max_len, exclude=frozenset()):
+    """n examples of `task`, deterministic from (task, split, seed); layouts in `exclude` are skipped."""
+    rng = random.Random(f"{task.name}-{split}-{seed}")
+    images, rows, plen, answers, keys = [], [], [], [], []
+    while len(answers) < n:
+        scene = task.scene(rng)
+        if scene.key() in exclude:
+            continue
+        instruction, answer = task.make(scene, rng)
+        row, p = encode(tok, instruction, answer, max_len)
+        images.append(render(scene, image_size))
+        rows.append(row), plen.append(p), answers.append(answer), keys.append(scene.key())
+    ex = Examples(task.name, torch.from_numpy(np.stack(images)), torch.tensor(rows, dtype=torch.int16),
+                  torch.tensor(plen, dtype=torch.int16), answers, task.metric)
+    return ex, set(keys)
+
+
+def make_task(task, n_train, n_test, seed, tok, image_size, max_len):
+    """-> (train, test) Examples; no train layout equals a test layout."""
+    test, test_keys = make_split(task, "test", n_test, seed, tok, image_size, max_len)
+    train, _ = make_split(task, "train", n_train, seed, tok, image_size, max_len, exclude=frozenset(test_keys))
+    return train, test
+
+
+def to_batch(ex, idx, device):
+    """Index rows of an Examples into a training batch on `device`.
+
+    -> images (B, 3, H, W) float in [-1, 1], inputs (B, T) and targets (B, T) int64, where
+    targets are the inputs shifted left with -100 on the prompt and the padding (no loss there).
+    """
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    tokens = ex.tokens[idx].long()
+    T = int((tokens != PAD).sum(1).max())  # trim columns that are padding in every row
+    tokens = tokens[:, :T]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
+    pos = torch.arange(T - 1).unsqueeze(0)
+    targets[pos < ex.prompt_len[idx].long().unsqueeze(1) - 1] = -100  # target t is token t+1
+    targets[targets == PAD] = -100
+    return pixels(ex.images[idx]).to(device), inputs.to(device), targets.to(device)
+
+
+def pixels(images):
+    """uint8 (B, 3, H, W) -> float in [-1, 1]: floats are made only at batch time."""
+    return images.float().div(127.5).sub(1.0)
+
+
+if __name__ == "__main__":
+    tok = train_tokenizer(list(TASKS.values()) + [ALIGN], seed=0)
+    print(f"vocabulary: {tok.get_vocab_size()} tokens")
+    for task in [ALIGN] + list(TASKS.values()):
+        rng = random.Random(task.name)
+        for _ in range(2):
+            q, a = task.make(task.scene(rng), rng)
+            print(f"{task.name:>12} ({task.like}): {q!r} -> {a!r}")

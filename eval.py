@@ -1,0 +1,157 @@
+"""Metrics over the accuracy matrix, answer scoring, reports and pictures.
+
+A[i][j] is the accuracy (in %) on task j after training on task i; `base` is the row of the model
+before any task. Definitions follow Lopez-Paz & Ranzato (2017) and Chaudhry et al. (2018), plus the
+worst-drop BWT of He et al. (arXiv 2311.16206).
+Run `python eval.py RUN_DIR` to reprint a run's report, `--checkpoint FILE` to re-evaluate one.
+"""
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics: pure functions of the matrix
+
+def average_accuracy(A):
+    """AA: mean accuracy over all tasks after the last one."""
+    return sum(A[-1]) / len(A[-1])
+
+
+def backward_transfer(A):
+    """BWT: mean over earlier tasks of (final accuracy - accuracy right after learning it). < 0 = forgetting."""
+    T = len(A)
+    return sum(A[-1][j] - A[j][j] for j in range(T - 1)) / (T - 1) if T > 1 else 0.0
+
+
+def forgetting(A):
+    """Mean over earlier tasks of (best accuracy it ever had - final accuracy)."""
+    T = len(A)
+    return sum(max(A[i][j] for i in range(j, T - 1)) - A[-1][j] for j in range(T - 1)) / (T - 1) if T > 1 else 0.0
+
+
+def forward_transfer(A, base):
+    """FWT: mean over tasks 2..T of (zero-shot accuracy just before training it - the base model's)."""
+    T = len(A)
+    return sum(A[j - 1][j] - base[j] for j in range(1, T)) / (T - 1) if T > 1 else 0.0
+
+
+def mean_average_accuracy(A):
+    """MAA: the average accuracy over tasks seen so far, averaged over all stages."""
+    return sum(sum(A[i][:i + 1]) / (i + 1) for i in range(len(A))) / len(A)
+
+
+def worst_drop_bwt(A):
+    """He et al.'s BWT: mean over earlier tasks of the worst (minimum) later accuracy minus the first."""
+    T = len(A)
+    return sum(min(A[i][j] - A[j][j] for i in range(j + 1, T)) for j in range(T - 1)) / (T - 1) if T > 1 else 0.0
+
+
+def all_metrics(A, base):
+    return dict(AA=average_accuracy(A), BWT=backward_transfer(A), forgetting=forgetting(A),
+                FWT=forward_transfer(A, base), MAA=mean_average_accuracy(A), BWT_worst=worst_drop_bwt(A))
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring one answer
+
+def normalize(text):
+    return " ".join(text.lower().replace(".", " ").replace(",", " ").split())
+
+
+def exact_match(pred, ref):
+    return float(normalize(pred) == normalize(ref))
+
+
+def token_f1(pred, ref):
+    """F1 of the word multisets, as in SQuAD: partial credit for partly right captions."""
+    p, r = normalize(pred).split(), normalize(ref).split()
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return float(p == r)
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+SCORERS = {"exact": exact_match, "f1": token_f1}
+
+
+# ----------------------------------------------------------------------------------------------
+# reports
+
+def _width(tasks):
+    return min(9, max(6, max(len(t) for t in tasks) + 1))  # long names are cut to fit
+
+
+def format_header(tasks):
+    w = _width(tasks)
+    return f"{'after':>14} " + "".join(f"{t[:w - 1]:>{w}}" for t in tasks) + f"{'mean':>{w}}"
+
+
+def format_row(label, row, tasks):
+    w = _width(tasks)
+    return f"{label[:14]:>14} " + "".join(f"{a:>{w}.1f}" for a in row) + f"{sum(row) / len(row):>{w}.1f}"
+
+
+def format_matrix(tasks, A, base=None):
+    """The matrix as text: a header, the base row if given, then one row per training stage."""
+    rows = ([format_row("base", base, tasks)] if base else []) + [format_row(tasks[i], r, tasks) for i, r in enumerate(A)]
+    return "\n".join([format_header(tasks)] + rows)
+
+
+def format_report(results):
+    tasks, A, base = results["tasks"], results["matrix"], results.get("base_row")
+    m = results.get("metrics") or all_metrics(A, base)
+    lines = [f"strategy {results['config']['train']['strategy']}: accuracy (%) on each task (columns) after each stage (rows)",
+             format_matrix(tasks, A, base), "",
+             "  ".join(f"{k} {v:+.1f}" if k in ("BWT", "FWT", "BWT_worst") else f"{k} {v:.1f}" for k, v in m.items())]
+    if "wall_seconds" in results:
+        lines.append(f"wall time {results['wall_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def heatmap(tasks, A, title=""):
+    """Draw the accuracy matrix as a coloured grid with Pillow (white = 0 %, dark green = 100 %)."""
+    cell, left, top = 44, 110, 40
+    img = Image.new("RGB", (left + cell * len(tasks) + 10, top + cell * len(A) + 70), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=11)
+    draw.text((8, 8), title, fill="black", font=ImageFont.load_default(size=13))
+    for i, row in enumerate(A):
+        draw.text((left - 6, top + i * cell + cell / 2), f"after {tasks[i]}"[:16], fill="black", font=font, anchor="rm")
+        for j, a in enumerate(row):
+            g = a / 100
+            color = (int(255 - 215 * g), int(255 - 110 * g), int(255 - 195 * g))
+            x, y = left + j * cell, top + i * cell
+            draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=color)
+            draw.text((x + cell / 2, y + cell / 2), f"{a:.0f}", font=font, anchor="mm",
+                      fill="white" if g > 0.6 else "black")
+    for j, t in enumerate(tasks):
+        draw.text((left + j * cell + cell / 2, top + len(A) * cell + 6), t[:7], fill="black", font=font, anchor="mt")
+    draw.text((left, top + len(A) * cell + 28), "columns: task evaluated", fill="gray", font=font)
+    return img
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Reprint a run's report, or re-evaluate a checkpoint.")
+    ap.add_argument("run_dir", help="a run folder written by train.py")
+    ap.add_argument("--checkpoint", help="re-evaluate this checkpoint on every task of the run")
+    args = ap.parse_args(argv)
+    path = Path(args.run_dir) / "results.json"
+    if not path.is_file():
+        print(f"error: no results.json in {args.run_dir}", file=sys.stderr)
+        return 2
+    results = json.loads(path.read_text())
+    print(format_report(results))
+    if args.checkpoint:
+        import train  # imported here: train.py imports this module
+        accs = train.reevaluate(args.run_dir, args.checkpoint)
+        print(f"\nre-evaluated {args.checkpoint}:\n" + format_matrix(results["tasks"], [accs]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

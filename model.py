@@ -1,0 +1,203 @@
+"""The tiny vision-language model: a ViT encoder, an MLP projector and a GPT decoder (LLaVA-style).
+
+images (B,3,H,W) -> ViT -> patch features -> projector -> prefix tokens, followed by the text
+tokens; the causal decoder predicts the answer, and the loss is on answer tokens only.
+Follows nanoGPT (Karpathy) for the decoder and LLaVA 1.5 (Liu et al. 2023) for the projector.
+Every attention call goes through `attention`, whose paths (manual, sdpa) must agree.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 48    # 3x3 grid of 16 px cells: big enough to draw a glyph legibly
+    patch_size: int = 16    # one patch per grid cell -> only 9 image tokens, cheap on a CPU
+    vit_dim: int = 96       # width of the vision encoder
+    vit_layers: int = 2     # two layers suffice to tell 5 shapes and 5 colours apart
+    d_model: int = 96       # width of the decoder; small so a step takes milliseconds on a CPU
+    n_layer: int = 2        # decoder depth: enough to bind question words to image tokens
+    n_head: int = 4         # heads of 24 dims each
+    vocab_size: int = 128   # overwritten by the tokenizer's size at run time
+    max_text_len: int = 40  # longest [BOS] instruction [SEP] answer [EOS] row, in tokens
+    attn: str = "auto"      # attention path: auto | manual | sdpa (auto picks sdpa)
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.d_model % self.n_head or self.vit_dim % self.n_head:
+            raise ValueError(f"d_model {self.d_model} and vit_dim {self.vit_dim} must divide by n_head {self.n_head}")
+        if self.attn not in ATTENTION_PATHS:
+            raise ValueError(f"unknown attention path {self.attn!r}; choose from {', '.join(ATTENTION_PATHS)}")
+        self.n_patches = (self.image_size // self.patch_size) ** 2  # derived: image tokens per example
+
+
+PRESETS = {  # model sizes; train.py has the matching training presets
+    "tiny": dict(),  # the defaults above: the whole study on a laptop CPU
+    "small": dict(image_size=64, patch_size=16, vit_dim=256, vit_layers=4, d_model=256, n_layer=6, n_head=8),
+    "base": dict(image_size=96, patch_size=16, vit_dim=384, vit_layers=6, d_model=512, n_layer=8, n_head=8),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# attention: one function, several paths that must agree
+
+ATTENTION_PATHS = ("auto", "manual", "sdpa")
+
+
+def attention(q, k, v, causal, path="auto"):
+    """softmax(q kᵀ / √hs) v for q (B, nh, Tq, hs) and k, v (B, nh, Tk, hs) -> (B, nh, Tq, hs).
+
+    With `causal`, query i sees keys up to its own position, counting the queries as the last Tq
+    of the Tk positions: this covers training (Tq == Tk) and KV-cached decoding (Tq == 1).
+    """
+    Tq, Tk = q.size(-2), k.size(-2)
+    if path in ("auto", "sdpa"):
+        if causal and Tq == Tk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if not causal or Tq == 1:  # one new query sees every cached key: no mask needed
+            return F.scaled_dot_product_attention(q, k, v)
+        path = "manual"  # a causal chunk of queries against a longer cache: let the twin do it
+    if path == "manual":
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
+        if causal:
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+            att = att.masked_fill(~mask, float("-inf"))
+        return att.softmax(dim=-1) @ v  # (B, nh, Tq, hs)
+    raise ValueError(f"unknown attention path {path!r}; choose from {', '.join(ATTENTION_PATHS)}")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; with a `cache` dict it appends this call's keys and values to it."""
+
+    def __init__(self, dim, n_head, causal, path):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.n_head, self.causal, self.path = n_head, causal, path
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:  # decoding: keys and values of earlier positions are reused, not recomputed
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        y = attention(q, k, v, self.causal, self.path)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, dim, n_head, causal, path):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, n_head, causal, path)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln1(x), cache)
+        return x + self.mlp(self.ln2(x))
+
+
+class VisionEncoder(nn.Module):
+    """ViT: cut the image into patches, embed each linearly, add positions, run bidirectional blocks."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.p = cfg.patch_size
+        self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, cfg.vit_dim)
+        self.pos = nn.Parameter(torch.zeros(1, cfg.n_patches, cfg.vit_dim))
+        self.blocks = nn.ModuleList(Block(cfg.vit_dim, cfg.n_head, False, cfg.attn) for _ in range(cfg.vit_layers))
+        self.ln = nn.LayerNorm(cfg.vit_dim)
+
+    def forward(self, images):
+        B, C, H, W = images.shape
+        p = self.p
+        x = images.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/p, C, p, p)
+        x = self.patch_embed(x.reshape(B, (H // p) * (W // p), C * p * p)) + self.pos  # (B, N, vit_dim)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln(x)
+
+
+class VLM(nn.Module):
+    """Vision encoder -> projector -> causal decoder over [image prefix, text]."""
+
+    def __init__(self, cfg, seed=0):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg)
+        self.projector = nn.Sequential(nn.Linear(cfg.vit_dim, cfg.d_model), nn.GELU(),
+                                       nn.Linear(cfg.d_model, cfg.d_model))  # LLaVA 1.5's two-layer MLP
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.n_patches + cfg.max_text_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, True, cfg.attn) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2: fewer parameters
+        gen = torch.Generator().manual_seed(seed)  # a seeded stream, not torch's global one
+        for name, p in self.named_parameters():
+            if name.endswith("bias") or name.startswith("ln") or ".ln" in name:
+                continue  # LayerNorm gains stay 1, biases 0
+            # Linear layers: std 1/√fan_in keeps signals (and gradients to the ViT) at unit scale; a
+            # flat 0.02, right for GPT-2's 768 dims, starves a 96-dim projector. Embeddings: 0.02,
+            # which, tied to the output head, gives small logits at init -> loss ≈ ln(vocab).
+            std = p.size(1) ** -0.5 if p.dim() == 2 and "emb" not in name else 0.02
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                std /= math.sqrt(2 * cfg.n_layer)  # GPT-2: residual branches scaled by depth
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def image_prefix(self, images):
+        """(B, 3, H, W) -> (B, n_patches, d_model) prefix tokens."""
+        return self.projector(self.vision(images))
+
+    def decode(self, x, start=0, caches=None):
+        """Run the decoder on embeddings x (B, T, d) at positions start.. -> logits (B, T, vocab)."""
+        x = x + self.pos_emb(torch.arange(start, start + x.size(1), device=x.device))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        return self.lm_head(self.ln_f(x))
+
+    def forward(self, images, ids, targets=None):
+        """images (B,3,H,W), ids (B,T), targets (B,T) with -100 where no loss -> (logits (B,T,V), loss)."""
+        x = torch.cat([self.image_prefix(images), self.tok_emb(ids)], dim=1)  # (B, P+T, d)
+        logits = self.decode(x)[:, self.cfg.n_patches:]  # slice off the image prefix: (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, images, ids, max_new_tokens, eos_id=None):
+        """Greedy decoding with a KV cache. ids (B, T) are prompts of equal length -> new ids (B, n).
+
+        Stops early once every row has produced `eos_id`; tokens after a row's EOS are junk.
+        """
+        caches = [dict() for _ in self.blocks]
+        x = torch.cat([self.image_prefix(images), self.tok_emb(ids)], dim=1)  # (B, P+T, d)
+        logits = self.decode(x, 0, caches)  # prefill: fills every layer's cache
+        pos, out = x.size(1), []
+        done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)  # (B,)
+            out.append(nxt)
+            if eos_id is not None:
+                done |= nxt == eos_id
+                if bool(done.all()):
+                    break
+            if pos >= self.pos_emb.num_embeddings:
+                break  # out of positions: the row is as long as the model can read
+            logits = self.decode(self.tok_emb(nxt)[:, None], pos, caches)  # one new token per row
+            pos += 1
+        return torch.stack(out, dim=1)

@@ -1,0 +1,342 @@
+"""Continual instruction tuning: train a base model, then tune it on tasks one after another.
+
+    python train.py --strategy replay          # the whole job on a laptop CPU, in about two minutes
+    python train.py --strategy naive --help    # every flag, with the reason for its default
+
+After each task every task is evaluated, giving one row of the accuracy matrix; the run folder
+(runs/<strategy>) gets config.json, tokenizer.json, checkpoints, results.json and accuracy.png.
+The protocol follows He et al., Continual Instruction Tuning for Large Multimodal Models (2311.16206).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+import data
+import strategies
+from eval import SCORERS, all_metrics, format_header, format_matrix, format_report, format_row, heatmap
+from model import PRESETS, VLM, ModelConfig
+
+
+def arg(default, why):
+    """A config field whose reason doubles as its --help text."""
+    return field(default=default, metadata={"help": why})
+
+
+@dataclass
+class TrainConfig:
+    strategy: str = arg("naive", "continual-learning strategy; combine parts with '+', e.g. replay+naive")
+    tasks: str = arg("paper", "a named order (" + ", ".join(data.ORDERS) + ") or a comma list of task names")
+    preset: str = arg("tiny", "size of model and schedule: tiny for a CPU, small or base for a GPU")
+    steps: int = arg(150, "training steps per task: enough to learn every task, few enough for a CPU")
+    batch_size: int = arg(32, "rows per step; small batches keep a CPU step at a few milliseconds")
+    lr: float = arg(2e-3, "peak AdamW learning rate of the task stage; high, so ~150 steps learn a task")
+    base_steps: int = arg(800, "steps of the alignment (captioning) stage that makes the base model")
+    base_lr: float = arg(3e-3, "peak learning rate of the alignment stage")
+    n_train: int = arg(1000, "training rows per task; more than the steps use, so rows rarely repeat")
+    n_test: int = arg(150, "test rows per task: ±4 points of sampling noise at 80 %")
+    n_base: int = arg(6000, "rows of the alignment stage, drawn from every kind of scene")
+    buffer_size: int = arg(200, "replay buffer capacity in rows (the paper replays ~1 %; we afford more)")
+    replay_ratio: float = arg(0.25, "fraction of each batch drawn from the replay buffer")
+    freeze_vision: bool = arg(True, "freeze the ViT while tuning tasks, as LLaVA freezes its vision tower")
+    seed: int = arg(0, "seeds data, initialisation and batch order: the same seed gives the same run")
+    device: str = arg("auto", "auto picks cuda, then mps, then cpu")
+    run_dir: str = arg("", "run folder; empty means runs/<strategy>")
+    cache_dir: str = arg("runs/cache", "where base models are cached, keyed by everything that made them")
+    eval_batch_size: int = arg(256, "prompts decoded together in evaluation")
+    show_mistakes: int = arg(0, "print this many wrong answers per task after the last evaluation")
+
+
+TRAIN_PRESETS = {"tiny": {}, "small": dict(batch_size=64, steps=300, base_steps=2000, n_train=4000),
+                 "base": dict(batch_size=64, steps=500, base_steps=4000, n_train=8000)}
+POSITIVE = ("steps", "batch_size", "lr", "base_lr", "n_train", "n_test", "n_base", "buffer_size", "eval_batch_size")
+OPTIONS = {o for cls in strategies.STRATEGIES.values() for o in cls.options}  # flags owned by some strategy
+
+
+class CLIError(Exception):
+    """Bad input: reported as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error
+        raise CLIError(message)
+
+
+def parse(argv):
+    """argv -> (TrainConfig, ModelConfig): presets first, then the flags given."""
+    ap = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = {"train": TrainConfig, "model": ModelConfig}
+    for title, cls in groups.items():
+        group = ap.add_argument_group(title)
+        for f in fields(cls):
+            if f.name == "vocab_size":
+                continue  # set from the tokenizer
+            kw = dict(default=None, help=f.metadata.get("help", MODEL_HELP.get(f.name)) + f" (default {f.default})")
+            if f.type in (bool, "bool"):
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            group.add_argument("--" + f.name.replace("_", "-"), **kw)
+    given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    preset = given.get("preset", "tiny")
+    if preset not in PRESETS:
+        raise CLIError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **{k: v for k, v in given.items() if k in names}})
+    try:
+        mcfg = ModelConfig(**{**PRESETS[preset], **{k: v for k, v in given.items() if k not in names}})
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    for name in POSITIVE:
+        if getattr(cfg, name) <= 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0 <= cfg.replay_ratio < 1:
+        raise CLIError(f"--replay-ratio must be in [0, 1), got {cfg.replay_ratio}")
+    try:
+        strategy = strategies.build(cfg.strategy, cfg)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    for name in sorted(OPTIONS & given.keys() - set(strategy.options)):
+        raise CLIError(f"--{name.replace('_', '-')} is an option of another strategy, not of {cfg.strategy!r}")
+    task_names(cfg.tasks)  # fails early on unknown tasks
+    cfg.run_dir = cfg.run_dir or f"runs/{cfg.strategy}"
+    return cfg, mcfg
+
+
+MODEL_HELP = {"image_size": "pixels per side", "patch_size": "pixels per patch side",
+              "vit_dim": "vision encoder width", "vit_layers": "vision encoder depth", "d_model": "decoder width",
+              "n_layer": "decoder depth", "n_head": "attention heads", "max_text_len": "longest text row in tokens",
+              "attn": "attention path: auto | manual | sdpa"}
+
+
+def task_names(spec):
+    names = list(data.ORDERS[spec]) if spec in data.ORDERS else [t.strip() for t in spec.split(",") if t.strip()]
+    for n in names:
+        if n not in data.TASKS:
+            raise CLIError(f"unknown task {n!r}; choose from {', '.join(data.TASKS)} or an order: {', '.join(data.ORDERS)}")
+    if not names or len(set(names)) < len(names):
+        raise CLIError(f"--tasks {spec!r} must name each task once")
+    return names
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def atomic_write(path, write):
+    """write(tmp_path), fsync, then rename over `path`: readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_json(obj, path):
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=1)))
+
+
+def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc):
+    """AdamW over the trainable parameters, warm-up then cosine decay; the strategy's hooks shape each batch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine from 1 down to 0.1
+        opt, lambda s: min((s + 1) / warmup, 0.55 + 0.45 * math.cos(math.pi * s / steps)))
+    model.train()
+    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
+    for step in bar:
+        batch_rows = strategy.batch(rows.subset(torch.randint(len(rows), (cfg.batch_size,), generator=gen)), gen)
+        batch = data.to_batch(batch_rows, range(len(batch_rows)), device)
+        logits, loss = model(*batch)
+        extra = strategy.penalty(model, batch, logits)
+        total = loss if extra is None else loss + extra
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss.item()
+
+
+@torch.no_grad()
+def evaluate(model, strategy, test, tok, device, batch_size):
+    """Greedy answers for every test row -> (accuracy in %, [(question, predicted, reference), ...])."""
+    model.eval()
+    score, total, mistakes = SCORERS[test.metric], 0.0, []
+    by_len = {}  # prompts of equal length decode together in one batch, with no padding
+    for i, p in enumerate(test.prompt_len.tolist()):
+        by_len.setdefault(p, []).append(i)
+    for p, rows in by_len.items():
+        for k in range(0, len(rows), batch_size):
+            idx = torch.tensor(rows[k:k + batch_size])
+            ids = test.tokens[idx, :p].long().to(device)
+            out = strategy.generate(model, data.pixels(test.images[idx]).to(device), ids,
+                                    model.cfg.max_text_len - p, data.EOS).tolist()
+            for i, row in zip(idx.tolist(), out):
+                pred = tok.decode(row[:row.index(data.EOS)] if data.EOS in row else row)
+                s = score(pred, test.answers[i])
+                total += s
+                if s < 1:
+                    question = tok.decode(test.tokens[i, 1:p - 1].long().tolist())
+                    mistakes.append((question, pred, test.answers[i]))
+    return 100.0 * total / len(test), mistakes
+
+
+def evaluate_all(model, strategy, tests, tok, device, cfg):
+    return [evaluate(model, strategy, t, tok, device, cfg.eval_batch_size) for t in tests]
+
+
+def source_hash():
+    """Changing data.py or model.py must invalidate cached base models."""
+    h = hashlib.sha256()
+    for name in ("data.py", "model.py"):
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def base_model(cfg, mcfg, tok, device):
+    """The model after the alignment stage: loaded from the cache if everything that made it matches."""
+    key = dict(model=asdict(mcfg), base_steps=cfg.base_steps, base_lr=cfg.base_lr, n_base=cfg.n_base,
+               batch_size=cfg.batch_size, seed=cfg.seed, vocab=tok.get_vocab_size(), code=source_hash(),
+               tokenizer=hashlib.sha256(tok.to_str().encode()).hexdigest()[:12])
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(cfg.cache_dir) / f"base-{digest}.pt"
+    model = VLM(mcfg, seed=cfg.seed).to(device)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
+        print(f"base model: reused {path}")
+        return model, path
+    t0 = time.time()
+    align, _ = data.make_split(data.ALIGN, "train", cfg.n_base, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loss = train_steps(model, align, strategies.Strategy(cfg), cfg.base_steps, cfg.base_lr, cfg, gen, device,
+                       "base: alignment")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: torch.save({"model": model.state_dict(), "key": key}, p))
+    print(f"base model: trained {cfg.base_steps} steps in {time.time() - t0:.0f} s (loss {loss:.3f}), cached as {path}")
+    return model, path
+
+
+def build_tokenizer(cfg, run_dir):
+    path = run_dir / "tokenizer.json"
+    if path.is_file():
+        return Tokenizer.from_file(str(path))
+    tok = data.train_tokenizer(list(data.TASKS.values()) + [data.ALIGN], cfg.seed)
+    atomic_write(path, lambda p: tok.save(str(p)))
+    return tok
+
+
+def prepare_run_dir(path):
+    """Create the run folder and prove it is writable before any work is done."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise CLIError(f"cannot write run folder {path}: {e.strerror or e}") from None
+    return path
+
+
+def run(cfg, mcfg):
+    t_start = time.time()
+    names = task_names(cfg.tasks)
+    run_dir = prepare_run_dir(cfg.run_dir)
+    device = pick_device(cfg.device)
+    tok = build_tokenizer(cfg, run_dir)
+    mcfg.vocab_size = tok.get_vocab_size()
+    config = {"train": asdict(cfg), "model": asdict(mcfg)}
+    save_json(config, run_dir / "config.json")
+    print(f"device {device} | strategy {cfg.strategy} | preset {cfg.preset} | run folder {run_dir}")
+    print("tasks in order: " + " -> ".join(f"{n} ({data.TASKS[n].like})" for n in names))
+
+    t0 = time.time()
+    splits = [data.make_task(data.TASKS[n], cfg.n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size,
+                             mcfg.max_text_len) for n in tqdm(names, desc="drawing scenes", leave=False)]
+    trains, tests = [s[0] for s in splits], [s[1] for s in splits]
+    print(f"data: {len(names)} tasks x ({cfg.n_train} train + {cfg.n_test} test) rows in {time.time() - t0:.1f} s")
+
+    model, base_path = base_model(cfg, mcfg, tok, device)
+    atomic_write(run_dir / "base.pt", lambda p: shutil.copyfile(base_path, p))
+    strategy = strategies.build(cfg.strategy, cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    base_row = [acc for acc, _ in evaluate_all(model, strategy, tests, tok, device, cfg)]
+    print(f"model: {n_params:,} parameters; accuracy (%) on each task after each stage:")
+    print(format_header(names) + "\n" + format_row("base", base_row, names))
+
+    matrix, timings = [], []
+    for t, name in enumerate(names):
+        for p in model.vision.parameters():
+            p.requires_grad_(not cfg.freeze_vision)
+        strategy.before_task(model, t, trains[t])
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + t + 1)  # one stream per task
+        train_steps(model, trains[t], strategy, cfg.steps, cfg.lr, cfg, gen, device, f"task {t + 1}/{len(names)}: {name}")
+        strategy.after_task(model, t, trains[t])
+        t1 = time.time()
+        results = evaluate_all(model, strategy, tests, tok, device, cfg)
+        matrix.append([acc for acc, _ in results])
+        timings.append(dict(task=name, train_seconds=t1 - t0, eval_seconds=time.time() - t1, trainable=trainable))
+        tqdm.write(format_row(name, matrix[-1], names))
+        state = dict(model=model.state_dict(), strategy=strategy.state_dict(), matrix=matrix, config=config, task=t)
+        atomic_write(run_dir / f"task{t + 1}-{name}.pt", lambda p: torch.save(state, p))
+
+    metrics = all_metrics(matrix, base_row)
+    out = dict(config=config, tasks=names, base_row=base_row, matrix=matrix, metrics=metrics, timings=timings,
+               n_params=n_params, extra_bytes=strategy.extra_bytes(), device=str(device),
+               torch=torch.__version__, wall_seconds=time.time() - t_start)
+    save_json(out, run_dir / "results.json")
+    atomic_write(run_dir / "accuracy.png", lambda p: heatmap(names, matrix, f"{cfg.strategy}: accuracy (%)").save(p, format="PNG"))
+    print("\n" + format_report(out))
+    for (acc, mistakes), name in zip(results, names):
+        for q, pred, ref in mistakes[:cfg.show_mistakes]:
+            print(f"  {name}: {q!r} -> {pred!r} (expected {ref!r})")
+    print(f"wrote {run_dir}/results.json and accuracy.png")
+    return out
+
+
+def reevaluate(run_dir, checkpoint):
+    """Evaluate a saved checkpoint of a run on all of that run's tasks -> accuracies."""
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    cfg, mcfg = TrainConfig(**config["train"]), ModelConfig(**config["model"])
+    tok = Tokenizer.from_file(str(Path(run_dir) / "tokenizer.json"))
+    model = VLM(mcfg)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
+    tests = [data.make_task(data.TASKS[n], 1, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)[1]
+             for n in task_names(cfg.tasks)]
+    return [acc for acc, _ in evaluate_all(model, strategies.Strategy(cfg), tests, tok, torch.device("cpu"), cfg)]
+
+
+def main(argv=None):
+    try:
+        cfg, mcfg = parse(argv)
+        print("config: " + json.dumps({**asdict(cfg), **asdict(mcfg)}))
+        run(cfg, mcfg)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
