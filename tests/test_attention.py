@@ -1,0 +1,109 @@
+"""The tiled attention twin (FlashAttention-2 in PyTorch) against exact attention.
+
+    python -m pytest tests/test_attention.py -q
+
+The twin (model.flash_attention_reference*) is the tiled FlashAttention-2 algorithm written in PyTorch;
+these tests check it against exact attention.
+"""
+import functools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import model  # noqa: E402
+from model import FlashAttention, attention, flash_attention_reference, flash_attention_reference_backward  # noqa: E402
+
+
+def assert_close(name, got, want, atol, rtol=0.0):
+    """|got - want| ≤ atol + rtol·|want| everywhere; a failure reports the max and mean difference."""
+    diff = (got.double() - want.double()).abs()
+    ok = bool((diff <= atol + rtol * want.double().abs()).all())  # False on any NaN
+    assert ok, (f"{name}: max diff {diff.max().item():.3g}, mean diff {diff.mean().item():.3g} "
+                f"(atol {atol}, rtol {rtol})")
+
+
+def qkv(B, nh, N, d, dtype=torch.float64, device="cpu", seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(B, nh, N, d, generator=gen, device=device, dtype=dtype).requires_grad_() for _ in range(3)]
+
+
+def twin(Br, Bc):
+    """The twin's forward and backward with tiles Br × Bc, in FlashAttention's argument order."""
+    return (functools.partial(flash_attention_reference, Br=Br, Bc=Bc),
+            functools.partial(flash_attention_reference_backward, Br=Br, Bc=Bc))
+
+
+def exact_logsumexp(q, k, causal):
+    """Row log-sum-exp of the masked scores, straight from the definition: what L must hold."""
+    N = q.size(-2)
+    S = q @ k.transpose(-2, -1) / q.size(-1) ** 0.5
+    if causal:
+        S = S.masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf"))
+    return S.logsumexp(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: the twin is exact attention, computed tile by tile
+
+TILES = [(32, 32), (4, 8), (8, 4)]  # the kernel's tiles, and unequal ones so that edges fall everywhere
+
+
+@pytest.mark.parametrize("N", [1, 5, 17, 33])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Br,Bc", TILES)
+def test_twin_forward_matches_exact_attention(N, causal, Br, Bc):
+    q, k, v = qkv(2, 3, N, 16)
+    O, L = flash_attention_reference(q, k, v, causal, Br, Bc)
+    assert_close("O", O, attention(q, k, v, causal, "manual"), atol=1e-12)
+    assert_close("L", L, exact_logsumexp(q, k, causal), atol=1e-12)
+
+
+@pytest.mark.parametrize("N", [1, 5, 17, 33])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Br,Bc", TILES)
+def test_twin_gradients_match_exact_attention(N, causal, Br, Bc):
+    q, k, v = qkv(2, 3, N, 16)
+    dO = torch.randn(2, 3, N, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = torch.autograd.grad(attention(q, k, v, causal, "manual"), (q, k, v), dO)
+    got = torch.autograd.grad(FlashAttention.apply(q, k, v, causal, *twin(Br, Bc)), (q, k, v), dO)
+    for name, g, w in zip(("dQ", "dK", "dV"), got, want):
+        assert_close(name, g, w, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_twin_gradcheck(causal):
+    q, k, v = qkv(1, 2, 5, 4)
+    assert torch.autograd.gradcheck(lambda q, k, v: FlashAttention.apply(q, k, v, causal, *twin(2, 3)), (q, k, v))
+
+
+def test_twin_bfloat16_accumulates_in_float32():
+    q, k, v = (t.detach().to(torch.bfloat16) for t in qkv(2, 2, 33, 32))
+    O, L = flash_attention_reference(q, k, v, True)
+    assert O.dtype == torch.bfloat16 and L.dtype == torch.float32
+    want = attention(q.float(), k.float(), v.float(), True, "manual")  # the same rounded inputs, in fp32
+    assert_close("bf16 O", O, want, atol=2e-2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_twin_visits_only_the_tiles_it_needs(causal, monkeypatch):
+    """Score matrices are at most Br × Bc, and with `causal` no tile above the diagonal is computed."""
+    seen, tile_scores = [], model.tile_scores
+
+    def recording_tile_scores(Qi, Kj, i, j, *rest):
+        seen.append((i, j, Qi.size(-2), Kj.size(-2)))
+        return tile_scores(Qi, Kj, i, j, *rest)
+
+    monkeypatch.setattr(model, "tile_scores", recording_tile_scores)
+    q, k, v = qkv(1, 1, 40, 8)
+    O, L = flash_attention_reference(q, k, v, causal, 8, 8)
+    flash_attention_reference_backward(q, k, v, O, L, torch.ones_like(O), causal, 8, 8)
+    Tr = 5
+    expected = Tr * (Tr + 1) // 2 if causal else Tr * Tr  # per pass: forward, dQ, then dK and dV
+    assert len(seen) == 3 * expected
+    assert all(rows <= 8 and cols <= 8 for _, _, rows, cols in seen)
+    if causal:
+        assert all(j <= i for i, j, _, _ in seen)
