@@ -1,12 +1,16 @@
-"""The tiled attention twin (FlashAttention-2 in PyTorch) against exact attention.
+"""The CUDA attention path: the tiled PyTorch twin against exact attention, and attention.cu against both.
 
-    python -m pytest tests/test_attention.py -q
+    python -m pytest tests/test_attention.py -q    # includes an nvcc compile check of attention.cu
 
-The twin (model.flash_attention_reference*) is the tiled FlashAttention-2 algorithm written in PyTorch;
-these tests check it against exact attention.
+The twin (model.flash_attention_reference*) is attention.cu written in PyTorch, loop for loop, so these
+tests check the algorithm the kernel runs.
 """
 import functools
+import re
+import shutil
+import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -107,3 +111,27 @@ def test_twin_visits_only_the_tiles_it_needs(causal, monkeypatch):
     assert all(rows <= 8 and cols <= 8 for _, _, rows, cols in seen)
     if causal:
         assert all(j <= i for i, j, _, _ in seen)
+
+
+# Slow: about a minute on two cores (nvcc parses PyTorch's headers), but it runs by default because it is the
+# only check of attention.cu that a machine without a GPU can make.
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_attention_cu_compiles_with_nvcc(tmp_path):
+    from torch.utils import cpp_extension
+    includes = cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
+    macros = Path(includes[0]) / "c10/cuda/impl/cuda_cmake_macros.h"
+    if not macros.exists():  # a CPU wheel ships c10/cuda but not this one file that a CUDA build generates
+        (tmp_path / macros.parent.relative_to(includes[0])).mkdir(parents=True)
+        (tmp_path / macros.relative_to(includes[0])).write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        includes.append(str(tmp_path))
+    cmd = ["nvcc", "-c", str(ROOT / "attention.cu"), "-o", str(tmp_path / "attention.o"),
+           "-std=c++20",  # what torch.utils.cpp_extension.load passes for this PyTorch
+           "-gencode=arch=compute_80,code=sm_80", "-O3", "-Xcompiler", "-fPIC", "-Xptxas", "-warn-spills",
+           "-DTORCH_EXTENSION_NAME=nanocit_attention", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           *cpp_extension.COMMON_NVCC_FLAGS, *[f"-I{p}" for p in includes]]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    ours = [line for line in log.splitlines() if re.search(r"attention\.cu[(:]\d+.*warning|spill", line)]
+    assert ours == [], "\n".join(ours)  # PyTorch's own headers may warn; attention.cu must not
+    assert (tmp_path / "attention.o").stat().st_size > 0
