@@ -5,6 +5,7 @@ tokens; the causal decoder predicts the answer, and the loss is on answer tokens
 Follows nanoGPT (Karpathy) for the decoder and LLaVA 1.5 (Liu et al. 2023) for the projector.
 Every attention call goes through `attention`, whose paths (manual, sdpa) must agree.
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -46,7 +47,8 @@ PRESETS = {  # model sizes; train.py has the matching training presets
 # ----------------------------------------------------------------------------------------------
 # attention: one function, several paths that must agree
 
-ATTENTION_PATHS = ("auto", "manual", "sdpa")
+ATTENTION_PATHS = ("auto", "manual", "sdpa", "cuda")
+CUDA_HEAD_DIMS = (32, 64, 128)  # the head sizes attention.cu is compiled for
 
 
 def attention(q, k, v, causal, path="auto"):
@@ -54,8 +56,18 @@ def attention(q, k, v, causal, path="auto"):
 
     With `causal`, query i sees keys up to its own position, counting the queries as the last Tq
     of the Tk positions: this covers training (Tq == Tk) and KV-cached decoding (Tq == 1).
+    'cuda' (and 'auto' on a GPU) runs attention.cu where it applies: CUDA tensors, Tq == Tk, a head
+    size in CUDA_HEAD_DIMS, float32 or bfloat16. Elsewhere, e.g. decoding with a cache, it uses SDPA.
     """
     Tq, Tk = q.size(-2), k.size(-2)
+    kernel_fits = (q.is_cuda and Tq == Tk and q.size(-1) in CUDA_HEAD_DIMS
+                   and q.dtype in (torch.float32, torch.bfloat16))
+    if path == "cuda" or (path == "auto" and kernel_fits):
+        kernels = load_cuda_attention()  # (end of file) None, after one warning, where it cannot be built
+        if kernels is not None and kernel_fits:
+            q, k, v = (t.contiguous() for t in (q, k, v))  # the kernel reads rows at stride hs
+            return FlashAttention.apply(q, k, v, causal, kernels.forward, kernels.backward)
+        path = "sdpa"  # a shape or dtype the kernel was not written for, or no kernel at all
     if path in ("auto", "sdpa"):
         if causal and Tq == Tk:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -322,3 +334,31 @@ class FlashAttention(torch.autograd.Function):
         dQ, dK, dV = ctx.tiled_backward(*ctx.saved_tensors, dO.contiguous(), ctx.causal)
         return dQ, dK, dV, None, None, None
 
+
+@functools.cache  # once per process: a failed build warns once and is not retried on every call
+def load_cuda_attention():
+    """Compile attention.cu for this GPU into build/attention -> the extension, or None after a warning."""
+    import os  # only the CUDA path builds anything, so only it imports the build tools
+    import warnings
+
+    from torch.utils import cpp_extension
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        reason = "no CUDA device, or a PyTorch built without CUDA"
+    elif cpp_extension.CUDA_HOME is None:
+        reason = "nvcc not found; install the CUDA toolkit or set CUDA_HOME"
+    elif not cpp_extension.is_ninja_available():
+        reason = "ninja not found; pip install ninja"
+    else:
+        major, minor = torch.cuda.get_device_capability()
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")  # this GPU only; a user's choice wins
+        here = os.path.dirname(os.path.abspath(__file__))
+        folder = os.path.join(here, "build", "attention")  # fixed, so later runs reuse the build
+        os.makedirs(folder, exist_ok=True)
+        print(f"compiling attention.cu for sm_{major}{minor} in {folder} (a minute the first time, then cached)")
+        try:
+            return cpp_extension.load("nanocit_attention", [os.path.join(here, "attention.cu")],
+                                      build_directory=folder, extra_cuda_cflags=["-O3"])
+        except Exception as e:  # compiler error, missing header, an nvcc that does not know this GPU...
+            reason = f"building attention.cu failed: {e}"
+    warnings.warn(f"CUDA attention unavailable ({reason}); using SDPA instead", stacklevel=3)
+    return None
