@@ -1,0 +1,235 @@
+"""The CUDA attention path: the tiled PyTorch twin against exact attention, and attention.cu against both.
+
+    python -m pytest tests/test_attention.py -q              # CPU: the twin, the fallback, an nvcc compile
+    python -m pytest tests/test_attention.py -k gpu -v       # GPU: the kernel itself against SDPA
+
+The twin (model.flash_attention_reference*) is attention.cu written in PyTorch, loop for loop, so the CPU
+tests check the algorithm the kernel runs; the GPU tests check the kernel's translation of it.
+"""
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import model  # noqa: E402
+from model import FlashAttention, attention, flash_attention_reference, flash_attention_reference_backward  # noqa: E402
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def assert_close(name, got, want, atol, rtol=0.0):
+    """|got - want| ≤ atol + rtol·|want| everywhere; a failure reports the max and mean difference."""
+    diff = (got.double() - want.double()).abs()
+    ok = bool((diff <= atol + rtol * want.double().abs()).all())  # False on any NaN
+    assert ok, (f"{name}: max diff {diff.max().item():.3g}, mean diff {diff.mean().item():.3g} "
+                f"(atol {atol}, rtol {rtol})")
+
+
+def qkv(B, nh, N, d, dtype=torch.float64, device="cpu", seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(B, nh, N, d, generator=gen, device=device, dtype=dtype).requires_grad_() for _ in range(3)]
+
+
+def twin(Br, Bc):
+    """The twin's forward and backward with tiles Br × Bc, in FlashAttention's argument order."""
+    return (functools.partial(flash_attention_reference, Br=Br, Bc=Bc),
+            functools.partial(flash_attention_reference_backward, Br=Br, Bc=Bc))
+
+
+def exact_logsumexp(q, k, causal):
+    """Row log-sum-exp of the masked scores, straight from the definition: what L must hold."""
+    N = q.size(-2)
+    S = q @ k.transpose(-2, -1) / q.size(-1) ** 0.5
+    if causal:
+        S = S.masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf"))
+    return S.logsumexp(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: the twin is exact attention, computed tile by tile
+
+TILES = [(32, 32), (4, 8), (8, 4)]  # the kernel's tiles, and unequal ones so that edges fall everywhere
+
+
+@pytest.mark.parametrize("N", [1, 5, 17, 33])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Br,Bc", TILES)
+def test_twin_forward_matches_exact_attention(N, causal, Br, Bc):
+    q, k, v = qkv(2, 3, N, 16)
+    O, L = flash_attention_reference(q, k, v, causal, Br, Bc)
+    assert_close("O", O, attention(q, k, v, causal, "manual"), atol=1e-12)
+    assert_close("L", L, exact_logsumexp(q, k, causal), atol=1e-12)
+
+
+@pytest.mark.parametrize("N", [1, 5, 17, 33])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Br,Bc", TILES)
+def test_twin_gradients_match_exact_attention(N, causal, Br, Bc):
+    q, k, v = qkv(2, 3, N, 16)
+    dO = torch.randn(2, 3, N, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = torch.autograd.grad(attention(q, k, v, causal, "manual"), (q, k, v), dO)
+    got = torch.autograd.grad(FlashAttention.apply(q, k, v, causal, *twin(Br, Bc)), (q, k, v), dO)
+    for name, g, w in zip(("dQ", "dK", "dV"), got, want):
+        assert_close(name, g, w, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_twin_gradcheck(causal):
+    q, k, v = qkv(1, 2, 5, 4)
+    assert torch.autograd.gradcheck(lambda q, k, v: FlashAttention.apply(q, k, v, causal, *twin(2, 3)), (q, k, v))
+
+
+def test_twin_bfloat16_accumulates_in_float32():
+    q, k, v = (t.detach().to(torch.bfloat16) for t in qkv(2, 2, 33, 32))
+    O, L = flash_attention_reference(q, k, v, True)
+    assert O.dtype == torch.bfloat16 and L.dtype == torch.float32
+    want = attention(q.float(), k.float(), v.float(), True, "manual")  # the same rounded inputs, in fp32
+    assert_close("bf16 O", O, want, atol=2e-2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_twin_visits_only_the_tiles_it_needs(causal, monkeypatch):
+    """Score matrices are at most Br × Bc, and with `causal` no tile above the diagonal is computed."""
+    seen, tile_scores = [], model.tile_scores
+
+    def recording_tile_scores(Qi, Kj, i, j, *rest):
+        seen.append((i, j, Qi.size(-2), Kj.size(-2)))
+        return tile_scores(Qi, Kj, i, j, *rest)
+
+    monkeypatch.setattr(model, "tile_scores", recording_tile_scores)
+    q, k, v = qkv(1, 1, 40, 8)
+    O, L = flash_attention_reference(q, k, v, causal, 8, 8)
+    flash_attention_reference_backward(q, k, v, O, L, torch.ones_like(O), causal, 8, 8)
+    Tr = 5
+    expected = Tr * (Tr + 1) // 2 if causal else Tr * Tr  # per pass: forward, dQ, then dK and dV
+    assert len(seen) == 3 * expected
+    assert all(rows <= 8 and cols <= 8 for _, _, rows, cols in seen)
+    if causal:
+        assert all(j <= i for i, j, _, _ in seen)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the 'cuda' path builds instead of falling back")
+def test_cuda_path_without_a_gpu_warns_once_and_uses_sdpa():
+    model.load_cuda_attention.cache_clear()
+    q, k, v = qkv(2, 2, 9, 32, dtype=torch.float32)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # so that a second warning would be recorded, not hidden
+            outs = [attention(q, k, v, True, "cuda") for _ in range(3)]
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 1 and "CUDA attention unavailable" in messages[0], messages
+        for out in outs:
+            assert_close("fallback", out, attention(q, k, v, True, "manual"), atol=1e-6)
+        assert model.ModelConfig(attn="cuda").attn == "cuda"
+    finally:
+        model.load_cuda_attention.cache_clear()
+
+
+# Slow: about a minute on two cores (nvcc parses PyTorch's headers), but it runs by default because it is the
+# only check of attention.cu that a machine without a GPU can make.
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_attention_cu_compiles_with_nvcc(tmp_path):
+    from torch.utils import cpp_extension
+    includes = cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
+    macros = Path(includes[0]) / "c10/cuda/impl/cuda_cmake_macros.h"
+    if not macros.exists():  # a CPU wheel ships c10/cuda but not this one file that a CUDA build generates
+        (tmp_path / macros.parent.relative_to(includes[0])).mkdir(parents=True)
+        (tmp_path / macros.relative_to(includes[0])).write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        includes.append(str(tmp_path))
+    cmd = ["nvcc", "-c", str(ROOT / "attention.cu"), "-o", str(tmp_path / "attention.o"),
+           "-std=c++20",  # what torch.utils.cpp_extension.load passes for this PyTorch
+           "-gencode=arch=compute_80,code=sm_80", "-O3", "-Xcompiler", "-fPIC", "-Xptxas", "-warn-spills",
+           "-DTORCH_EXTENSION_NAME=nanocit_attention", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           *cpp_extension.COMMON_NVCC_FLAGS, *[f"-I{p}" for p in includes]]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    ours = [line for line in log.splitlines() if re.search(r"attention\.cu[(:]\d+.*warning|spill", line)]
+    assert ours == [], "\n".join(ours)  # PyTorch's own headers may warn; attention.cu must not
+    assert (tmp_path / "attention.o").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: attention.cu against SDPA (in float64, so the reference adds no error of its own)
+
+def cuda_kernels():
+    kernels = model.load_cuda_attention()
+    assert kernels is not None, "attention.cu did not build on this GPU machine: see the warning above"
+    return kernels
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("N", [1, 17, 64, 100, 1000])
+def test_gpu_kernel_matches_sdpa(N, d, causal, dtype):
+    kernels = cuda_kernels()
+    q, k, v = qkv(2, 3, N, d, dtype=dtype, device="cuda")
+    dO = torch.randn(2, 3, N, d, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(dtype)
+    O = FlashAttention.apply(q, k, v, causal, kernels.forward, kernels.backward)
+    grads = torch.autograd.grad(O, (q, k, v), dO)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    O64 = attention(q64, k64, v64, causal, "sdpa")
+    grads64 = torch.autograd.grad(O64, (q64, k64, v64), dO.double())
+    fp32 = dtype == torch.float32
+    assert_close("O", O, O64, atol=1e-4 if fp32 else 2e-2, rtol=0 if fp32 else 2e-2)
+    _, L = kernels.forward(q.detach(), k.detach(), v.detach(), causal)
+    assert_close("L", L, exact_logsumexp(q64.cpu(), k64.cpu(), causal).cuda(), atol=1e-4)  # fp32 in both cases
+    for name, g, w in zip(("dQ", "dK", "dV"), grads, grads64):
+        assert_close(name, g, w, atol=1e-3 if fp32 else 2e-2, rtol=0 if fp32 else 2e-2)
+
+
+@gpu
+def test_gpu_kernel_rejects_what_it_does_not_cover():
+    kernels = cuda_kernels()
+    q = torch.randn(1, 2, 8, 32, device="cuda")
+    for bad in (q.half(), torch.randn(1, 2, 8, 48, device="cuda"), q.transpose(2, 3).contiguous().transpose(2, 3),
+                q.cpu()):
+        with pytest.raises(RuntimeError):
+            kernels.forward(bad, bad, bad, True)
+    with pytest.raises(RuntimeError, match="Tq == Tk"):
+        kernels.forward(q, q[:, :, :4].contiguous(), q[:, :, :4].contiguous(), True)
+
+
+@gpu
+def test_gpu_attention_picks_the_kernel_and_leaves_decoding_to_sdpa():
+    kernels = cuda_kernels()
+    q, k, v = (t.detach() for t in qkv(2, 2, 50, 64, dtype=torch.float32, device="cuda"))
+    O, _ = kernels.forward(q, k, v, True)
+    assert torch.equal(attention(q, k, v, True, "auto"), O)  # the forward kernel is deterministic
+    assert torch.equal(attention(q, k, v, True, "cuda"), O)
+    q_last = q[:, :, -1:]  # one new query against the whole cache: Tq != Tk
+    assert_close("decoding", attention(q_last, k, v, True, "cuda"), O[:, :, -1:], atol=1e-4)
+
+
+@gpu
+def test_gpu_training_run_with_the_kernel_matches_sdpa(tmp_path):
+    """Same seed, same data: a short run with --attn cuda ends where one with --attn sdpa does, within noise."""
+    cuda_kernels()  # build here first, so that a build failure reads as one, not as a failed run
+    results = {}
+    for attn in ("cuda", "sdpa"):
+        cmd = [sys.executable, "train.py", "--strategy", "naive", "--tasks", "classify,color", "--steps", "60",
+               "--base-steps", "150", "--n-train", "256", "--n-test", "64", "--n-base", "1024",
+               "--d-model", "128", "--vit-dim", "128", "--n-head", "4",  # head size 32: one the kernel covers
+               "--attn", attn, "--run-dir", str(tmp_path / attn), "--cache-dir", str(tmp_path / f"cache-{attn}")]
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PYTHONWARNINGS": "always"})
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "CUDA attention unavailable" not in run.stderr  # the cuda run really used the kernel
+        results[attn] = json.loads((tmp_path / attn / "results.json").read_text())["matrix"]
+    cuda, sdpa = torch.tensor(results["cuda"]), torch.tensor(results["sdpa"])
+    assert sdpa.max() >= 20, f"the run learned too little to compare: {results}"
+    # 64 test rows per task: one answer is 1.6 points; floating-point order alone moves a few answers
+    assert (cuda - sdpa).abs().max() <= 10, f"accuracy matrices differ: {results}"
