@@ -92,6 +92,11 @@ def random_objects(rng, n, cells=range(9), distinct=None):
     return tuple(objs)
 
 
+def some_objects(lo, hi, distinct=None):
+    """A scene drawer: lo..hi random objects, anywhere (see random_objects for `distinct`)."""
+    return lambda rng: Scene(random_objects(rng, rng.randint(lo, hi), distinct=distinct))
+
+
 @dataclass
 class Task:
     """One instruction task: how to draw a suitable scene, and how to ask about it.
@@ -107,17 +112,9 @@ class Task:
     metric: str = "exact"
 
 
-def _classify_scene(rng):
-    return Scene(random_objects(rng, 1))
-
-
 def _classify(scene, rng):
     """'What object is this?' -> 'triangle'  (one object anywhere)"""
     return rng.choice(TASKS["classify"].phrasings), scene.objects[0].shape
-
-
-def _color_scene(rng):
-    return Scene(random_objects(rng, rng.randint(1, 3), distinct="shape"))
 
 
 def _color(scene, rng):
@@ -175,18 +172,10 @@ def _read(scene, rng):
     return rng.choice(TASKS["read"].phrasings), scene.text
 
 
-def _ground_scene(rng):
-    return Scene(random_objects(rng, rng.randint(1, 3), distinct="color+shape"))
-
-
 def _ground(scene, rng):
     """'Where is the green star?' -> 'top left'  (the object asked about is unique)"""
     o = rng.choice(scene.objects)
     return rng.choice(TASKS["ground"].phrasings).format(obj=f"{o.color} {o.shape}"), where(o.cell)
-
-
-def _caption_scene(rng):
-    return Scene(random_objects(rng, rng.randint(1, 2)))
 
 
 def describe(o):
@@ -197,10 +186,6 @@ def _caption(scene, rng):
     """'Describe the image.' -> 'a large red circle at the top left and a small blue square in the center.'"""
     objs = sorted(scene.objects, key=lambda o: o.cell)
     return rng.choice(TASKS["caption"].phrasings), " and ".join(describe(o) for o in objs) + "."
-
-
-def _unanswerable_scene(rng):
-    return Scene(random_objects(rng, rng.randint(1, 3), distinct="shape"))
 
 
 def _unanswerable(scene, rng):
@@ -214,9 +199,9 @@ def _unanswerable(scene, rng):
 
 TASKS = {t.name: t for t in [
     Task("classify", "ImageNet", ("What object is this?", "What shape is shown?",
-         "Name the object in the picture.", "Which shape do you see?"), _classify_scene, _classify),
+         "Name the object in the picture.", "Which shape do you see?"), some_objects(1, 1), _classify),
     Task("color", "VQAv2", ("What colour is the {shape}?", "What is the colour of the {shape}?",
-         "Which colour does the {shape} have?"), _color_scene, _color),
+         "Which colour does the {shape} have?"), some_objects(1, 3, "shape"), _color),
     Task("count", "TallyQA", ("How many {shapes} are there?", "Count the {shapes}.",
          "What is the number of {shapes}?"), _count_scene, _count),
     Task("spatial", "GQA", ("Is the {a} {rel} the {b}?", "Answer yes or no: is the {a} {rel} the {b}?",
@@ -224,12 +209,12 @@ TASKS = {t.name: t for t in [
     Task("read", "TextVQA", ("What is written here?", "Read the text in the image.",
          "What does the text say?"), _read_scene, _read),
     Task("ground", "RefCOCO", ("Where is the {obj}?", "Locate the {obj}.",
-         "In which part of the image is the {obj}?"), _ground_scene, _ground),
+         "In which part of the image is the {obj}?"), some_objects(1, 3, "color+shape"), _ground),
     Task("caption", "Flickr30k", ("Describe the image.", "Write a short caption.",
-         "What does this picture show?"), _caption_scene, _caption, metric="f1"),
+         "What does this picture show?"), some_objects(1, 2), _caption, metric="f1"),
     Task("unanswerable", "VizWiz", ("Tell me the colour of the {shape}, if there is one.",
          "If you can see a {shape}, what colour is it?", "Is there a {shape}? Give its colour."),
-         _unanswerable_scene, _unanswerable),
+         some_objects(1, 3, "shape"), _unanswerable),
 ]}
 ORDERS = {  # named task orders; 'paper' follows the spirit of the paper's sequence
     "paper": ("read", "classify", "spatial", "unanswerable", "ground", "color", "count", "caption"),
@@ -253,9 +238,6 @@ def _align(scene, rng):
 ALIGN = Task("align", "LLaVA-Pretrain (LCS-558K)", ("",), _align_scene, _align, metric="f1")
 
 
-# ----------------------------------------------------------------------------------------------
-# tokenizer
-
 def train_tokenizer(tasks, seed):
     """A word-level tokenizer trained on every instruction and answer the tasks can produce.
 
@@ -270,14 +252,10 @@ def train_tokenizer(tasks, seed):
     for task in tasks:  # a few hundred scenes per task reach every word of every template
         rng = random.Random(f"tokenizer-{task.name}-{seed}")
         corpus += [" ".join(task.make(task.scene(rng), rng)) for _ in range(400)]
-    corpus += list(GLYPHS) + [p.replace("{", "").replace("}", "") for t in tasks for p in t.phrasings]
-    corpus += [" ".join(SHAPES + tuple(COLORS) + SIZES + ROWS + COLS + tuple(s + "s" for s in SHAPES))]
+    corpus += list(GLYPHS) + [" ".join(SHAPES + tuple(COLORS) + SIZES + ROWS + COLS + tuple(s + "s" for s in SHAPES))]
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL, show_progress=False))
     return tok
 
-
-# ----------------------------------------------------------------------------------------------
-# examples and batches
 
 @dataclass
 class Examples:

@@ -3,29 +3,34 @@
 images (B,3,H,W) -> ViT -> patch features -> projector -> prefix tokens, followed by the text
 tokens; the causal decoder predicts the answer, and the loss is on answer tokens only.
 Follows nanoGPT (Karpathy) for the decoder and LLaVA 1.5 (Liu et al. 2023) for the projector.
-Every attention call goes through `attention`, whose paths (manual, sdpa) must agree.
+Every attention call goes through `attention`, whose paths (manual, sdpa, cuda) must agree.
 """
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
+def arg(default, why):
+    """A config field whose reason doubles as its --help text (train.py builds the CLI from it)."""
+    return field(default=default, metadata={"help": why})
+
+
 @dataclass
 class ModelConfig:
-    image_size: int = 48    # 3x3 grid of 16 px cells: big enough to draw a glyph legibly
-    patch_size: int = 16    # one patch per grid cell -> only 9 image tokens, cheap on a CPU
-    vit_dim: int = 96       # width of the vision encoder
-    vit_layers: int = 2     # two layers suffice to tell 5 shapes and 5 colours apart
-    d_model: int = 96       # width of the decoder; small so a step takes milliseconds on a CPU
-    n_layer: int = 2        # decoder depth: enough to bind question words to image tokens
-    n_head: int = 4         # heads of 24 dims each
-    vocab_size: int = 128   # overwritten by the tokenizer's size at run time
-    max_text_len: int = 40  # longest [BOS] instruction [SEP] answer [EOS] row, in tokens
-    attn: str = "auto"      # attention path: auto | manual | sdpa (auto picks sdpa)
+    image_size: int = arg(48, "3x3 grid of 16 px cells: big enough to draw a glyph legibly")
+    patch_size: int = arg(16, "one patch per grid cell -> only 9 image tokens, cheap on a CPU")
+    vit_dim: int = arg(96, "width of the vision encoder")
+    vit_layers: int = arg(2, "two layers suffice to tell 5 shapes and 5 colours apart")
+    d_model: int = arg(96, "width of the decoder; small so a step takes milliseconds on a CPU")
+    n_layer: int = arg(2, "decoder depth: enough to bind question words to image tokens")
+    n_head: int = arg(4, "heads of 24 dims each")
+    vocab_size: int = arg(128, "overwritten by the tokenizer's size at run time")
+    max_text_len: int = arg(40, "longest [BOS] instruction [SEP] answer [EOS] row, in tokens")
+    attn: str = arg("auto", "attention path: auto | manual | sdpa | cuda (auto: cuda kernel on a GPU, else sdpa)")
 
     def __post_init__(self):
         if self.image_size % self.patch_size:

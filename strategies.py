@@ -6,18 +6,28 @@ and answers test questions through generate(...), where an expansion strategy wo
 A strategy keeps its state in `state_dict()`, which checkpoints save. `build("replay+ewc", cfg)`
 composes strategies: every part's hooks run. Methods follow He et al. (arXiv 2311.16206), sec. 4.
 """
+from dataclasses import dataclass
+
 import torch
 
 from data import Examples
+from model import arg
+
+
+@dataclass
+class StrategyConfig:
+    """Options of the strategies; each strategy lists the ones it reads in `options`."""
+    buffer_size: int = arg(200, "replay buffer capacity in rows (the paper replays ~1 %; we afford more)")
+    replay_ratio: float = arg(0.25, "fraction of each batch drawn from the replay buffer")
 
 
 class Strategy:
     """Sequential fine-tuning ('naive'): every hook does nothing, so old tasks are forgotten."""
     name = "naive"
-    options = ()  # names of TrainConfig fields this strategy reads; train.py refuses the others
+    options = ()  # names of the StrategyConfig fields it reads; train.py refuses the others
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, seed=0):
+        self.cfg, self.seed = cfg, seed  # StrategyConfig; the run's seed for any generator of its own
 
     def before_task(self, model, task_id, train):
         """Called before training on a task; may freeze or add parameters."""
@@ -108,9 +118,9 @@ class Replay(Strategy):
     name = "replay"
     options = ("buffer_size", "replay_ratio")
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.buffer = ReservoirBuffer(cfg.buffer_size, cfg.seed)
+    def __init__(self, cfg, seed=0):
+        super().__init__(cfg, seed)
+        self.buffer = ReservoirBuffer(cfg.buffer_size, seed)
 
     def batch(self, fresh, gen):
         n_old = round(self.cfg.replay_ratio * len(fresh)) if len(self.buffer) else 0
@@ -179,7 +189,7 @@ class Compose(Strategy):
 STRATEGIES = {cls.name: cls for cls in (Strategy, Replay)}
 
 
-def build(spec, cfg):
+def build(spec, cfg, seed=0):
     """'replay' or 'replay+ewc' -> a Strategy. Raises ValueError naming the bad part."""
     names = spec.split("+")
     if any(not n for n in names):
@@ -189,5 +199,5 @@ def build(spec, cfg):
             raise ValueError(f"unknown strategy {n!r}; choose from {', '.join(STRATEGIES)} (combine with '+')")
     if len(set(names)) < len(names):
         raise ValueError(f"strategy {spec!r} names a part twice")
-    parts = [STRATEGIES[n](cfg) for n in names]
+    parts = [STRATEGIES[n](cfg, seed) for n in names]
     return parts[0] if len(parts) == 1 else Compose(parts)

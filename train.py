@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -25,12 +25,8 @@ from tqdm import tqdm
 import data
 import strategies
 from eval import SCORERS, all_metrics, format_header, format_matrix, format_report, format_row, heatmap
-from model import PRESETS, VLM, ModelConfig
-
-
-def arg(default, why):
-    """A config field whose reason doubles as its --help text."""
-    return field(default=default, metadata={"help": why})
+from model import PRESETS, VLM, ModelConfig, arg
+from strategies import StrategyConfig
 
 
 @dataclass
@@ -44,10 +40,8 @@ class TrainConfig:
     base_steps: int = arg(1000, "steps of the alignment (captioning) stage that makes the base model")
     base_lr: float = arg(2e-3, "peak learning rate of the alignment stage; 1e-2 stalls, 6e-4 is slow")
     n_train: int = arg(1000, "training rows per task; more than the steps use, so rows rarely repeat")
-    n_test: int = arg(150, "test rows per task: ±4 points of sampling noise at 80 %%")
+    n_test: int = arg(150, "test rows per task: ±4 points of sampling noise at 80 %")
     n_base: int = arg(6000, "rows of the alignment stage, drawn from every kind of scene")
-    buffer_size: int = arg(200, "replay buffer capacity in rows (the paper replays ~1 %; we afford more)")
-    replay_ratio: float = arg(0.25, "fraction of each batch drawn from the replay buffer")
     freeze_vision: bool = arg(True, "freeze the ViT while tuning tasks, as LLaVA freezes its vision tower")
     seed: int = arg(0, "seeds data, initialisation and batch order: the same seed gives the same run")
     device: str = arg("auto", "auto picks cuda, then mps, then cpu")
@@ -59,8 +53,7 @@ class TrainConfig:
 
 TRAIN_PRESETS = {"tiny": {}, "small": dict(batch_size=64, steps=300, base_steps=2000, n_train=4000),
                  "base": dict(batch_size=64, steps=500, base_steps=4000, n_train=8000)}
-POSITIVE = ("steps", "batch_size", "lr", "base_lr", "n_train", "n_test", "n_base", "buffer_size", "eval_batch_size")
-OPTIONS = {o for cls in strategies.STRATEGIES.values() for o in cls.options}  # flags owned by some strategy
+POSITIVE = ("steps", "batch_size", "lr", "base_lr", "n_train", "n_test", "n_base", "eval_batch_size")
 
 
 class CLIError(Exception):
@@ -73,15 +66,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse(argv):
-    """argv -> (TrainConfig, ModelConfig): presets first, then the flags given."""
+    """argv -> (TrainConfig, ModelConfig, StrategyConfig): presets first, then the flags given."""
     ap = Parser(description=__doc__.split("\n")[0])
-    groups = {"train": TrainConfig, "model": ModelConfig}
+    groups = {"train": TrainConfig, "model": ModelConfig, "strategy options": StrategyConfig}
     for title, cls in groups.items():
         group = ap.add_argument_group(title)
         for f in fields(cls):
             if f.name == "vocab_size":
                 continue  # set from the tokenizer
-            kw = dict(default=None, help=f.metadata.get("help", MODEL_HELP.get(f.name)) + f" (default {f.default})")
+            why = f.metadata["help"] + f" (default {f.default})"
+            kw = dict(default=None, help=why.replace("%", "%%"))  # argparse treats % as a format
             if f.type in (bool, "bool"):
                 kw["action"] = argparse.BooleanOptionalAction
             else:
@@ -91,32 +85,24 @@ def parse(argv):
     preset = given.get("preset", "tiny")
     if preset not in PRESETS:
         raise CLIError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    names = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **{k: v for k, v in given.items() if k in names}})
+    mine = {cls: {k: v for k, v in given.items() if k in {f.name for f in fields(cls)}} for cls in groups.values()}
+    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **mine[TrainConfig]})
+    scfg = StrategyConfig(**mine[StrategyConfig])
     try:
-        mcfg = ModelConfig(**{**PRESETS[preset], **{k: v for k, v in given.items() if k not in names}})
+        mcfg = ModelConfig(**{**PRESETS[preset], **mine[ModelConfig]})
+        strategy = strategies.build(cfg.strategy, scfg)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    for name in POSITIVE:
-        if getattr(cfg, name) <= 0:
-            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if not 0 <= cfg.replay_ratio < 1:
-        raise CLIError(f"--replay-ratio must be in [0, 1), got {cfg.replay_ratio}")
-    try:
-        strategy = strategies.build(cfg.strategy, cfg)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    for name in sorted(OPTIONS & given.keys() - set(strategy.options)):
-        raise CLIError(f"--{name.replace('_', '-')} is an option of another strategy, not of {cfg.strategy!r}")
+    for name, value in [(n, getattr(cfg, n)) for n in POSITIVE] + list(mine[StrategyConfig].items()):
+        if isinstance(value, (int, float)) and value <= 0 and name != "replay_ratio":
+            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 0 <= scfg.replay_ratio < 1:
+        raise CLIError(f"--replay-ratio must be in [0, 1), got {scfg.replay_ratio}")
+    for name in sorted(mine[StrategyConfig].keys() - set(strategy.options)):
+        raise CLIError(f"--{name.replace('_', '-')} is not an option of strategy {cfg.strategy!r}")
     task_names(cfg.tasks)  # fails early on unknown tasks
     cfg.run_dir = cfg.run_dir or f"runs/{cfg.strategy}"
-    return cfg, mcfg
-
-
-MODEL_HELP = {"image_size": "pixels per side", "patch_size": "pixels per patch side",
-              "vit_dim": "vision encoder width", "vit_layers": "vision encoder depth", "d_model": "decoder width",
-              "n_layer": "decoder depth", "n_head": "attention heads", "max_text_len": "longest text row in tokens",
-              "attn": "attention path: auto | manual | sdpa"}
+    return cfg, mcfg, scfg
 
 
 def task_names(spec):
@@ -227,7 +213,7 @@ def base_model(cfg, mcfg, tok, device):
     t0 = time.time()
     align, _ = data.make_split(data.ALIGN, "train", cfg.n_base, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)
     gen = torch.Generator().manual_seed(cfg.seed)
-    loss = train_steps(model, align, strategies.Strategy(cfg), cfg.base_steps, cfg.base_lr, cfg, gen, device,
+    loss = train_steps(model, align, strategies.Strategy(None), cfg.base_steps, cfg.base_lr, cfg, gen, device,
                        "base: alignment")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: torch.save({"model": model.state_dict(), "key": key}, p))
@@ -257,14 +243,14 @@ def prepare_run_dir(path):
     return path
 
 
-def run(cfg, mcfg):
+def run(cfg, mcfg, scfg):
     t_start = time.time()
     names = task_names(cfg.tasks)
     run_dir = prepare_run_dir(cfg.run_dir)
     device = pick_device(cfg.device)
     tok = build_tokenizer(cfg, run_dir)
     mcfg.vocab_size = tok.get_vocab_size()
-    config = {"train": asdict(cfg), "model": asdict(mcfg)}
+    config = {"train": asdict(cfg), "model": asdict(mcfg), "strategy": asdict(scfg)}
     save_json(config, run_dir / "config.json")
     print(f"device {device} | strategy {cfg.strategy} | preset {cfg.preset} | run folder {run_dir}")
     print("tasks in order: " + " -> ".join(f"{n} ({data.TASKS[n].like})" for n in names))
@@ -277,7 +263,7 @@ def run(cfg, mcfg):
 
     model, base_path = base_model(cfg, mcfg, tok, device)
     atomic_write(run_dir / "base.pt", lambda p: shutil.copyfile(base_path, p))
-    strategy = strategies.build(cfg.strategy, cfg)
+    strategy = strategies.build(cfg.strategy, scfg, cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
     base_row = [acc for acc, _ in evaluate_all(model, strategy, tests, tok, device, cfg)]
     print(f"model: {n_params:,} parameters; accuracy (%) on each task after each stage:")
@@ -324,14 +310,14 @@ def reevaluate(run_dir, checkpoint):
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
     tests = [data.make_task(data.TASKS[n], 1, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)[1]
              for n in task_names(cfg.tasks)]
-    return [acc for acc, _ in evaluate_all(model, strategies.Strategy(cfg), tests, tok, torch.device("cpu"), cfg)]
+    return [acc for acc, _ in evaluate_all(model, strategies.Strategy(None), tests, tok, torch.device("cpu"), cfg)]
 
 
 def main(argv=None):
     try:
-        cfg, mcfg = parse(argv)
-        print("config: " + json.dumps({**asdict(cfg), **asdict(mcfg)}))
-        run(cfg, mcfg)
+        cfg, mcfg, scfg = parse(argv)
+        print("config: " + json.dumps({**asdict(cfg), **asdict(mcfg), **asdict(scfg)}))
+        run(cfg, mcfg, scfg)
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
