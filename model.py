@@ -166,9 +166,9 @@ class VLM(nn.Module):
             # Linear layers: std 1/√fan_in keeps signals (and gradients to the ViT) at unit scale; a
             # flat 0.02, right for GPT-2's 768 dims, starves a 96-dim projector. Embeddings: 0.02,
             # which, tied to the output head, gives small logits at init -> loss ≈ ln(vocab).
-            std = p.size(1) ** -0.5 if p.dim() == 2 and "emb" not in name else 0.02
-            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
-                std /= math.sqrt(2 * cfg.n_layer)  # GPT-2: residual branches scaled by depth
+            std = 0.02 if name in ("tok_emb.weight", "pos_emb.weight", "vision.pos") else p.size(1) ** -0.5
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):  # GPT-2: residual branches
+                std /= math.sqrt(2 * (cfg.vit_layers if name.startswith("vision") else cfg.n_layer))  # by depth
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
         for m in self.modules():

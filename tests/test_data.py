@@ -1,0 +1,225 @@
+"""The benchmark: determinism, train/test separation, answers checked by an independent solver,
+tokenizer round trips, batch targets and rendering.
+
+Run: python -m pytest tests/test_data.py -q
+"""
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import Obj, Scene
+
+ALL_TASKS = list(data.TASKS.values()) + [data.ALIGN]
+IMAGE_SIZE, MAX_LEN = 48, 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.train_tokenizer(ALL_TASKS, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# determinism and separation
+
+@pytest.mark.parametrize("name", ["classify", "read", "caption"])
+def test_make_split_is_a_function_of_task_split_seed(tok, name):
+    task = data.TASKS[name]
+    a, keys_a = data.make_split(task, "train", 30, 0, tok, IMAGE_SIZE, MAX_LEN)
+    b, keys_b = data.make_split(task, "train", 30, 0, tok, IMAGE_SIZE, MAX_LEN)
+    assert torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.prompt_len, b.prompt_len) and a.answers == b.answers and keys_a == keys_b
+    other_seed, _ = data.make_split(task, "train", 30, 1, tok, IMAGE_SIZE, MAX_LEN)
+    other_split, _ = data.make_split(task, "test", 30, 0, tok, IMAGE_SIZE, MAX_LEN)
+    assert not torch.equal(a.images, other_seed.images)
+    assert not torch.equal(a.images, other_split.images)
+
+
+@pytest.mark.parametrize("name", list(data.TASKS))
+def test_train_and_test_layouts_never_overlap(tok, name):
+    task = data.TASKS[name]
+    n_train, n_test = 300, 100
+    train, test = data.make_task(task, n_train, n_test, 0, tok, IMAGE_SIZE, MAX_LEN)
+    test_again, test_keys = data.make_split(task, "test", n_test, 0, tok, IMAGE_SIZE, MAX_LEN)
+    train_again, train_keys = data.make_split(task, "train", n_train, 0, tok, IMAGE_SIZE, MAX_LEN,
+                                              exclude=frozenset(test_keys))
+    # make_task's splits are exactly these two, so their keys are the ones we check
+    assert torch.equal(test.images, test_again.images) and torch.equal(train.images, train_again.images)
+    assert len(train) == n_train and len(test) == n_test
+    assert not train_keys & test_keys
+
+
+def test_exclusion_is_needed_for_a_small_task(tok):
+    """Without `exclude`, classify (450 layouts) would share layouts: the overlap test can fail."""
+    task = data.TASKS["classify"]
+    _, test_keys = data.make_split(task, "test", 100, 0, tok, IMAGE_SIZE, MAX_LEN)
+    _, train_keys = data.make_split(task, "train", 300, 0, tok, IMAGE_SIZE, MAX_LEN)
+    assert train_keys & test_keys
+
+
+# ----------------------------------------------------------------------------------------------
+# every answer, recomputed by a solver that shares no code with data.py
+
+POSITION = {0: "top left", 1: "top middle", 2: "top right", 3: "middle left", 4: "center",
+            5: "middle right", 6: "bottom left", 7: "bottom middle", 8: "bottom right"}
+COLUMN = {c: c % 3 for c in range(9)}
+ROW = {c: c // 3 for c in range(9)}
+
+
+def words(text):
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def one(items):
+    assert len(items) == 1, items
+    return items[0]
+
+
+def find(scene, color=None, shape=None):
+    """The one object with this colour and/or shape (the tasks promise it is unique)."""
+    return one([o for o in scene.objects if (color is None or o.color == color) and (shape is None or o.shape == shape)])
+
+
+def mentioned(text, vocabulary):
+    return one([w for w in words(text) if w in vocabulary])
+
+
+def solve(task, scene, instruction):
+    shapes, colors = set(data.SHAPES), set(data.COLORS)
+    if task == "classify":
+        return one(scene.objects).shape
+    if task == "color":
+        return find(scene, shape=mentioned(instruction, shapes)).color
+    if task == "count":
+        shape = mentioned(instruction, {s + "s" for s in shapes})[:-1]
+        return str(sum(o.shape == shape for o in scene.objects))
+    if task == "spatial":
+        m = re.search(r"the (\w+) (\w+) (?:is )?(left of|right of|above|below) the (\w+) (\w+)\?$", instruction)
+        a, b = find(scene, m[1], m[2]), find(scene, m[4], m[5])
+        truth = {"left of": COLUMN[a.cell] < COLUMN[b.cell], "right of": COLUMN[a.cell] > COLUMN[b.cell],
+                 "above": ROW[a.cell] < ROW[b.cell], "below": ROW[a.cell] > ROW[b.cell]}[m[3]]
+        # the question must be decidable: the two objects differ along the asked axis
+        axis = COLUMN if m[3] in ("left of", "right of") else ROW
+        assert axis[a.cell] != axis[b.cell], instruction
+        return "yes" if truth else "no"
+    if task == "read":
+        return scene.text
+    if task == "ground":
+        return POSITION[find(scene, mentioned(instruction, colors), mentioned(instruction, shapes)).cell]
+    if task == "caption":
+        parts = [f"a {o.size} {o.color} {o.shape} " + ("in the center" if o.cell == 4 else f"at the {POSITION[o.cell]}")
+                 for o in sorted(scene.objects, key=lambda o: o.cell)]
+        return " and ".join(parts) + "."
+    if task == "unanswerable":
+        shape = mentioned(instruction, shapes)
+        present = [o.color for o in scene.objects if o.shape == shape]
+        return one(present) if present else "unanswerable"
+    if task == "align":
+        assert instruction == ""
+        parts = [f"{o.size} {o.color} {o.shape} {POSITION[o.cell]}" for o in sorted(scene.objects, key=lambda o: o.cell)]
+        return "; ".join(parts + ([f"text {scene.text}"] if scene.text else []))
+    raise AssertionError(f"no solver for task {task!r}")
+
+
+@pytest.mark.parametrize("task", ALL_TASKS, ids=lambda t: t.name)
+def test_every_answer_matches_an_independent_solver(task):
+    rng = random.Random(f"solver-{task.name}")
+    answers = []
+    for _ in range(200):
+        scene = task.scene(rng)
+        instruction, answer = task.make(scene, rng)
+        assert len({o.cell for o in scene.objects}) == len(scene.objects), "two objects share a cell"
+        assert answer == solve(task.name, scene, instruction), (scene, instruction)
+        answers.append(answer)
+    # the task is not degenerate: its answers vary (yes and no, several counts, ...)
+    assert len(set(answers)) >= 2
+    if task.name in ("spatial", "unanswerable"):  # both kinds of answer occur often enough to learn
+        kind = [a in ("no", "unanswerable") for a in answers]
+        assert 0.25 < sum(kind) / len(kind) < 0.75
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+
+def test_tokenizer_round_trips_every_instruction_and_answer(tok):
+    assert tok.get_vocab_size() < 200
+    unk = tok.token_to_id("[UNK]")
+    for task in ALL_TASKS:
+        rng = random.Random(f"tokenizer-test-{task.name}")
+        for _ in range(200):
+            for text in task.make(task.scene(rng), rng):
+                ids = tok.encode(text).ids
+                assert unk not in ids, text
+                assert tok.decode(ids) == text
+
+
+def test_glyphs_are_split_one_by_one(tok):
+    enc = tok.encode("K7A")
+    assert [t for t in enc.tokens if t != "▁"] == ["K", "7", "A"]
+    assert tok.decode(enc.ids) == "K7A"
+
+
+def test_special_token_ids_match_the_constants(tok):
+    assert [tok.token_to_id(s) for s in data.SPECIAL] == list(range(len(data.SPECIAL)))
+    assert (tok.token_to_id("[PAD]"), tok.token_to_id("[BOS]"), tok.token_to_id("[SEP]"),
+            tok.token_to_id("[EOS]")) == (data.PAD, data.BOS, data.SEP, data.EOS)
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+def test_to_batch_masks_prompt_and_padding(tok):
+    parts = [data.make_split(data.TASKS[n], "train", 6, 0, tok, IMAGE_SIZE, MAX_LEN)[0]
+             for n in ("classify", "caption", "spatial")]  # different prompt and answer lengths
+    ex = data.Examples.concat(parts)
+    idx = list(range(len(ex)))
+    images, inputs, targets = data.to_batch(ex, idx, "cpu")
+    tokens = ex.tokens.long()
+    lengths = (tokens != data.PAD).sum(1)
+    T = int(lengths.max())
+    assert inputs.shape == targets.shape == (len(ex), T - 1)
+    assert inputs.dtype == targets.dtype == torch.int64
+    assert torch.equal(inputs, tokens[:, :T - 1])
+    for b in range(len(ex)):
+        p, n = int(ex.prompt_len[b]), int(lengths[b])
+        for t in range(T - 1):
+            if t < p - 1 or t + 1 >= n:  # predicting a prompt token, or padding
+                assert targets[b, t] == -100, (b, t)
+            else:  # predicting answer token t+1 (or the EOS)
+                assert targets[b, t] == tokens[b, t + 1], (b, t)
+        kept = [int(x) for x in targets[b] if x != -100]
+        assert kept[-1] == data.EOS and tok.decode(kept[:-1]) == ex.answers[b]
+    assert images.dtype == torch.float32 and images.shape == (len(ex), 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert images.min() >= -1 and images.max() <= 1
+    assert torch.allclose(images, ex.images.float() / 127.5 - 1)
+    assert data.pixels(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering
+
+def test_render_shape_dtype_and_placement():
+    scene = Scene((Obj("circle", "red", "large", 0), Obj("square", "blue", "large", 8)))
+    img = data.render(scene, 48)
+    assert img.dtype == np.uint8 and img.shape == (3, 48, 48)
+    assert tuple(img[:, 8, 8]) == data.COLORS["red"]        # centre of the top-left cell
+    assert tuple(img[:, 40, 40]) == data.COLORS["blue"]     # centre of the bottom-right cell
+    assert tuple(img[:, 24, 24]) == tuple(img[:, 1, 47])    # the empty centre is background
+
+
+def test_different_scenes_give_different_images():
+    rng = random.Random("render")
+    seen = {}
+    for task in ALL_TASKS:
+        for _ in range(20):
+            scene = task.scene(rng)
+            seen.setdefault(scene, data.render(scene).tobytes())
+    assert len(set(seen.values())) == len(seen)
+    base = Obj("circle", "red", "large", 4)
+    variants = [base, Obj("square", "red", "large", 4), Obj("circle", "green", "large", 4),
+                Obj("circle", "red", "small", 4), Obj("circle", "red", "large", 5), Obj("circle", "red", "large", 4, 1, 0)]
+    images = [data.render(Scene((o,))).tobytes() for o in variants] + [data.render(Scene((base,), "K7A")).tobytes()]
+    assert len(set(images)) == len(images)
