@@ -78,13 +78,13 @@ def render(scene, size=48):
 
 
 def random_objects(rng, n, cells=range(9), distinct=None):
-    """n objects in distinct cells; `distinct` = 'shape' or 'color+shape' makes that unique."""
+    """n objects in distinct cells; `distinct` = 'color' (or 'shape') makes that unique in the scene."""
     objs, seen = [], set()
     for cell in rng.sample(list(cells), n):
         while True:
             o = Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(SIZES), cell,
                     rng.randint(-1, 1), rng.randint(-1, 1))
-            tag = o.shape if distinct == "shape" else (o.color, o.shape)
+            tag = o.shape if distinct == "shape" else o.color
             if distinct is None or tag not in seen:
                 seen.add(tag)
                 objs.append(o)
@@ -117,39 +117,39 @@ def _classify(scene, rng):
     return rng.choice(TASKS["classify"].phrasings), scene.objects[0].shape
 
 
-def _color(scene, rng):
-    """'What colour is the square?' -> 'red'  (the shape asked about is unique)"""
+def _attribute(scene, rng):
+    """'What shape is the red object?' -> 'square'  (the colour asked about is unique)"""
     o = rng.choice(scene.objects)
-    return rng.choice(TASKS["color"].phrasings).format(shape=o.shape), o.color
+    return rng.choice(TASKS["attribute"].phrasings).format(color=o.color), o.shape
 
 
 def _count_scene(rng):
-    """1-4 copies of one shape first, then up to 2 objects of other shapes."""
-    shape, cells = rng.choice(SHAPES), rng.sample(range(9), 6)
-    objs = [Obj(shape, rng.choice(list(COLORS)), rng.choice(SIZES), c) for c in cells[:rng.randint(1, 4)]]
-    others = [s for s in SHAPES if s != shape]
-    objs += [Obj(rng.choice(others), rng.choice(list(COLORS)), rng.choice(SIZES), c)
+    """1-4 objects of one colour first, then up to 2 objects of other colours."""
+    color, cells = rng.choice(list(COLORS)), rng.sample(range(9), 6)
+    objs = [Obj(rng.choice(SHAPES), color, rng.choice(SIZES), c) for c in cells[:rng.randint(1, 4)]]
+    others = [c for c in COLORS if c != color]
+    objs += [Obj(rng.choice(SHAPES), rng.choice(others), rng.choice(SIZES), c)
              for c in cells[len(objs):len(objs) + rng.randint(0, 2)]]
     return Scene(tuple(objs))
 
 
 def _count(scene, rng):
-    """'How many circles are there?' -> '2'  (0 to 4; usually asks about the first object's shape)"""
-    absent = [s for s in SHAPES if s not in {o.shape for o in scene.objects}]
-    shape = scene.objects[0].shape if rng.random() < 0.85 else rng.choice(absent)
-    n = sum(o.shape == shape for o in scene.objects)
-    return rng.choice(TASKS["count"].phrasings).format(shapes=shape + "s"), str(n)
+    """'How many red objects are there?' -> '2'  (0 to 4; usually asks about the first object's colour)"""
+    absent = [c for c in COLORS if c not in {o.color for o in scene.objects}]
+    color = scene.objects[0].color if rng.random() < 0.85 else rng.choice(absent)
+    n = sum(o.color == color for o in scene.objects)
+    return rng.choice(TASKS["count"].phrasings).format(color=color), str(n)
 
 
 def _spatial_scene(rng):
     while True:
-        objs = random_objects(rng, rng.randint(2, 3), distinct="color+shape")
+        objs = random_objects(rng, rng.randint(2, 3), distinct="color")
         if objs[0].cell // 3 != objs[1].cell // 3 or objs[0].cell % 3 != objs[1].cell % 3:
             return Scene(objs)
 
 
 def _spatial(scene, rng):
-    """'Is the red circle left of the blue square?' -> 'yes'  (asks about the first two objects)"""
+    """'Is the red object left of the blue object?' -> 'yes'  (asks about the first two objects)"""
     a, b = scene.objects[:2]
     rels = []  # only relations that are decidable: left/right needs different columns, etc.
     if a.cell % 3 != b.cell % 3:
@@ -157,9 +157,7 @@ def _spatial(scene, rng):
     if a.cell // 3 != b.cell // 3:
         rels += [("above", a.cell // 3 < b.cell // 3), ("below", a.cell // 3 > b.cell // 3)]
     rel, truth = rng.choice(rels)
-    q = rng.choice(TASKS["spatial"].phrasings).format(
-        a=f"{a.color} {a.shape}", rel=rel, b=f"{b.color} {b.shape}")
-    return q, "yes" if truth else "no"
+    return rng.choice(TASKS["spatial"].phrasings).format(a=a.color, rel=rel, b=b.color), "yes" if truth else "no"
 
 
 def _read_scene(rng):
@@ -173,9 +171,9 @@ def _read(scene, rng):
 
 
 def _ground(scene, rng):
-    """'Where is the green star?' -> 'top left'  (the object asked about is unique)"""
+    """'Where is the green object?' -> 'top left'  (the colour asked about is unique)"""
     o = rng.choice(scene.objects)
-    return rng.choice(TASKS["ground"].phrasings).format(obj=f"{o.color} {o.shape}"), where(o.cell)
+    return rng.choice(TASKS["ground"].phrasings).format(color=o.color), where(o.cell)
 
 
 def describe(o):
@@ -189,36 +187,38 @@ def _caption(scene, rng):
 
 
 def _unanswerable(scene, rng):
-    """'Which colour does the diamond have, if there is one?' -> 'unanswerable'  (half the time)"""
-    present = [o.shape for o in scene.objects]
-    absent = [s for s in SHAPES if s not in present]
-    shape = rng.choice(absent) if rng.random() < 0.5 else rng.choice(present)
-    answer = next((o.color for o in scene.objects if o.shape == shape), "unanswerable")
-    return rng.choice(TASKS["unanswerable"].phrasings).format(shape=shape), answer
+    """'If you can see a purple object, what shape is it?' -> 'unanswerable'  (half the time)"""
+    present = [o.color for o in scene.objects]
+    absent = [c for c in COLORS if c not in present]
+    color = rng.choice(absent) if rng.random() < 0.5 else rng.choice(present)
+    answer = next((o.shape for o in scene.objects if o.color == color), "unanswerable")
+    return rng.choice(TASKS["unanswerable"].phrasings).format(color=color), answer
 
 
+# Questions name objects by colour, not by shape: the tiny model learns to look for a colour in a
+# few hundred steps, but not for a shape (README, Caveats). The shapes are what it answers.
 TASKS = {t.name: t for t in [
     Task("classify", "ImageNet", ("What object is this?", "What shape is shown?",
          "Name the object in the picture.", "Which shape do you see?"), some_objects(1, 1), _classify),
-    Task("color", "VQAv2", ("What colour is the {shape}?", "What is the colour of the {shape}?",
-         "Which colour does the {shape} have?"), some_objects(1, 3, "shape"), _color),
-    Task("count", "TallyQA", ("How many {shapes} are there?", "Count the {shapes}.",
-         "What is the number of {shapes}?"), _count_scene, _count),
-    Task("spatial", "GQA", ("Is the {a} {rel} the {b}?", "Answer yes or no: is the {a} {rel} the {b}?",
-         "Would you say the {a} is {rel} the {b}?"), _spatial_scene, _spatial),
+    Task("attribute", "VQAv2", ("What shape is the {color} object?", "Which shape is {color}?",
+         "The {color} object has which shape?"), some_objects(1, 3, "color"), _attribute),
+    Task("count", "TallyQA", ("How many {color} objects are there?", "Count the {color} objects.",
+         "What is the number of {color} objects?"), _count_scene, _count),
+    Task("spatial", "GQA", ("Is the {a} object {rel} the {b} one?", "Answer yes or no: is the {a} object {rel} the {b} one?",
+         "Would you say the {a} object is {rel} the {b} one?"), _spatial_scene, _spatial),
     Task("read", "TextVQA", ("What is written here?", "Read the text in the image.",
          "What does the text say?"), _read_scene, _read),
-    Task("ground", "RefCOCO", ("Where is the {obj}?", "Locate the {obj}.",
-         "In which part of the image is the {obj}?"), some_objects(1, 3, "color+shape"), _ground),
+    Task("ground", "RefCOCO", ("Where is the {color} object?", "Locate the {color} object.",
+         "In which part of the image is the {color} object?"), some_objects(1, 3, "color"), _ground),
     Task("caption", "Flickr30k", ("Describe the image.", "Write a short caption.",
          "What does this picture show?"), some_objects(1, 2), _caption, metric="f1"),
-    Task("unanswerable", "VizWiz", ("Tell me the colour of the {shape}, if there is one.",
-         "If you can see a {shape}, what colour is it?", "Is there a {shape}? Give its colour."),
-         some_objects(1, 3, "shape"), _unanswerable),
+    Task("unanswerable", "VizWiz", ("What shape is the {color} object, if there is one?",
+         "If you can see a {color} object, what shape is it?", "Is there a {color} object? Name its shape."),
+         some_objects(1, 3, "color"), _unanswerable),
 ]}
 ORDERS = {  # named task orders; 'paper' follows the spirit of the paper's sequence
-    "paper": ("read", "classify", "spatial", "unanswerable", "ground", "color", "count", "caption"),
-    "easy-first": ("classify", "color", "ground", "count", "spatial", "unanswerable", "read", "caption"),
+    "paper": ("read", "classify", "spatial", "unanswerable", "ground", "attribute", "count", "caption"),
+    "easy-first": ("classify", "attribute", "ground", "count", "spatial", "unanswerable", "read", "caption"),
 }
 
 

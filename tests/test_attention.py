@@ -220,7 +220,7 @@ def test_gpu_training_run_with_the_kernel_matches_sdpa(tmp_path):
     cuda_kernels()  # build here first, so that a build failure reads as one, not as a failed run
     results = {}
     for attn in ("cuda", "sdpa"):
-        cmd = [sys.executable, "train.py", "--strategy", "naive", "--tasks", "classify,color", "--steps", "60",
+        cmd = [sys.executable, "train.py", "--strategy", "naive", "--tasks", "classify,attribute", "--steps", "60",
                "--base-steps", "150", "--n-train", "256", "--n-test", "64", "--n-base", "1024",
                "--d-model", "128", "--vit-dim", "128", "--n-head", "4",  # head size 32: one the kernel covers
                "--attn", attn, "--run-dir", str(tmp_path / attn), "--cache-dir", str(tmp_path / f"cache-{attn}")]

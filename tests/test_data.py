@@ -88,34 +88,34 @@ def mentioned(text, vocabulary):
 
 
 def solve(task, scene, instruction):
-    shapes, colors = set(data.SHAPES), set(data.COLORS)
+    colors = set(data.COLORS)
     if task == "classify":
         return one(scene.objects).shape
-    if task == "color":
-        return find(scene, shape=mentioned(instruction, shapes)).color
+    if task == "attribute":
+        return find(scene, color=mentioned(instruction, colors)).shape
     if task == "count":
-        shape = mentioned(instruction, {s + "s" for s in shapes})[:-1]
-        return str(sum(o.shape == shape for o in scene.objects))
+        color = mentioned(instruction, colors)
+        return str(sum(o.color == color for o in scene.objects))
     if task == "spatial":
-        m = re.search(r"the (\w+) (\w+) (?:is )?(left of|right of|above|below) the (\w+) (\w+)\?$", instruction)
-        a, b = find(scene, m[1], m[2]), find(scene, m[4], m[5])
+        m = re.search(r"the (\w+) object (?:is )?(left of|right of|above|below) the (\w+) one\?$", instruction)
+        a, b, rel = find(scene, color=m[1]), find(scene, color=m[3]), m[2]
         truth = {"left of": COLUMN[a.cell] < COLUMN[b.cell], "right of": COLUMN[a.cell] > COLUMN[b.cell],
-                 "above": ROW[a.cell] < ROW[b.cell], "below": ROW[a.cell] > ROW[b.cell]}[m[3]]
+                 "above": ROW[a.cell] < ROW[b.cell], "below": ROW[a.cell] > ROW[b.cell]}[rel]
         # the question must be decidable: the two objects differ along the asked axis
-        axis = COLUMN if m[3] in ("left of", "right of") else ROW
+        axis = COLUMN if rel in ("left of", "right of") else ROW
         assert axis[a.cell] != axis[b.cell], instruction
         return "yes" if truth else "no"
     if task == "read":
         return scene.text
     if task == "ground":
-        return POSITION[find(scene, mentioned(instruction, colors), mentioned(instruction, shapes)).cell]
+        return POSITION[find(scene, color=mentioned(instruction, colors)).cell]
     if task == "caption":
         parts = [f"a {o.size} {o.color} {o.shape} " + ("in the center" if o.cell == 4 else f"at the {POSITION[o.cell]}")
                  for o in sorted(scene.objects, key=lambda o: o.cell)]
         return " and ".join(parts) + "."
     if task == "unanswerable":
-        shape = mentioned(instruction, shapes)
-        present = [o.color for o in scene.objects if o.shape == shape]
+        color = mentioned(instruction, colors)
+        present = [o.shape for o in scene.objects if o.color == color]
         return one(present) if present else "unanswerable"
     if task == "align":
         assert instruction == ""

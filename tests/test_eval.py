@@ -72,7 +72,7 @@ def test_token_f1(pred, ref, score):
 
 
 def test_heatmap_draws_each_cell_in_its_colour():
-    tasks = ["classify", "color", "count"]
+    tasks = ["classify", "attribute", "count"]
     img = ev.heatmap(tasks, [[0, 100, 50], [100, 0, 50], [50, 50, 100]], "title")
     assert isinstance(img, Image.Image) and img.mode == "RGB"
     wide = ev.heatmap(tasks + ["read"], [[0] * 4] * 4)
@@ -87,7 +87,7 @@ def test_heatmap_draws_each_cell_in_its_colour():
 
 
 def test_format_report_on_a_minimal_result():
-    results = dict(config=dict(train=dict(strategy="replay")), tasks=["classify", "color", "count"],
+    results = dict(config=dict(train=dict(strategy="replay")), tasks=["classify", "attribute", "count"],
                    matrix=A, base_row=BASE)
     report = ev.format_report(results)
     lines = report.splitlines()

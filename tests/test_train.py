@@ -66,11 +66,11 @@ def test_unwritable_run_folder_fails_in_one_line(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # a tiny run, twice
 
-TASKS = ["classify", "color"]
+TASKS = ["classify", "attribute"]
 # 20 steps per task, not fewer: some test answers come out right, so comparing scores means something
 ARGS = ["--strategy", "replay", "--tasks", ",".join(TASKS), "--steps", "20", "--base-steps", "5", "--n-train", "40",
         "--n-test", "8", "--n-base", "40", "--buffer-size", "10", "--device", "cpu"]  # cpu: bitwise repeatable
-FILES = ["config.json", "tokenizer.json", "base.pt", "task1-classify.pt", "task2-color.pt", "results.json", "accuracy.png"]
+FILES = ["config.json", "tokenizer.json", "base.pt", "task1-classify.pt", "task2-attribute.pt", "results.json", "accuracy.png"]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_checkpoints_load_with_weights_only(runs):
     tmp, _ = runs
     run_dir = tmp / "run1"
     base = load(run_dir / "base.pt")
-    first, second = load(run_dir / "task1-classify.pt"), load(run_dir / "task2-color.pt")
+    first, second = load(run_dir / "task1-classify.pt"), load(run_dir / "task2-attribute.pt")
     assert first["task"] == 0 and second["task"] == 1
     assert len(first["matrix"]) == 1 and second["matrix"] == json.loads((run_dir / "results.json").read_text())["matrix"]
     buffer = second["strategy"]["buffer"]
@@ -128,10 +128,10 @@ def test_second_run_reuses_the_base_and_repeats_exactly(runs):
     assert "base model: reused" in second.stdout
     r1, r2 = (json.loads((tmp / n / "results.json").read_text()) for n in ("run1", "run2"))
     assert r1["matrix"] == r2["matrix"] and r1["base_row"] == r2["base_row"]
-    for name in ("base.pt", "task1-classify.pt", "task2-color.pt"):  # bit-identical weights, not only scores
+    for name in ("base.pt", "task1-classify.pt", "task2-attribute.pt"):  # bit-identical weights, not only scores
         a, b = load(tmp / "run1" / name)["model"], load(tmp / "run2" / name)["model"]
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    b1, b2 = (load(tmp / n / "task2-color.pt")["strategy"]["buffer"] for n in ("run1", "run2"))
+    b1, b2 = (load(tmp / n / "task2-attribute.pt")["strategy"]["buffer"] for n in ("run1", "run2"))
     assert torch.equal(b1["rows"]["tokens"], b2["rows"]["tokens"]) and torch.equal(b1["gen"], b2["gen"])
 
 
@@ -150,4 +150,4 @@ def test_reevaluating_the_last_checkpoint_gives_the_last_row(runs):
     results = json.loads((tmp / "run1" / "results.json").read_text())
     assert any(a > 0 for row in results["matrix"] for a in row), "all scores 0: train longer so this can fail"
     assert train.reevaluate(tmp / "run1", tmp / "run1" / "task1-classify.pt") == results["matrix"][0]
-    assert train.reevaluate(tmp / "run1", tmp / "run1" / "task2-color.pt") == results["matrix"][1]
+    assert train.reevaluate(tmp / "run1", tmp / "run1" / "task2-attribute.pt") == results["matrix"][1]
