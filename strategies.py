@@ -126,9 +126,7 @@ class ReservoirBuffer:
         return self.rows.subset(torch.randint(len(self), (n,), generator=gen))
 
     def nbytes(self):
-        if self.rows is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.rows.images, self.rows.tokens, self.rows.prompt_len))
+        return 0 if self.rows is None else nbytes((self.rows.images, self.rows.tokens, self.rows.prompt_len))
 
     def state_dict(self):
         rows = None if self.rows is None else dict(images=self.rows.images, tokens=self.rows.tokens,
@@ -265,15 +263,11 @@ class MAS(EWC):
     measure, strength = "mas", "mas_lambda"
 
 
-def base_snapshot(model):
-    """A copy of the base model's vision tower and token embedding, which task features come from."""
-    return copy_params((n, p) for n, p in model.named_parameters() if n.startswith("vision.") or n == "tok_emb.weight")
-
-
 @torch.no_grad()
 def row_features(model, base, images, tokens, prompt_len):
-    """Per row, under the snapshot `base`: the mean ViT feature, and the mean embedding of the instruction
-    tokens and of the answer tokens. tokens: [BOS] instruction [SEP] answer [EOS] [PAD]..."""
+    """Per row, with the vision tower and token embedding in `base` ({name: tensor}, e.g. a snapshot of the
+    base model): the mean ViT feature, and the mean embedding of the instruction tokens and of the answer
+    tokens. tokens: [BOS] instruction [SEP] answer [EOS] [PAD]..."""
     vision = {n.removeprefix("vision."): p for n, p in base.items() if n.startswith("vision.")}
     image = functional_call(model.vision, vision, (images,)).mean(1)  # (B, N, vit_dim) -> (B, vit_dim)
     emb = F.embedding(tokens, base["tok_emb.weight"])  # (B, L, d)
@@ -330,7 +324,8 @@ class TIR(EWC):
         return self.scaled
 
     def before_task(self, model, task_id, train):
-        self.base = self.base or base_snapshot(model)  # taken before the first task: the base model
+        if self.base is None:  # before the first task: the frozen base that task features come from
+            self.base = copy_params((n, p) for n, p in model.named_parameters() if n.startswith(("vision.", "tok_emb.")))
         self.prototypes.append([f.mean(0) for f in examples_features(model, self.base, train)])
         self.scaled = tir_weights(self.importance, self.owner, task_similarity(self.prototypes), task_id)
 
@@ -398,15 +393,15 @@ class Expansion(LoRA):
     """Model expansion with task-ID routing, after the paper's EProj (He et al. 2023, sec. 4.2). Each task
     gets its own expert, a LoRA adapter set and a projector copy, trained from one common start while all
     else stays frozen; finished experts are stored and never trained again. Each task also leaves two keys
-    from the frozen base model: its mean image feature and mean instruction embedding. At test time no task id
+    from the base's frozen vision tower and embedding: its mean image feature and mean instruction embedding. At test time no task id
     is given: each example goes to the expert whose keys best match it (the sum of two cosine similarities)."""
     name = "expansion"
-    state = ("base", "start", "experts", "keys")  # keys: [image key, instruction key] per task
+    state = ("start", "experts", "keys")  # keys: [image key, instruction key] per task
     extra_bytes = Strategy.extra_bytes  # what the state holds: every expert, the start, the keys
 
     def __init__(self, cfg, seed=0):
         super().__init__(cfg, seed)
-        self.base, self.start, self.experts, self.keys = None, None, [], []
+        self.start, self.experts, self.keys = None, [], []
 
     def live(self, model):  # the parameters that make up the expert in place
         return {n: p for n, p in model.named_parameters() if ".lora_" in n or n.startswith("projector.")}
@@ -418,15 +413,15 @@ class Expansion(LoRA):
 
     def before_task(self, model, task_id, train):
         super().before_task(model, task_id, train)  # adds the adapters (first task), freezes all else
-        if self.base is None:  # the first task: remember where every expert starts
-            self.base, self.start = base_snapshot(model), copy_params(self.live(model).items())
+        if self.start is None:  # the first task: remember where every expert starts
+            self.start = copy_params(self.live(model).items())
         self.load(model, self.start)
         for p in model.projector.parameters():
             p.requires_grad_(True)
 
     def after_task(self, model, task_id, train):
         self.experts.append(copy_params(self.live(model).items()))
-        self.keys.append([f.mean(0) for f in examples_features(model, self.base, train)[:2]])
+        self.keys.append([f.mean(0) for f in examples_features(model, dict(model.named_parameters()), train)[:2]])
 
     def route(self, features):
         """(image, instruction) features of each row -> the expert whose keys match them best."""
@@ -437,7 +432,7 @@ class Expansion(LoRA):
         if not self.experts:  # before the first task there is only the base model
             return model.generate(images, ids, max_new_tokens, eos_id)
         prompt_len = torch.full((len(ids),), ids.size(1), device=ids.device)
-        chosen = self.route(row_features(model, self.base, images, ids, prompt_len)[:2])
+        chosen = self.route(row_features(model, dict(model.named_parameters()), images, ids, prompt_len)[:2])
         in_place, out = copy_params(self.live(model).items()), ids.new_full((len(ids), max_new_tokens), eos_id)
         for k in chosen.unique().tolist():  # one batch per expert; rows that stop early stay EOS-padded
             rows = chosen == k
@@ -449,7 +444,8 @@ class Expansion(LoRA):
 
     def extra_results(self, model, tests):
         """How often (%) a test row of task j goes to expert j: the task-identification accuracy."""
-        hits = [100 * (self.route(examples_features(model, self.base, t)[:2]) == j).float().mean().item()
+        frozen = dict(model.named_parameters())
+        hits = [100 * (self.route(examples_features(model, frozen, t)[:2]) == j).float().mean().item()
                 for j, t in enumerate(tests)]
         return {"task_id_accuracy": sum(hits) / len(hits), "task_id_accuracy_per_task": hits}
 

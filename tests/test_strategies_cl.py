@@ -20,6 +20,7 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import eval as metrics  # noqa: E402  (this project's eval.py)
 import strategies  # noqa: E402
 import train  # noqa: E402
 from model import VLM, LoRALinear, ModelConfig, add_lora  # noqa: E402
@@ -268,7 +269,7 @@ def test_tir_merges_normalised_importances_by_max_and_remembers_the_owner():
 
 def test_identical_tasks_are_the_most_similar(tok, tasks):
     model = tiny_vlm(tok)
-    base = strategies.base_snapshot(model)
+    base = dict(model.named_parameters())
     count = data.make_task(data.TASKS["count"], 48, 1, 0, tok, 48, 40)[0]
     rows = [tasks[0][0], tasks[1][0], count, tasks[0][0]]  # classify, read, count, classify again
     prototypes = [[f.mean(0) for f in strategies.examples_features(model, base, r)] for r in rows]
@@ -360,3 +361,21 @@ def test_tiny_end_to_end_run(spec, tmp_path_factory):
     if spec == "tir":
         assert len(results["task_similarity"]) == 2
     assert results["extra_bytes"] > 0
+
+
+def test_compare_puts_runs_side_by_side(tmp_path):
+    def fake_run(strategy, aa, **extra):
+        results = dict(config={"train": {"strategy": strategy}}, tasks=["a", "b"], wall_seconds=12.3,
+                       metrics=dict(AA=aa, BWT=-4.0, forgetting=4.0, FWT=1.5), extra_bytes=3 * 1024 ** 2,
+                       timings=[{"trainable": 10}, {"trainable": 1234}], **extra)
+        folder = tmp_path / strategy
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(results))
+        return folder
+    runs = [fake_run("naive", 20.0), fake_run("expansion", 55.5, task_id_accuracy=97.25)]
+    assert metrics.main(["--compare", *map(str, runs), str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "table.md").read_text().splitlines()
+    assert table[0].startswith("| strategy | AA | BWT |") and table[0].endswith("task ID |")
+    assert table[2] == "| expansion | 55.5 | -4.0 | 4.0 | +1.5 | 1,234 | 3.0 MB | 12 s | 97.2 |"  # best AA first
+    assert table[3].startswith("| naive | 20.0 |") and table[3].endswith("| - |")
+    assert (tmp_path / "out" / "table.png").stat().st_size > 0
