@@ -289,7 +289,8 @@ def test_tir_end_to_end_on_two_tasks(tok, tasks):
     keep = 1 - task_similarity(tir.prototypes)[1, 0]
     for n, f in tir.importance.items():  # every entry belongs to task 0 so far
         assert torch.allclose(tir.weights()[n], f * keep)
-    assert abs(sum(f.sum() for f in tir.importance.values()) / sum(f.numel() for f in tir.importance.values()) - 1) < 1e-5
+    total, count = sum(f.sum() for f in tir.importance.values()), sum(f.numel() for f in tir.importance.values())
+    assert abs(total / count - 1) < 1e-5  # normalised to mean 1
 
 
 # ----------------------------------------------------------------------------------------------
