@@ -155,10 +155,10 @@ def comparison_rows(runs):
             + (["task ID"] if routed else [])]
     for r in sorted(runs, key=lambda r: -r["metrics"]["AA"]):
         m = r["metrics"]
-        rows.append([r["config"]["train"]["strategy"], f"{m['AA']:.1f}", f"{m['BWT']:+.1f}", f"{m['forgetting']:.1f}",
-                     f"{m['FWT']:+.1f}", f"{r['timings'][-1]['trainable']:,}", human_bytes(r["extra_bytes"]),
-                     f"{r['wall_seconds']:.0f} s"] + ([f"{r['task_id_accuracy']:.1f}" if "task_id_accuracy" in r
-                                                       else "-"] if routed else []))
+        row = [r["config"]["train"]["strategy"], f"{m['AA']:.1f}", f"{m['BWT']:+.1f}", f"{m['forgetting']:.1f}",
+               f"{m['FWT']:+.1f}", f"{r['timings'][-1]['trainable']:,}", human_bytes(r["extra_bytes"]),
+               f"{r['wall_seconds']:.0f} s"]
+        rows.append(row + ([f"{r['task_id_accuracy']:.1f}" if "task_id_accuracy" in r else "-"] if routed else []))
     return rows
 
 
