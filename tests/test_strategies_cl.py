@@ -29,6 +29,15 @@ from strategies import StrategyConfig, importance, task_similarity, tir_weights 
 SMALL = dict(vit_dim=32, d_model=32, n_head=2, vit_layers=1, n_layer=1)  # a VLM that steps in milliseconds
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine their spin-waits cost seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return data.train_tokenizer(list(data.TASKS.values()) + [data.ALIGN], seed=0)
