@@ -3,7 +3,8 @@
 A[i][j] is the accuracy (in %) on task j after training on task i; `base` is the row of the model
 before any task. Definitions follow Lopez-Paz & Ranzato (2017) and Chaudhry et al. (2018), plus the
 worst-drop BWT of He et al. (arXiv 2311.16206).
-Run `python eval.py RUN_DIR` to reprint a run's report, `--checkpoint FILE` to re-evaluate one.
+Run `python eval.py RUN_DIR` to reprint a run's report, `--checkpoint FILE` to re-evaluate one, and
+`python eval.py --compare runs/*` to put runs side by side (table.md and table.png in --out, runs/compare).
 """
 import argparse
 import json
@@ -135,11 +136,94 @@ def heatmap(tasks, A, title=""):
     return img
 
 
+def human_bytes(n):
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def comparison_rows(runs):
+    """results.json dicts -> the comparison table as rows of strings, header first, best AA first.
+
+    'trainable' is what the last task trained; 'extra memory' is what the strategy keeps beyond the
+    model (buffers, importances, experts, teachers); 'task ID' is how often routing found the task.
+    """
+    routed = any("task_id_accuracy" in r for r in runs)
+    rows = [["strategy", "AA", "BWT", "forgetting", "FWT", "trainable", "extra memory", "wall time"]
+            + (["task ID"] if routed else [])]
+    for r in sorted(runs, key=lambda r: -r["metrics"]["AA"]):
+        m = r["metrics"]
+        row = [r["config"]["train"]["strategy"], f"{m['AA']:.1f}", f"{m['BWT']:+.1f}", f"{m['forgetting']:.1f}",
+               f"{m['FWT']:+.1f}", f"{r['timings'][-1]['trainable']:,}", human_bytes(r["extra_bytes"]),
+               f"{r['wall_seconds']:.0f} s"]
+        rows.append(row + ([f"{r['task_id_accuracy']:.1f}" if "task_id_accuracy" in r else "-"] if routed else []))
+    return rows
+
+
+def format_table(rows):
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
+def markdown_table(rows):
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows[1:]]) + "\n"
+
+
+def table_image(rows, title):
+    """The table drawn with Pillow, column by column (the bundled font is not monospaced)."""
+    font, title_font, pad = ImageFont.load_default(size=13), ImageFont.load_default(size=14), 18
+    widths = [max(font.getlength(row[i]) for row in rows) for i in range(len(rows[0]))]
+    width = max(sum(widths) + pad * (len(widths) + 1), title_font.getlength(title) + 2 * pad)
+    img = Image.new("RGB", (int(width), 50 + 20 * len(rows)), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((pad, 10), title, fill="black", font=title_font)
+    for r, row in enumerate(rows):
+        x = pad
+        for i, (cell, w) in enumerate(zip(row, widths)):  # names left-aligned, numbers right-aligned
+            draw.text((x if i == 0 else x + w, 38 + 20 * r), cell, font=font, anchor="la" if i == 0 else "ra",
+                      fill="dimgray" if r == 0 else "black")
+            x += w + pad
+    return img
+
+
+def compare(run_dirs, out):
+    """Print the comparison of runs, and write it to out/table.md and out/table.png -> exit code."""
+    runs = []
+    for d in run_dirs:
+        path = Path(d) / "results.json"
+        if path.is_file():
+            runs.append(json.loads(path.read_text()))
+        else:
+            print(f"skipping {d}: no results.json", file=sys.stderr)
+    if not runs:
+        print("error: none of the folders holds a results.json", file=sys.stderr)
+        return 2
+    if len({tuple(r["tasks"]) for r in runs}) > 1:
+        print("warning: the runs trained different task lists; their numbers do not compare", file=sys.stderr)
+    rows, out = comparison_rows(runs), Path(out)
+    print(format_table(rows))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(markdown_table(rows))
+    table_image(rows, f"tasks: {' -> '.join(runs[0]['tasks'])}").save(out / "table.png")
+    print(f"wrote {out}/table.md and {out}/table.png")
+    return 0
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Reprint a run's report, or re-evaluate a checkpoint.")
-    ap.add_argument("run_dir", help="a run folder written by train.py")
+    ap = argparse.ArgumentParser(description="Reprint a run's report, re-evaluate a checkpoint, or compare runs.")
+    ap.add_argument("run_dir", nargs="?", help="a run folder written by train.py")
     ap.add_argument("--checkpoint", help="re-evaluate this checkpoint on every task of the run")
+    ap.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="put these runs side by side in one table")
+    ap.add_argument("--out", default="runs/compare", help="where --compare writes table.md and table.png")
     args = ap.parse_args(argv)
+    if args.compare:
+        return compare(args.compare, args.out)
+    if args.run_dir is None:
+        ap.error("give a run folder, or --compare RUN_DIR ...")
     path = Path(args.run_dir) / "results.json"
     if not path.is_file():
         print(f"error: no results.json in {args.run_dir}", file=sys.stderr)

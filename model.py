@@ -4,6 +4,7 @@ images (B,3,H,W) -> ViT -> patch features -> projector -> prefix tokens, followe
 tokens; the causal decoder predicts the answer, and the loss is on answer tokens only.
 Follows nanoGPT (Karpathy) for the decoder and LLaVA 1.5 (Liu et al. 2023) for the projector.
 Every attention call goes through `attention`, whose paths (manual, sdpa, cuda) must agree.
+LoRALinear and add_lora put low-rank adapters beside chosen linear layers (Hu et al. 2021).
 """
 import functools
 import math
@@ -218,6 +219,73 @@ class VLM(nn.Module):
             logits = self.decode(self.tok_emb(nxt)[:, None], pos, caches)  # one new token per row
             pos += 1
         return torch.stack(out, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: a trainable low-rank update beside a frozen linear layer (Hu et al. 2021, arXiv 2106.09685)
+
+LORA_SITES = ("attn.qkv", "attn.proj", "mlp.0", "mlp.2", "projector")  # names add_lora understands
+
+
+class LoRALinear(nn.Module):
+    """y = x Wᵀ + b + (α/r)·x Aᵀ Bᵀ: a frozen linear layer plus a trainable rank-r update.
+
+    A (r, in) starts random and B (out, r) starts at zero, so a fresh adapter leaves the layer's
+    output exactly as it was. merge() folds the update into W, for inference at the base layer's
+    cost, and unmerge() takes it out again. Neither happens implicitly: loralib merges inside
+    eval(), so a model saved after evaluation silently carries the update in its base weights.
+    """
+
+    def __init__(self, base, rank, alpha, gen):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias  # the base layer's own tensors: state-dict names stay
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
+        A = torch.randn(rank, base.in_features, generator=gen) / math.sqrt(base.in_features)  # unit-scale x Aᵀ
+        self.lora_A = nn.Parameter(A.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        self.scaling, self.merged = alpha / rank, False  # α/r: changing r keeps the update's size
+
+    def delta(self):
+        """The update as a full matrix, (α/r)·B A: (out, in)."""
+        return self.scaling * self.lora_B @ self.lora_A
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:  # W already holds the update
+            return y
+        return y + self.scaling * (x @ self.lora_A.t()) @ self.lora_B.t()  # two thin products, never (out, in)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight += self.delta()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight -= self.delta()
+            self.merged = False
+
+
+def add_lora(model, targets, rank, alpha, seed):
+    """Wrap the named linear layers of a VLM in LoRALinear -> every LoRA parameter of the model.
+
+    targets name layers inside each decoder block ('attn.qkv', 'attn.proj', 'mlp.0', 'mlp.2'), or
+    'projector' for both layers of the projector. A layer that is wrapped already is left alone,
+    so calling this again (the next task) only returns the adapters.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sites = [(block, t) for block in model.blocks for t in targets if t != "projector"]
+    sites += [(model.projector, "0"), (model.projector, "2")] if "projector" in targets else []
+    for parent, path in sites:
+        owner_name, _, leaf = path.rpartition(".")
+        owner = parent.get_submodule(owner_name)  # '' is the parent itself
+        if not isinstance(getattr(owner, leaf), LoRALinear):
+            setattr(owner, leaf, LoRALinear(getattr(owner, leaf), rank, alpha, gen))
+    return [p for name, p in model.named_parameters() if ".lora_" in name]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,14 +4,19 @@ train.py calls, for every task in order:
     before_task(model, task_id, train) -> steps of [batch(fresh, gen) -> loss + penalty(...)] -> after_task(...)
 and answers test questions through generate(...), where an expansion strategy would route.
 A strategy keeps its state in `state_dict()`, which checkpoints save. `build("replay+ewc", cfg)`
-composes strategies: every part's hooks run. Methods follow He et al. (arXiv 2311.16206), sec. 4.
+composes strategies: every part's hooks run. Methods follow He et al. (arXiv 2311.16206), sec. 4:
+replay, joint (the upper bound), EWC, MAS, LwF, LoRA, model expansion (EProj) and TIR.
 """
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
 
+import data
 from data import Examples
-from model import arg
+from model import LORA_SITES, add_lora, arg
 
 
 @dataclass
@@ -19,12 +24,24 @@ class StrategyConfig:
     """Options of the strategies; each strategy lists the ones it reads in `options`."""
     buffer_size: int = arg(200, "replay buffer capacity in rows (the paper replays ~1 %; we afford more)")
     replay_ratio: float = arg(0.25, "fraction of each batch drawn from the replay buffer")
+    ewc_lambda: float = arg(1e5, "EWC: penalty weight; Fisher entries average ~6e-6: 1e4 holds little, 1e6 blocks")
+    mas_lambda: float = arg(1.0, "MAS: penalty weight; importances average ~7: at 10 new tasks no longer train")
+    tir_lambda: float = arg(10.0, "TIR: penalty weight on importances normalised to mean 1 (1 holds too little)")
+    importance_decay: float = arg(1.0, "online EWC/MAS: γ in F ← γF + F_new; 1 keeps every task in full")
+    importance_samples: int = arg(256, "rows whose per-sample gradients estimate the importances")
+    tir_importance: str = arg("ewc", "TIR: importance measure, ewc (Fisher) or mas")
+    lwf_alpha: float = arg(1.0, "LwF: weight of distillation against the task loss; 3 already stops new tasks")
+    lwf_temperature: float = arg(2.0, "LwF: softens both distributions so small logits still teach")
+    lora_rank: int = arg(8, "LoRA: rank r of each adapter: ~4 % of the tiny model per adapter set")
+    lora_alpha: float = arg(16.0, "LoRA: scaling α/r = 2 lets the zero-initialised B grow quickly")
+    lora_targets: str = arg("attn.qkv,attn.proj,mlp.0,mlp.2", "LoRA layers: " + ", ".join(LORA_SITES))
 
 
 class Strategy:
     """Sequential fine-tuning ('naive'): every hook does nothing, so old tasks are forgotten."""
     name = "naive"
     options = ()  # names of the StrategyConfig fields it reads; train.py refuses the others
+    state = ()  # names of the attributes that make up its state: what checkpoints keep
 
     def __init__(self, cfg, seed=0):
         self.cfg, self.seed = cfg, seed  # StrategyConfig; the run's seed for any generator of its own
@@ -49,13 +66,31 @@ class Strategy:
 
     def extra_bytes(self):
         """Memory this strategy keeps beyond the model (buffers, importances, experts)."""
-        return 0
+        return nbytes([getattr(self, k) for k in self.state])
 
-    def state_dict(self):
+    def extra_results(self, model, tests):
+        """Numbers for results.json beyond the accuracy matrix, given every task's test rows."""
         return {}
 
+    def state_dict(self):
+        """Tensors, lists, numbers and strings only: checkpoints load with weights_only=True."""
+        return {k: getattr(self, k) for k in self.state}
+
     def load_state_dict(self, state):
-        pass
+        for k in self.state:
+            setattr(self, k, state[k])
+
+
+def nbytes(obj):
+    """Bytes held by the tensors in a nest of dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    return sum(map(nbytes, obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()))
+
+
+def copy_params(named):
+    """(name, tensor) pairs -> {name: a detached copy}: anchors, teachers, snapshots, experts."""
+    return {n: p.detach().clone() for n, p in named}
 
 
 class ReservoirBuffer:
@@ -91,9 +126,7 @@ class ReservoirBuffer:
         return self.rows.subset(torch.randint(len(self), (n,), generator=gen))
 
     def nbytes(self):
-        if self.rows is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.rows.images, self.rows.tokens, self.rows.prompt_len))
+        return 0 if self.rows is None else nbytes((self.rows.images, self.rows.tokens, self.rows.prompt_len))
 
     def state_dict(self):
         rows = None if self.rows is None else dict(images=self.rows.images, tokens=self.rows.tokens,
@@ -141,6 +174,283 @@ class Replay(Strategy):
         self.buffer.load_state_dict(state["buffer"])
 
 
+class Joint(Replay):
+    """Multitask training on all tasks seen so far: the upper-bound row, not a continual method. Each task's
+    rows join a pool (a buffer too big ever to fill) before the task is trained, and every batch comes from the
+    pool alone: stage t trains on the union of tasks 1..t, at the price of keeping all the data."""
+    name, options = "joint", ()
+
+    def __init__(self, cfg, seed=0):
+        Strategy.__init__(self, cfg, seed)
+        self.buffer = ReservoirBuffer(2 ** 62, seed)  # never full, so it keeps every row
+
+    def before_task(self, model, task_id, train):
+        self.buffer.add(train)
+
+    def batch(self, fresh, gen):
+        return self.buffer.sample(len(fresh), gen)
+
+    after_task = Strategy.after_task  # the rows went in before the task, not after
+
+
+def importance(model, rows, measure, n_samples, gen, chunk=32):
+    """Each trainable parameter's importance: the mean over n_samples random rows of g² ('ewc': the empirical
+    Fisher) or |g| ('mas'), g the gradient on one row alone of the mean over its answer positions of the
+    negative log-likelihood ('ewc') or of ‖logits‖² ('mas', label-free). Squaring the batch-mean gradient
+    instead, as Avalanche does, gives E[g]², which shrinks as the batch grows."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def one_row(params, image, inputs, targets):  # inside vmap each row is a batch of one
+        logits = functional_call(model, params, (image[None], inputs[None]))[0][0]  # (T, V)
+        answer = targets != -100
+        if measure == "ewc":
+            per_token = -logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[:, None])[:, 0]
+        else:
+            per_token = logits.pow(2).sum(-1)
+        return (per_token * answer).sum() / answer.sum()
+    idx = torch.randperm(len(rows), generator=gen)[:n_samples]
+    for i in range(0, len(idx), chunk):
+        batch = data.to_batch(rows, idx[i:i + chunk], next(iter(params.values())).device)
+        with warnings.catch_warnings():  # SDPA has no vmap rule yet; its fallback still beats a loop
+            warnings.filterwarnings("ignore", message=".*batching rule")
+            grads = vmap(grad(one_row), in_dims=(None, 0, 0, 0))(params, *batch)  # {name: (B, *shape)}
+        for n, g in grads.items():
+            total[n] += (g.square() if measure == "ewc" else g.abs()).sum(0)
+    return {n: t / len(idx) for n, t in total.items()}
+
+
+class EWC(Strategy):
+    """Online Elastic Weight Consolidation (Kirkpatrick et al. 2017; Schwarz et al. 2018). After each task the
+    diagonal Fisher F = E[g²], over per-sample gradients g of the answer log-likelihood, says how sharply that
+    task's loss rises when a parameter moves. The online variant keeps one running F ← γF + F_new and one
+    anchor θ*, the parameters after the last task: two copies of the trainable parameters however many tasks
+    come. New tasks train with λ·Σ F·(θ − θ*)², so important parameters stay near where old tasks need them."""
+    name = "ewc"
+    options = ("ewc_lambda", "importance_decay", "importance_samples")
+    state = ("importance", "anchor")  # name -> tensor, for the parameters that were trainable
+    measure, strength = "ewc", "ewc_lambda"  # how importance is measured; the option that is λ
+
+    def __init__(self, cfg, seed=0):
+        super().__init__(cfg, seed)
+        self.importance, self.anchor = {}, {}
+
+    def weights(self):  # each parameter's weight in the penalty; TIR rescales them
+        return self.importance
+
+    def after_task(self, model, task_id, train):
+        gen = torch.Generator().manual_seed(self.seed * 1000 + task_id)  # which rows estimate it
+        self.merge(importance(model, train, self.measure, self.cfg.importance_samples, gen), task_id)
+        self.anchor = copy_params((n, p) for n, p in model.named_parameters() if n in self.importance)
+
+    def merge(self, new, task_id):
+        self.importance = {n: self.cfg.importance_decay * self.importance.get(n, 0) + f for n, f in new.items()}
+
+    def penalty(self, model, batch, logits):
+        if not self.anchor:
+            return None
+        params = dict(model.named_parameters())
+        weighted = sum((w * (params[n] - self.anchor[n]) ** 2).sum() for n, w in self.weights().items())
+        return getattr(self.cfg, self.strength) * weighted
+
+
+class MAS(EWC):
+    """Memory Aware Synapses (Aljundi et al. 2018): EWC's penalty with a label-free importance. A parameter
+    matters if moving it changes what the model outputs, whatever the labels: its importance is the mean over
+    rows of |∂‖logits‖²/∂θ|, the norm over the logits at one row's answer positions. It accumulates like F."""
+    name = "mas"
+    options = ("mas_lambda", "importance_decay", "importance_samples")
+    measure, strength = "mas", "mas_lambda"
+
+
+@torch.no_grad()
+def row_features(model, base, images, tokens, prompt_len):
+    """Per row, with the vision tower and token embedding in `base` ({name: tensor}, e.g. a snapshot of the
+    base model): the mean ViT feature, and the mean embedding of the instruction tokens and of the answer
+    tokens. tokens: [BOS] instruction [SEP] answer [EOS] [PAD]..."""
+    vision = {n.removeprefix("vision."): p for n, p in base.items() if n.startswith("vision.")}
+    image = functional_call(model.vision, vision, (images,)).mean(1)  # (B, N, vit_dim) -> (B, vit_dim)
+    emb = F.embedding(tokens, base["tok_emb.weight"])  # (B, L, d)
+    pos, p = torch.arange(tokens.size(1), device=tokens.device)[None], prompt_len[:, None]
+    spans = ((pos >= 1) & (pos < p - 1), (pos >= p) & (tokens != data.PAD) & (tokens != data.EOS))
+    return (image,) + tuple((emb * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1) for m in spans)
+
+
+def examples_features(model, base, rows):
+    """row_features of an Examples (uint8 pixels, int16 tokens)."""
+    device = base["tok_emb.weight"].device
+    return row_features(model, base, data.pixels(rows.images).to(device), rows.tokens.long().to(device),
+                        rows.prompt_len.long().to(device))
+
+
+def task_similarity(prototypes):
+    """[(image, instruction, answer) mean features] of T tasks -> (T, T) similarities in (0, 1). For each of
+    the three: cosine similarity between tasks, z-scored by the mean and std of the off-diagonal entries (the
+    diagonal, all ones, would swamp them), then a sigmoid. The product is high only for tasks alike in all
+    three. A lone task has nothing to compare with: its similarity is 1."""
+    similarity = torch.ones(len(prototypes), len(prototypes))
+    for kind in zip(*prototypes) if len(prototypes) > 1 else ():  # every task's image mean, then ...
+        unit = F.normalize(torch.stack(kind).float().cpu(), dim=1)
+        cos = unit @ unit.T
+        off = cos[~torch.eye(len(cos), dtype=torch.bool)]
+        similarity *= torch.sigmoid((cos - off.mean()) / off.std(unbiased=False).clamp_min(1e-6))
+    return similarity
+
+
+def tir_weights(importance, owner, similarity, task_id):
+    """Each entry's importance times (1 - similarity of the new task to the task that set it)."""
+    keep = 1 - similarity[task_id]
+    return {n: f * keep.to(f.device)[owner[n].long()] for n, f in importance.items()}
+
+
+class TIR(EWC):
+    """Task-similarity-informed regularisation (He et al. 2023, sec. 4.3) on EWC's penalty. Each task's
+    importances (Fisher, or MAS by option) are scaled to mean 1 and merged element-wise by max, remembering
+    which task set each entry. Before a new task, its similarity to each earlier one is measured on the frozen
+    base model (task_similarity), and each entry is weighted by 1 − similarity(new task, its owner): an old
+    task much like the new one needs little protection, since learning the new task also serves it."""
+    name = "tir"
+    options = ("tir_lambda", "tir_importance", "importance_samples")
+    state = EWC.state + ("owner", "base", "prototypes")
+    strength = "tir_lambda"
+
+    def __init__(self, cfg, seed=0):
+        super().__init__(cfg, seed)
+        if cfg.tir_importance not in ("ewc", "mas"):
+            raise ValueError(f"--tir-importance must be ewc or mas, got {cfg.tir_importance!r}")
+        self.measure, self.owner, self.base, self.prototypes, self.scaled = cfg.tir_importance, {}, None, [], {}
+
+    def weights(self):
+        return self.scaled
+
+    def before_task(self, model, task_id, train):
+        if self.base is None:  # before the first task: a copy of the base, which task features come from
+            self.base = copy_params((n, p) for n, p in model.named_parameters() if n.startswith(("vision", "tok_emb")))
+        self.prototypes.append([f.mean(0) for f in examples_features(model, self.base, train)])
+        self.scaled = tir_weights(self.importance, self.owner, task_similarity(self.prototypes), task_id)
+
+    def merge(self, new, task_id):
+        mean = sum(f.sum() for f in new.values()) / sum(f.numel() for f in new.values())
+        for n, f in new.items():
+            f, old = f / mean, self.importance.get(n, torch.zeros_like(f))  # every task's mean is 1
+            self.owner[n] = torch.where(f > old, task_id, self.owner.get(n, torch.zeros_like(f, dtype=torch.int16)))
+            self.importance[n] = torch.maximum(f, old)
+
+    def extra_results(self, model, tests):
+        return {"task_similarity": task_similarity(self.prototypes).tolist()}
+
+
+class LwF(Strategy):
+    """Learning without Forgetting (Li & Hoiem 2016), for a model that answers in tokens. Before each task
+    after the first, the parameters are copied as a frozen teacher. The teacher reads each batch too, and the
+    model is pulled towards its answer-token distributions, α·T²·KL(softmax(teacher/T) ‖ softmax(model/T)) at
+    every answer position. No old data is kept: old tasks live on in how the old model answers new questions."""
+    name = "lwf"
+    options = ("lwf_alpha", "lwf_temperature")
+    state = ("teacher",)  # {name: tensor}, made afresh before each task
+
+    def __init__(self, cfg, seed=0):
+        super().__init__(cfg, seed)
+        self.teacher = None
+
+    def before_task(self, model, task_id, train):
+        self.teacher = copy_params(model.named_parameters()) if task_id > 0 else None
+
+    def penalty(self, model, batch, logits):
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            teacher_logits, _ = functional_call(model, self.teacher, batch[:2])  # (images, inputs)
+        T, answer = self.cfg.lwf_temperature, batch[2] != -100
+        old, new = (F.log_softmax(x[answer] / T, dim=-1) for x in (teacher_logits, logits))  # (answer tokens, V)
+        return self.cfg.lwf_alpha * T * T * F.kl_div(new, old, log_target=True, reduction="batchmean")
+
+
+class LoRA(Strategy):
+    """One low-rank adapter set, tuned through every task in turn while the whole base stays frozen. Before
+    the first task the chosen linear layers are wrapped in LoRALinear (model.py); from then on only the
+    adapters train. Far fewer parameters move than in full fine-tuning, but the same ones move for every task,
+    so LoRA alone still forgets. The adapters live in the model, and so in its checkpoints."""
+    name = "lora"
+    options = ("lora_rank", "lora_alpha", "lora_targets")
+
+    def __init__(self, cfg, seed=0):
+        super().__init__(cfg, seed)
+        self.targets, self.adapters = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()], []
+        if not self.targets or set(self.targets) - set(LORA_SITES):
+            raise ValueError(f"--lora-targets {cfg.lora_targets!r}: choose from {', '.join(LORA_SITES)}")
+
+    def before_task(self, model, task_id, train):
+        self.adapters = add_lora(model, self.targets, self.cfg.lora_rank, self.cfg.lora_alpha, self.seed)
+        for p in model.parameters():  # runs after train.py's --freeze-vision switch, so this wins
+            p.requires_grad_(any(p is a for a in self.adapters))
+
+    def extra_bytes(self):
+        return nbytes(self.adapters)
+
+
+class Expansion(LoRA):
+    """Model expansion with task-ID routing, after the paper's EProj (He et al. 2023, sec. 4.2). Each task
+    gets its own expert, a LoRA adapter set and a projector copy, trained from one common start while all
+    else stays frozen; finished experts are stored and never trained again. Each task also leaves two keys,
+    made by the frozen vision tower and token embedding: its mean image feature and mean instruction
+    embedding. At test time no task id is given: each example goes to the expert whose keys best match it
+    (the sum of two cosine similarities), and extra_results reports how often that is the right task."""
+    name = "expansion"
+    state = ("start", "experts", "keys")  # keys: [image key, instruction key] per task
+    extra_bytes = Strategy.extra_bytes  # what the state holds: every expert, the start, the keys
+
+    def __init__(self, cfg, seed=0):
+        super().__init__(cfg, seed)
+        self.start, self.experts, self.keys = None, [], []
+
+    def live(self, model):  # the parameters that make up the expert in place
+        return {n: p for n, p in model.named_parameters() if ".lora_" in n or n.startswith("projector.")}
+
+    @torch.no_grad()
+    def load(self, model, expert):
+        for n, p in self.live(model).items():
+            p.copy_(expert[n])
+
+    def before_task(self, model, task_id, train):
+        super().before_task(model, task_id, train)  # adds the adapters (first task), freezes all else
+        if self.start is None:  # the first task: remember where every expert starts
+            self.start = copy_params(self.live(model).items())
+        self.load(model, self.start)
+        for p in model.projector.parameters():
+            p.requires_grad_(True)
+
+    def after_task(self, model, task_id, train):
+        self.experts.append(copy_params(self.live(model).items()))
+        self.keys.append([f.mean(0) for f in examples_features(model, dict(model.named_parameters()), train)[:2]])
+
+    def route(self, features):
+        """(image, instruction) features of each row -> the expert whose keys match them best."""
+        keys = [torch.stack(k) for k in zip(*self.keys)]  # (experts, dim) for image, then instruction
+        return sum(F.cosine_similarity(f[:, None], k[None], dim=-1) for f, k in zip(features, keys)).argmax(1)
+
+    def generate(self, model, images, ids, max_new_tokens, eos_id):
+        if not self.experts:  # before the first task there is only the base model
+            return model.generate(images, ids, max_new_tokens, eos_id)
+        prompt_len = torch.full((len(ids),), ids.size(1), device=ids.device)
+        chosen = self.route(row_features(model, dict(model.named_parameters()), images, ids, prompt_len)[:2])
+        in_place, out = copy_params(self.live(model).items()), ids.new_full((len(ids), max_new_tokens), eos_id)
+        for k in chosen.unique().tolist():  # one batch per expert; rows that stop early stay EOS-padded
+            rows = chosen == k
+            self.load(model, self.experts[k])
+            answer = model.generate(images[rows], ids[rows], max_new_tokens, eos_id)
+            out[rows, :answer.size(1)] = answer
+        self.load(model, in_place)
+        return out
+
+    def extra_results(self, model, tests):
+        """How often (%) a test row of task j goes to expert j: the task-identification accuracy."""
+        frozen = dict(model.named_parameters())
+        hits = [100 * (self.route(examples_features(model, frozen, t)[:2]) == j).float().mean().item()
+                for j, t in enumerate(tests)]
+        return {"task_id_accuracy": sum(hits) / len(hits), "task_id_accuracy_per_task": hits}
+
+
 class Compose(Strategy):
     """Several strategies at once ('replay+ewc'): hooks run in order; each part keeps its own state."""
 
@@ -178,6 +488,9 @@ class Compose(Strategy):
     def extra_bytes(self):
         return sum(p.extra_bytes() for p in self.parts)
 
+    def extra_results(self, model, tests):
+        return {k: v for p in self.parts for k, v in p.extra_results(model, tests).items()}
+
     def state_dict(self):
         return {p.name: p.state_dict() for p in self.parts}
 
@@ -186,7 +499,7 @@ class Compose(Strategy):
             p.load_state_dict(state[p.name])
 
 
-STRATEGIES = {cls.name: cls for cls in (Strategy, Replay)}
+STRATEGIES = {cls.name: cls for cls in (Strategy, Replay, Joint, EWC, MAS, LwF, LoRA, Expansion, TIR)}
 
 
 def build(spec, cfg, seed=0):

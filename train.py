@@ -292,6 +292,7 @@ def run(cfg, mcfg, scfg):
     out = dict(config=config, tasks=names, base_row=base_row, matrix=matrix, metrics=metrics, timings=timings,
                n_params=n_params, extra_bytes=strategy.extra_bytes(), device=str(device),
                torch=torch.__version__, wall_seconds=time.time() - t_start)
+    out.update(strategy.extra_results(model, tests))  # e.g. expansion's task-ID accuracy, TIR's task similarity
     save_json(out, run_dir / "results.json")
     atomic_write(run_dir / "accuracy.png", lambda p: heatmap(names, matrix, f"{cfg.strategy}: accuracy (%)").save(p, format="PNG"))
     print("\n" + format_report(out))
