@@ -62,7 +62,7 @@ class CLIError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + error
+    def error(self, message):  # one line instead of usage + error, and no exit from inside a library call
         raise CLIError(message)
 
 
@@ -117,11 +117,9 @@ def task_names(spec):
 
 
 def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
 
 
 def atomic_write(path, write):
@@ -132,10 +130,6 @@ def atomic_write(path, write):
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def save_json(obj, path):
-    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=1)))
 
 
 def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc):
@@ -164,48 +158,36 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc):
 
 
 @torch.no_grad()
-def evaluate(model, strategy, test, tok, device, batch_size):
-    """Greedy answers for every test row -> (accuracy in %, [(question, predicted, reference), ...])."""
+def evaluate(model, strategy, tests, tok, device, cfg):
+    """Greedy answers for every test row -> per task (accuracy in %, [(question, predicted, reference), ...])."""
     model.eval()
-    score, total, mistakes = SCORERS[test.metric], 0.0, []
-    by_len = {}  # prompts of equal length decode together in one batch, with no padding
-    for i, p in enumerate(test.prompt_len.tolist()):
-        by_len.setdefault(p, []).append(i)
-    for p, rows in by_len.items():
-        for k in range(0, len(rows), batch_size):
-            idx = torch.tensor(rows[k:k + batch_size])
-            ids = test.tokens[idx, :p].long().to(device)
-            out = strategy.generate(model, data.pixels(test.images[idx]).to(device), ids,
-                                    model.cfg.max_text_len - p, data.EOS).tolist()
-            for i, row in zip(idx.tolist(), out):
-                pred = tok.decode(row[:row.index(data.EOS)] if data.EOS in row else row)
-                s = score(pred, test.answers[i])
-                total += s
-                if s < 1:
-                    question = tok.decode(test.tokens[i, 1:p - 1].long().tolist())
-                    mistakes.append((question, pred, test.answers[i]))
-    return 100.0 * total / len(test), mistakes
-
-
-def evaluate_all(model, strategy, tests, tok, device, cfg):
-    return [evaluate(model, strategy, t, tok, device, cfg.eval_batch_size) for t in tests]
-
-
-def source_hash():
-    """Changing data.py or model.py must invalidate cached base models."""
-    h = hashlib.sha256()
-    for name in ("data.py", "model.py"):
-        h.update((Path(__file__).parent / name).read_bytes())
-    return h.hexdigest()[:12]
+    results = []
+    for test in tests:
+        score, total, mistakes = SCORERS[test.metric], 0.0, []
+        lengths = test.prompt_len.tolist()  # prompts of equal length decode together, with no padding
+        for p in sorted(set(lengths)):
+            rows = [i for i, n in enumerate(lengths) if n == p]
+            for k in range(0, len(rows), cfg.eval_batch_size):
+                idx = torch.tensor(rows[k:k + cfg.eval_batch_size])
+                ids = test.tokens[idx, :p].long().to(device)
+                out = strategy.generate(model, data.pixels(test.images[idx]).to(device), ids,
+                                        model.cfg.max_text_len - p, data.EOS).tolist()
+                for i, row in zip(idx.tolist(), out):
+                    pred = tok.decode(row[:row.index(data.EOS)] if data.EOS in row else row)
+                    total += (s := score(pred, test.answers[i]))
+                    if s < 1:
+                        mistakes.append((tok.decode(test.tokens[i, 1:p - 1].long().tolist()), pred, test.answers[i]))
+        results.append((100.0 * total / len(test), mistakes))
+    return results
 
 
 def base_model(cfg, mcfg, tok, device):
     """The model after the alignment stage: loaded from the cache if everything that made it matches."""
+    code = b"".join((Path(__file__).parent / n).read_bytes() for n in ("data.py", "model.py"))
     key = dict(model=asdict(mcfg), base_steps=cfg.base_steps, base_lr=cfg.base_lr, n_base=cfg.n_base,
-               batch_size=cfg.batch_size, seed=cfg.seed, vocab=tok.get_vocab_size(), code=source_hash(),
-               tokenizer=hashlib.sha256(tok.to_str().encode()).hexdigest()[:12])
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(cfg.cache_dir) / f"base-{digest}.pt"
+               batch_size=cfg.batch_size, seed=cfg.seed, tokenizer=tok.to_str(),
+               code=hashlib.sha256(code).hexdigest())  # editing data.py or model.py must not reuse a stale base
+    path = Path(cfg.cache_dir) / f"base-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.pt"
     model = VLM(mcfg, seed=cfg.seed).to(device)
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
@@ -222,53 +204,38 @@ def base_model(cfg, mcfg, tok, device):
     return model, path
 
 
-def build_tokenizer(cfg, run_dir):
-    """Trained afresh (a second, deterministic) so a stale file can never leak in; eval.py reuses the file."""
-    path = run_dir / "tokenizer.json"
-    tok = data.train_tokenizer(list(data.TASKS.values()) + [data.ALIGN], cfg.seed)
-    atomic_write(path, lambda p: tok.save(str(p)))
-    return tok
-
-
-def prepare_run_dir(path):
-    """Create the run folder and prove it is writable before any work is done."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise CLIError(f"cannot write run folder {path}: {e.strerror or e}") from None
-    return path
-
-
 def run(cfg, mcfg, scfg):
     t_start = time.time()
     names = task_names(cfg.tasks)
-    run_dir = prepare_run_dir(cfg.run_dir)
+    run_dir, probe = Path(cfg.run_dir), Path(cfg.run_dir) / ".write-test"
+    try:  # prove the run folder is writable before any work is done
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise CLIError(f"cannot write run folder {run_dir}: {e.strerror or e}") from None
     device = pick_device(cfg.device)
     torch.set_num_threads(cfg.threads)
-    tok = build_tokenizer(cfg, run_dir)
+    tok = data.train_tokenizer(list(data.TASKS.values()) + [data.ALIGN], cfg.seed)  # a second; always fresh
+    atomic_write(run_dir / "tokenizer.json", lambda p: tok.save(str(p)))  # what eval.py reads back
     mcfg.vocab_size = tok.get_vocab_size()
     config = {"train": asdict(cfg), "model": asdict(mcfg), "strategy": asdict(scfg)}
-    save_json(config, run_dir / "config.json")
+    atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
     print(f"device {device} | strategy {cfg.strategy} | preset {cfg.preset} | run folder {run_dir}")
     print("tasks in order: " + " -> ".join(f"{n} ({data.TASKS[n].like})" for n in names))
 
     t0 = time.time()
-    splits = [data.make_task(data.TASKS[n], cfg.n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size,
-                             mcfg.max_text_len) for n in tqdm(names, desc="drawing scenes", leave=False)]
-    trains, tests = [s[0] for s in splits], [s[1] for s in splits]
+    trains, tests = zip(*[data.make_task(data.TASKS[n], cfg.n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size,
+                                         mcfg.max_text_len) for n in tqdm(names, desc="drawing scenes", leave=False)])
     print(f"data: {len(names)} tasks x ({cfg.n_train} train + {cfg.n_test} test) rows in {time.time() - t0:.1f} s")
 
     model, base_path = base_model(cfg, mcfg, tok, device)
     atomic_write(run_dir / "base.pt", lambda p: shutil.copyfile(base_path, p))
     strategy = strategies.build(cfg.strategy, scfg, cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    base_row = [acc for acc, _ in evaluate_all(model, strategy, tests, tok, device, cfg)]
-    print(f"model: {n_params:,} parameters; accuracy (%) on each task after each stage:")
-    print(format_header(names) + "\n" + format_row("base", base_row, names))
+    base_row = [acc for acc, _ in evaluate(model, strategy, tests, tok, device, cfg)]
+    print(f"model: {n_params:,} parameters; accuracy (%) on each task after each stage:\n{format_header(names)}")
+    print(format_row("base", base_row, names))
 
     matrix, timings = [], []
     for t, name in enumerate(names):
@@ -281,7 +248,7 @@ def run(cfg, mcfg, scfg):
         train_steps(model, trains[t], strategy, cfg.steps, cfg.lr, cfg, gen, device, f"task {t + 1}/{len(names)}: {name}")
         strategy.after_task(model, t, trains[t])
         t1 = time.time()
-        results = evaluate_all(model, strategy, tests, tok, device, cfg)
+        results = evaluate(model, strategy, tests, tok, device, cfg)
         matrix.append([acc for acc, _ in results])
         timings.append(dict(task=name, train_seconds=t1 - t0, eval_seconds=time.time() - t1, trainable=trainable))
         tqdm.write(format_row(name, matrix[-1], names))
@@ -293,7 +260,7 @@ def run(cfg, mcfg, scfg):
                n_params=n_params, extra_bytes=strategy.extra_bytes(), device=str(device),
                torch=torch.__version__, wall_seconds=time.time() - t_start)
     out.update(strategy.extra_results(model, tests))  # e.g. expansion's task-ID accuracy, TIR's task similarity
-    save_json(out, run_dir / "results.json")
+    atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(out, indent=1)))
     atomic_write(run_dir / "accuracy.png", lambda p: heatmap(names, matrix, f"{cfg.strategy}: accuracy (%)").save(p, format="PNG"))
     print("\n" + format_report(out))
     for (acc, mistakes), name in zip(results, names):
@@ -312,7 +279,7 @@ def reevaluate(run_dir, checkpoint):
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
     tests = [data.make_task(data.TASKS[n], 1, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)[1]
              for n in task_names(cfg.tasks)]
-    return [acc for acc, _ in evaluate_all(model, strategies.Strategy(None), tests, tok, torch.device("cpu"), cfg)]
+    return [acc for acc, _ in evaluate(model, strategies.Strategy(None), tests, tok, torch.device("cpu"), cfg)]
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ def main():
     tok = data.train_tokenizer(list(data.TASKS.values()) + [data.ALIGN], 0)
     cfg = ModelConfig(vocab_size=tok.get_vocab_size())
     rows = [data.make_task(data.TASKS[n], 512, 1, 0, tok, cfg.image_size, cfg.max_text_len)[0]
-            for n in ("color", "count")]
+            for n in ("attribute", "count")]
     batch = data.to_batch(rows[1], range(tcfg.batch_size), "cpu")
     print(f"torch threads {torch.get_num_threads()}, batch {tcfg.batch_size}, {tcfg.steps} steps per task")
 

@@ -156,7 +156,7 @@ def test_build_single_and_composed():
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("ewc", r"unknown strategy 'ewc'; choose from naive, replay"),
+    ("agem", r"unknown strategy 'agem'; choose from naive, replay, joint"),
     ("replay+foo", r"unknown strategy 'foo'"),
     ("replay+", r"empty part"),
     ("+replay", r"empty part"),
