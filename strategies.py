@@ -5,17 +5,17 @@ train.py calls, for every task in order:
 and answers test questions through generate(...), where an expansion strategy would route.
 A strategy keeps its state in `state_dict()`, which checkpoints save. `build("replay+ewc", cfg)`
 composes strategies: every part's hooks run. Methods follow He et al. (arXiv 2311.16206), sec. 4:
-replay, joint (the upper bound), EWC, MAS, LwF, LoRA, model expansion (EProj) and TIR.
-"""
+replay, joint (the upper bound), EWC, MAS, LwF, LoRA, model expansion (EProj) and TIR."""
+import copy
 import warnings
 from dataclasses import dataclass
+from functools import partialmethod
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 import data
-from data import Examples
 from model import LORA_SITES, add_lora, arg
 
 
@@ -41,10 +41,11 @@ class Strategy:
     """Sequential fine-tuning ('naive'): every hook does nothing, so old tasks are forgotten."""
     name = "naive"
     options = ()  # names of the StrategyConfig fields it reads; train.py refuses the others
-    state = ()  # names of the attributes that make up its state: what checkpoints keep
+    state = {}  # attribute -> its value before the first task: what checkpoints keep
 
     def __init__(self, cfg, seed=0):
         self.cfg, self.seed = cfg, seed  # StrategyConfig; the run's seed for any generator of its own
+        Strategy.load_state_dict(self, copy.deepcopy(self.state))  # each instance its own fresh {} and []
 
     def before_task(self, model, task_id, train):
         """Called before training on a task; may freeze or add parameters."""
@@ -94,30 +95,24 @@ def copy_params(named):
 
 
 class ReservoirBuffer:
-    """A fixed-capacity sample of every row offered so far, each kept with probability capacity/seen.
-
-    Rows stay compact (uint8 pixels, int16 tokens), as in the task data itself.
-    """
+    """A fixed-capacity sample of every row offered so far, each kept with probability capacity/seen."""
 
     def __init__(self, capacity, seed):
-        self.capacity, self.seen, self.rows = capacity, 0, None
+        self.capacity, self.seen, self.rows = capacity, 0, None  # rows: an Examples, compact like the task data
         self.gen = torch.Generator().manual_seed(seed)  # its own stream: replay never shifts the data order
 
     def add(self, ex):
         """Reservoir sampling (Vitter's algorithm R): row n is kept with probability capacity/n."""
-        n_fill = min(self.capacity - len(self), len(ex))  # while not full, every row is kept
-        if n_fill > 0:
-            head = ex.subset(range(n_fill))
-            self.rows = head if self.rows is None else Examples.concat([self.rows, head], "buffer")
-            self.seen += n_fill
-        for i in range(max(n_fill, 0), len(ex)):
+        n_fill = max(min(self.capacity - len(self), len(ex)), 0)  # while not full, every row is kept
+        head = ex.subset(range(n_fill))
+        self.rows = head if self.rows is None else data.Examples.concat([self.rows, head], "buffer")
+        self.seen += n_fill
+        for i in range(n_fill, len(ex)):
             self.seen += 1
             slot = int(torch.randint(self.seen, (1,), generator=self.gen))  # uniform in [0, seen)
             if slot < self.capacity:  # overwrite a random slot
-                self.rows.images[slot] = ex.images[i]
-                self.rows.tokens[slot] = ex.tokens[i]
-                self.rows.prompt_len[slot] = ex.prompt_len[i]
-                self.rows.answers[slot] = ex.answers[i]
+                for field in ("images", "tokens", "prompt_len", "answers"):
+                    getattr(self.rows, field)[slot] = getattr(ex, field)[i]
 
     def __len__(self):
         return 0 if self.rows is None else len(self.rows)
@@ -126,40 +121,35 @@ class ReservoirBuffer:
         return self.rows.subset(torch.randint(len(self), (n,), generator=gen))
 
     def nbytes(self):
-        return 0 if self.rows is None else nbytes((self.rows.images, self.rows.tokens, self.rows.prompt_len))
+        return 0 if self.rows is None else nbytes(vars(self.rows))  # the answers, being strings, count nothing
 
-    def state_dict(self):
-        rows = None if self.rows is None else dict(images=self.rows.images, tokens=self.rows.tokens,
-                                                     prompt_len=self.rows.prompt_len, answers=self.rows.answers)
+    def state_dict(self):  # the rows as a dict of their fields: tensors, a list and strings
+        rows = None if self.rows is None else dict(vars(self.rows))
         return dict(capacity=self.capacity, seen=self.seen, gen=self.gen.get_state(), rows=rows)
 
     def load_state_dict(self, state):
-        self.capacity, self.seen = state["capacity"], state["seen"]
+        self.capacity, self.seen, rows = state["capacity"], state["seen"], state["rows"]
         self.gen.set_state(state["gen"])
-        r = state["rows"]
-        self.rows = None if r is None else Examples("buffer", r["images"], r["tokens"], r["prompt_len"], list(r["answers"]))
+        self.rows = None if rows is None else data.Examples(**{**rows, "answers": list(rows["answers"])})
 
 
 class Replay(Strategy):
-    """Experience replay: keep a reservoir sample of past tasks' rows and mix them into every batch.
+    """Experience replay: keep a reservoir sample of past tasks' rows and mix them into every batch. After
+    each task, every training row of that task is offered once to a reservoir buffer of fixed capacity, so the
+    buffer is a uniform sample of all tasks seen so far. While training a new task, a fraction `replay_ratio`
+    of each batch is drawn from the buffer instead of the new task. Only fresh rows enter the buffer, never
+    replayed ones, so old tasks are not over-represented."""
+    name, options = "replay", ("buffer_size", "replay_ratio")
 
-    After each task, every training row of that task is offered once to a reservoir buffer of fixed
-    capacity, so the buffer is a uniform sample of all tasks seen so far. While training a new task,
-    a fraction `replay_ratio` of each batch is drawn from the buffer instead of the new task. Only
-    fresh rows enter the buffer, never replayed ones, so old tasks are not over-represented.
-    """
-    name = "replay"
-    options = ("buffer_size", "replay_ratio")
-
-    def __init__(self, cfg, seed=0):
+    def __init__(self, cfg, seed=0, capacity=None):
         super().__init__(cfg, seed)
-        self.buffer = ReservoirBuffer(cfg.buffer_size, seed)
+        self.buffer = ReservoirBuffer(capacity or cfg.buffer_size, seed)
 
     def batch(self, fresh, gen):
         n_old = round(self.cfg.replay_ratio * len(fresh)) if len(self.buffer) else 0
         if n_old == 0:
             return fresh
-        return Examples.concat([fresh.subset(range(len(fresh) - n_old)), self.buffer.sample(n_old, gen)])
+        return data.Examples.concat([fresh.subset(range(len(fresh) - n_old)), self.buffer.sample(n_old, gen)])
 
     def after_task(self, model, task_id, train):
         self.buffer.add(train)
@@ -181,16 +171,12 @@ class Joint(Replay):
     name, options = "joint", ()
 
     def __init__(self, cfg, seed=0):
-        Strategy.__init__(self, cfg, seed)
-        self.buffer = ReservoirBuffer(2 ** 62, seed)  # never full, so it keeps every row
+        super().__init__(cfg, seed, capacity=2 ** 62)  # a buffer never full keeps every row
 
-    def before_task(self, model, task_id, train):
-        self.buffer.add(train)
+    before_task, after_task = Replay.after_task, Strategy.after_task  # the rows go in before the task, not after
 
     def batch(self, fresh, gen):
         return self.buffer.sample(len(fresh), gen)
-
-    after_task = Strategy.after_task  # the rows went in before the task, not after
 
 
 def importance(model, rows, measure, n_samples, gen, chunk=32):
@@ -204,10 +190,8 @@ def importance(model, rows, measure, n_samples, gen, chunk=32):
     def one_row(params, image, inputs, targets):  # inside vmap each row is a batch of one
         logits = functional_call(model, params, (image[None], inputs[None]))[0][0]  # (T, V)
         answer = targets != -100
-        if measure == "ewc":
-            per_token = -logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[:, None])[:, 0]
-        else:
-            per_token = logits.pow(2).sum(-1)
+        per_token = (-logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[:, None])[:, 0] if measure == "ewc"
+                     else logits.pow(2).sum(-1))  # (T,): the answer's NLL, or ‖logits‖² ('mas')
         return (per_token * answer).sum() / answer.sum()
     idx = torch.randperm(len(rows), generator=gen)[:n_samples]
     for i in range(0, len(idx), chunk):
@@ -226,14 +210,9 @@ class EWC(Strategy):
     task's loss rises when a parameter moves. The online variant keeps one running F ← γF + F_new and one
     anchor θ*, the parameters after the last task: two copies of the trainable parameters however many tasks
     come. New tasks train with λ·Σ F·(θ − θ*)², so important parameters stay near where old tasks need them."""
-    name = "ewc"
-    options = ("ewc_lambda", "importance_decay", "importance_samples")
-    state = ("importance", "anchor")  # name -> tensor, for the parameters that were trainable
+    name, options = "ewc", ("ewc_lambda", "importance_decay", "importance_samples")
+    state = {"importance": {}, "anchor": {}}  # name -> tensor, for the parameters that were trainable
     measure, strength = "ewc", "ewc_lambda"  # how importance is measured; the option that is λ
-
-    def __init__(self, cfg, seed=0):
-        super().__init__(cfg, seed)
-        self.importance, self.anchor = {}, {}
 
     def weights(self):  # each parameter's weight in the penalty; TIR rescales them
         return self.importance
@@ -258,8 +237,7 @@ class MAS(EWC):
     """Memory Aware Synapses (Aljundi et al. 2018): EWC's penalty with a label-free importance. A parameter
     matters if moving it changes what the model outputs, whatever the labels: its importance is the mean over
     rows of |∂‖logits‖²/∂θ|, the norm over the logits at one row's answer positions. It accumulates like F."""
-    name = "mas"
-    options = ("mas_lambda", "importance_decay", "importance_samples")
+    name, options = "mas", ("mas_lambda", "importance_decay", "importance_samples")
     measure, strength = "mas", "mas_lambda"
 
 
@@ -309,16 +287,15 @@ class TIR(EWC):
     which task set each entry. Before a new task, its similarity to each earlier one is measured on the frozen
     base model (task_similarity), and each entry is weighted by 1 − similarity(new task, its owner): an old
     task much like the new one needs little protection, since learning the new task also serves it."""
-    name = "tir"
-    options = ("tir_lambda", "tir_importance", "importance_samples")
-    state = EWC.state + ("owner", "base", "prototypes")
+    name, options = "tir", ("tir_lambda", "tir_importance", "importance_samples")
+    state = {**EWC.state, "owner": {}, "base": None, "prototypes": []}
     strength = "tir_lambda"
 
     def __init__(self, cfg, seed=0):
         super().__init__(cfg, seed)
         if cfg.tir_importance not in ("ewc", "mas"):
             raise ValueError(f"--tir-importance must be ewc or mas, got {cfg.tir_importance!r}")
-        self.measure, self.owner, self.base, self.prototypes, self.scaled = cfg.tir_importance, {}, None, [], {}
+        self.measure, self.scaled = cfg.tir_importance, {}
 
     def weights(self):
         return self.scaled
@@ -345,13 +322,8 @@ class LwF(Strategy):
     after the first, the parameters are copied as a frozen teacher. The teacher reads each batch too, and the
     model is pulled towards its answer-token distributions, α·T²·KL(softmax(teacher/T) ‖ softmax(model/T)) at
     every answer position. No old data is kept: old tasks live on in how the old model answers new questions."""
-    name = "lwf"
-    options = ("lwf_alpha", "lwf_temperature")
-    state = ("teacher",)  # {name: tensor}, made afresh before each task
-
-    def __init__(self, cfg, seed=0):
-        super().__init__(cfg, seed)
-        self.teacher = None
+    name, options = "lwf", ("lwf_alpha", "lwf_temperature")
+    state = {"teacher": None}  # {name: tensor}, made afresh before each task
 
     def before_task(self, model, task_id, train):
         self.teacher = copy_params(model.named_parameters()) if task_id > 0 else None
@@ -371,8 +343,7 @@ class LoRA(Strategy):
     the first task the chosen linear layers are wrapped in LoRALinear (model.py); from then on only the
     adapters train. Far fewer parameters move than in full fine-tuning, but the same ones move for every task,
     so LoRA alone still forgets. The adapters live in the model, and so in its checkpoints."""
-    name = "lora"
-    options = ("lora_rank", "lora_alpha", "lora_targets")
+    name, options = "lora", ("lora_rank", "lora_alpha", "lora_targets")
 
     def __init__(self, cfg, seed=0):
         super().__init__(cfg, seed)
@@ -397,28 +368,21 @@ class Expansion(LoRA):
     embedding. At test time no task id is given: each example goes to the expert whose keys best match it
     (the sum of two cosine similarities), and extra_results reports how often that is the right task."""
     name = "expansion"
-    state = ("start", "experts", "keys")  # keys: [image key, instruction key] per task
+    state = {"start": None, "experts": [], "keys": []}  # keys: [image key, instruction key] per task
     extra_bytes = Strategy.extra_bytes  # what the state holds: every expert, the start, the keys
-
-    def __init__(self, cfg, seed=0):
-        super().__init__(cfg, seed)
-        self.start, self.experts, self.keys = None, [], []
 
     def live(self, model):  # the parameters that make up the expert in place
         return {n: p for n, p in model.named_parameters() if ".lora_" in n or n.startswith("projector.")}
 
-    @torch.no_grad()
-    def load(self, model, expert):
-        for n, p in self.live(model).items():
-            p.copy_(expert[n])
+    def load(self, model, expert):  # copies in place, so only the expert's own tensors change
+        model.load_state_dict(expert, strict=False)
 
     def before_task(self, model, task_id, train):
         super().before_task(model, task_id, train)  # adds the adapters (first task), freezes all else
         if self.start is None:  # the first task: remember where every expert starts
             self.start = copy_params(self.live(model).items())
         self.load(model, self.start)
-        for p in model.projector.parameters():
-            p.requires_grad_(True)
+        model.projector.requires_grad_(True)
 
     def after_task(self, model, task_id, train):
         self.experts.append(copy_params(self.live(model).items()))
@@ -455,41 +419,35 @@ class Compose(Strategy):
     """Several strategies at once ('replay+ewc'): hooks run in order; each part keeps its own state."""
 
     def __init__(self, parts):
-        self.parts = parts
-        self.name = "+".join(p.name for p in parts)
+        self.parts, self.name = parts, "+".join(p.name for p in parts)
         self.options = tuple(o for p in parts for o in p.options)
         routers = [p for p in parts if type(p).generate is not Strategy.generate]
         if len(routers) > 1:
             raise ValueError(f"{self.name}: only one part may route, but {', '.join(p.name for p in routers)} all do")
-        self.router = routers[0] if routers else None
+        self.router = routers[0] if routers else Strategy(None)  # a plain Strategy lets the model answer
 
-    def before_task(self, model, task_id, train):
-        for p in self.parts:
-            p.before_task(model, task_id, train)
+    def each(self, hook, *args):  # every part's hook, in order -> their results
+        return [getattr(p, hook)(*args) for p in self.parts]
+
+    before_task, after_task = partialmethod(each, "before_task"), partialmethod(each, "after_task")
 
     def batch(self, fresh, gen):
-        for p in self.parts:
+        for p in self.parts:  # each part sees the rows the one before it chose
             fresh = p.batch(fresh, gen)
         return fresh
 
     def penalty(self, model, batch, logits):
-        terms = [t for t in (p.penalty(model, batch, logits) for p in self.parts) if t is not None]
+        terms = [t for t in self.each("penalty", model, batch, logits) if t is not None]
         return sum(terms) if terms else None
 
-    def after_task(self, model, task_id, train):
-        for p in self.parts:
-            p.after_task(model, task_id, train)
-
     def generate(self, model, images, ids, max_new_tokens, eos_id):
-        if self.router is not None:
-            return self.router.generate(model, images, ids, max_new_tokens, eos_id)
-        return model.generate(images, ids, max_new_tokens, eos_id)
+        return self.router.generate(model, images, ids, max_new_tokens, eos_id)
 
     def extra_bytes(self):
-        return sum(p.extra_bytes() for p in self.parts)
+        return sum(self.each("extra_bytes"))
 
     def extra_results(self, model, tests):
-        return {k: v for p in self.parts for k, v in p.extra_results(model, tests).items()}
+        return {k: v for results in self.each("extra_results", model, tests) for k, v in results.items()}
 
     def state_dict(self):
         return {p.name: p.state_dict() for p in self.parts}
