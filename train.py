@@ -24,9 +24,8 @@ from tqdm import tqdm
 
 import data
 import strategies
-from eval import SCORERS, all_metrics, format_header, format_matrix, format_report, format_row, heatmap
-from model import PRESETS, VLM, ModelConfig, arg
-from strategies import StrategyConfig
+from eval import SCORERS, all_metrics, format_header, format_report, format_row, heatmap
+from model import PRESETS, VLM, ModelConfig, add_lora, arg
 
 
 @dataclass
@@ -45,7 +44,7 @@ class TrainConfig:
     freeze_vision: bool = arg(True, "freeze the ViT while tuning tasks, as LLaVA freezes its vision tower")
     seed: int = arg(0, "seeds data, initialisation and batch order: the same seed gives the same run")
     device: str = arg("auto", "auto picks cuda, then mps, then cpu")
-    threads: int = arg(1, "CPU threads; tiny matrices gain little from more, and 2 threads on a busy 2-core laptop ran 30x slower")
+    threads: int = arg(1, "CPU threads: tiny matrices gain little from more; 2 on a busy 2-core CPU ran 30x slower")
     run_dir: str = arg("", "run folder; empty means runs/<strategy>")
     cache_dir: str = arg("runs/cache", "where base models are cached, keyed by everything that made them")
     eval_batch_size: int = arg(256, "prompts decoded together in evaluation")
@@ -69,7 +68,7 @@ class Parser(argparse.ArgumentParser):
 def parse(argv):
     """argv -> (TrainConfig, ModelConfig, StrategyConfig): presets first, then the flags given."""
     ap = Parser(description=__doc__.split("\n")[0])
-    groups = {"train": TrainConfig, "model": ModelConfig, "strategy options": StrategyConfig}
+    groups = {"train": TrainConfig, "model": ModelConfig, "strategy options": strategies.StrategyConfig}
     for title, cls in groups.items():
         group = ap.add_argument_group(title)
         for f in fields(cls):
@@ -88,18 +87,18 @@ def parse(argv):
         raise CLIError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     mine = {cls: {k: v for k, v in given.items() if k in {f.name for f in fields(cls)}} for cls in groups.values()}
     cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **mine[TrainConfig]})
-    scfg = StrategyConfig(**mine[StrategyConfig])
+    scfg = strategies.StrategyConfig(**mine[strategies.StrategyConfig])
     try:
         mcfg = ModelConfig(**{**PRESETS[preset], **mine[ModelConfig]})
         strategy = strategies.build(cfg.strategy, scfg)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    for name, value in [(n, getattr(cfg, n)) for n in POSITIVE] + list(mine[StrategyConfig].items()):
+    for name, value in [(n, getattr(cfg, n)) for n in POSITIVE] + list(mine[strategies.StrategyConfig].items()):
         if isinstance(value, (int, float)) and value <= 0 and name != "replay_ratio":
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not 0 <= scfg.replay_ratio < 1:
         raise CLIError(f"--replay-ratio must be in [0, 1), got {scfg.replay_ratio}")
-    for name in sorted(mine[StrategyConfig].keys() - set(strategy.options)):
+    for name in sorted(mine[strategies.StrategyConfig].keys() - set(strategy.options)):
         raise CLIError(f"--{name.replace('_', '-')} is not an option of strategy {cfg.strategy!r}")
     task_names(cfg.tasks)  # fails early on unknown tasks
     cfg.run_dir = cfg.run_dir or f"runs/{cfg.strategy}"
@@ -136,9 +135,8 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc):
     """AdamW over the trainable parameters, warm-up then cosine decay; the strategy's hooks shape each batch."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine from 1 down to 0.1
-        opt, lambda s: min((s + 1) / warmup, 0.55 + 0.45 * math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up over 5 %, then cosine from 1 down to 0.1
+        opt, lambda s: min((s + 1) / max(1, steps // 20), 0.55 + 0.45 * math.cos(math.pi * s / steps)))
     model.train()
     bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
     for step in bar:
@@ -255,9 +253,8 @@ def run(cfg, mcfg, scfg):
         state = dict(model=model.state_dict(), strategy=strategy.state_dict(), matrix=matrix, config=config, task=t)
         atomic_write(run_dir / f"task{t + 1}-{name}.pt", lambda p: torch.save(state, p))
 
-    metrics = all_metrics(matrix, base_row)
-    out = dict(config=config, tasks=names, base_row=base_row, matrix=matrix, metrics=metrics, timings=timings,
-               n_params=n_params, extra_bytes=strategy.extra_bytes(), device=str(device),
+    out = dict(config=config, tasks=names, base_row=base_row, matrix=matrix, metrics=all_metrics(matrix, base_row),
+               timings=timings, n_params=n_params, extra_bytes=strategy.extra_bytes(), device=str(device),
                torch=torch.__version__, wall_seconds=time.time() - t_start)
     out.update(strategy.extra_results(model, tests))  # e.g. expansion's task-ID accuracy, TIR's task similarity
     atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(out, indent=1)))
@@ -271,15 +268,21 @@ def run(cfg, mcfg, scfg):
 
 
 def reevaluate(run_dir, checkpoint):
-    """Evaluate a saved checkpoint of a run on all of that run's tasks -> accuracies."""
+    """Evaluate a saved checkpoint of a run on all of that run's tasks, through its strategy -> accuracies."""
     config = json.loads((Path(run_dir) / "config.json").read_text())
     cfg, mcfg = TrainConfig(**config["train"]), ModelConfig(**config["model"])
+    scfg = strategies.StrategyConfig(**config["strategy"])
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model, strategy = VLM(mcfg), strategies.build(cfg.strategy, scfg, cfg.seed)
+    if any(".lora_" in k for k in saved["model"]):  # the run added adapters: make room to load them
+        add_lora(model, scfg.lora_targets.split(","), scfg.lora_rank, scfg.lora_alpha, cfg.seed)
+    model.load_state_dict(saved["model"])
+    if "strategy" in saved:  # task checkpoints carry it (e.g. expansion's experts); base.pt does not
+        strategy.load_state_dict(saved["strategy"])
     tok = Tokenizer.from_file(str(Path(run_dir) / "tokenizer.json"))
-    model = VLM(mcfg)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
     tests = [data.make_task(data.TASKS[n], 1, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)[1]
              for n in task_names(cfg.tasks)]
-    return [acc for acc, _ in evaluate(model, strategies.Strategy(None), tests, tok, torch.device("cpu"), cfg)]
+    return [acc for acc, _ in evaluate(model, strategy, tests, tok, torch.device("cpu"), cfg)]
 
 
 def main(argv=None):

@@ -355,13 +355,13 @@ def test_bad_command_lines_exit_2_with_one_line(argv, says, tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("spec", ["ewc", "expansion", "tir"])
+@pytest.mark.parametrize("spec", ["ewc", "lora", "expansion", "tir"])
 def test_tiny_end_to_end_run(spec, tmp_path_factory):
     cache, run = tmp_path_factory.getbasetemp() / "cache", tmp_path_factory.mktemp(spec.replace("+", "_"))
     argv = ["--strategy", spec, "--tasks", "classify,read", "--steps", "3", "--base-steps", "3", "--n-train", "32",
             "--n-test", "8", "--n-base", "32", "--batch-size", "8", "--run-dir", str(run), "--cache-dir", str(cache),
             "--vit-dim", "32", "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--vit-layers", "1"]
-    if spec != "expansion":
+    if spec in ("ewc", "tir"):
         argv += ["--importance-samples", "8"]
     assert train.main(argv) == 0
     results = json.loads((run / "results.json").read_text())
@@ -371,6 +371,8 @@ def test_tiny_end_to_end_run(spec, tmp_path_factory):
     if spec == "tir":
         assert len(results["task_similarity"]) == 2
     assert results["extra_bytes"] > 0
+    # eval.py --checkpoint: adapters and experts load back, and the last row comes out again
+    assert train.reevaluate(run, run / "task2-read.pt") == results["matrix"][1]
 
 
 def test_compare_puts_runs_side_by_side(tmp_path):
