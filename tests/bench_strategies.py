@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python tests/bench_strategies.py
 
 Times one training step (forward, backward, AdamW) with and without each penalty, and the importance pass
-that EWC, MAS and TIR run after a task, against a task's 250 steps; and counts what LoRA and expansion add.
+that EWC, MAS and TIR run after a task, against a task's training steps; and counts what LoRA and expansion add.
 """
 import sys
 import time
