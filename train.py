@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -118,6 +117,8 @@ def task_names(spec):
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(name):
+        raise CLIError(f"device {name!r} is not available here; choose from auto, cpu, cuda, mps (where present)")
     return torch.device(name)
 
 
@@ -203,8 +204,7 @@ def base_model(cfg, mcfg, tok, device):
 
 
 def run(cfg, mcfg, scfg):
-    t_start = time.time()
-    names = task_names(cfg.tasks)
+    t_start, names, device = time.time(), task_names(cfg.tasks), pick_device(cfg.device)  # bad input fails first
     run_dir, probe = Path(cfg.run_dir), Path(cfg.run_dir) / ".write-test"
     try:  # prove the run folder is writable before any work is done
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,15 +212,14 @@ def run(cfg, mcfg, scfg):
         probe.unlink()
     except OSError as e:
         raise CLIError(f"cannot write run folder {run_dir}: {e.strerror or e}") from None
-    device = pick_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     tok = data.train_tokenizer(list(data.TASKS.values()) + [data.ALIGN], cfg.seed)  # a second; always fresh
     atomic_write(run_dir / "tokenizer.json", lambda p: tok.save(str(p)))  # what eval.py reads back
     mcfg.vocab_size = tok.get_vocab_size()
     config = {"train": asdict(cfg), "model": asdict(mcfg), "strategy": asdict(scfg)}
     atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
-    print(f"device {device} | strategy {cfg.strategy} | preset {cfg.preset} | run folder {run_dir}")
-    print("tasks in order: " + " -> ".join(f"{n} ({data.TASKS[n].like})" for n in names))
+    print(f"device {device} | strategy {cfg.strategy} | preset {cfg.preset} | run folder {run_dir}\ntasks in order: "
+          + " -> ".join(f"{n} ({data.TASKS[n].like})" for n in names))
 
     t0 = time.time()
     trains, tests = zip(*[data.make_task(data.TASKS[n], cfg.n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size,
@@ -228,7 +227,7 @@ def run(cfg, mcfg, scfg):
     print(f"data: {len(names)} tasks x ({cfg.n_train} train + {cfg.n_test} test) rows in {time.time() - t0:.1f} s")
 
     model, base_path = base_model(cfg, mcfg, tok, device)
-    atomic_write(run_dir / "base.pt", lambda p: shutil.copyfile(base_path, p))
+    atomic_write(run_dir / "base.pt", lambda p: p.write_bytes(base_path.read_bytes()))
     strategy = strategies.build(cfg.strategy, scfg, cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
     base_row = [acc for acc, _ in evaluate(model, strategy, tests, tok, device, cfg)]

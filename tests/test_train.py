@@ -48,7 +48,8 @@ def assert_one_line_error(proc, *fragments):
     (["--lr", "0"], ["--lr"]),
     (["--strategy", "naive", "--buffer-size", "5"], ["--buffer-size", "naive"]),
     (["--bogus-flag"], ["--bogus-flag"]),
-], ids=["strategy", "task", "steps0", "steps-1", "buffer0", "lr0", "foreign-option", "unknown-flag"])
+    (["--device", "tpu"], ["device 'tpu'", "auto, cpu"]),
+], ids=["strategy", "task", "steps0", "steps-1", "buffer0", "lr0", "foreign-option", "unknown-flag", "device"])
 def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, args, fragments):
     proc = run("train.py", *SMALL, "--run-dir", tmp_path / "run", "--cache-dir", tmp_path / "cache", *args)
     assert_one_line_error(proc, *fragments)
