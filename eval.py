@@ -233,7 +233,8 @@ def main(argv=None):
     if args.checkpoint:
         import train  # imported here: train.py imports this module
         accs = train.reevaluate(args.run_dir, args.checkpoint)
-        print(f"\nre-evaluated {args.checkpoint}:\n" + format_matrix(results["tasks"], [accs]))
+        print(f"\nre-evaluated {args.checkpoint}:\n{format_header(results['tasks'])}\n"
+              + format_row(Path(args.checkpoint).stem, accs, results["tasks"]))
     return 0
 
 
