@@ -50,6 +50,9 @@ class Strategy:
     def before_task(self, model, task_id, train):
         """Called before training on a task; may freeze or add parameters."""
 
+    def restore(self, model):
+        """After a resume loaded the state: add to the model what before_task added, so saved weights fit."""
+
     def batch(self, fresh, gen):
         """Fresh training rows (Examples) -> the rows to train on, e.g. with replayed ones mixed in."""
         return fresh
@@ -288,14 +291,14 @@ class TIR(EWC):
     base model (task_similarity), and each entry is weighted by 1 − similarity(new task, its owner): an old
     task much like the new one needs little protection, since learning the new task also serves it."""
     name, options = "tir", ("tir_lambda", "tir_importance", "importance_samples")
-    state = {**EWC.state, "owner": {}, "base": None, "prototypes": []}
+    state = {**EWC.state, "owner": {}, "base": None, "prototypes": [], "scaled": {}}  # scaled: the weights in use
     strength = "tir_lambda"
 
     def __init__(self, cfg, seed=0):
         super().__init__(cfg, seed)
         if cfg.tir_importance not in ("ewc", "mas"):
             raise ValueError(f"--tir-importance must be ewc or mas, got {cfg.tir_importance!r}")
-        self.measure, self.scaled = cfg.tir_importance, {}
+        self.measure = cfg.tir_importance
 
     def weights(self):
         return self.scaled
@@ -351,8 +354,11 @@ class LoRA(Strategy):
         if not self.targets or set(self.targets) - set(LORA_SITES):
             raise ValueError(f"--lora-targets {cfg.lora_targets!r}: choose from {', '.join(LORA_SITES)}")
 
-    def before_task(self, model, task_id, train):
+    def restore(self, model):  # adapters exist from the first task on, and every checkpoint is later
         self.adapters = add_lora(model, self.targets, self.cfg.lora_rank, self.cfg.lora_alpha, self.seed)
+
+    def before_task(self, model, task_id, train):
+        self.restore(model)
         for p in model.parameters():  # runs after train.py's --freeze-vision switch, so this wins
             p.requires_grad_(any(p is a for a in self.adapters))
 
@@ -430,6 +436,7 @@ class Compose(Strategy):
         return [getattr(p, hook)(*args) for p in self.parts]
 
     before_task, after_task = partialmethod(each, "before_task"), partialmethod(each, "after_task")
+    restore = partialmethod(each, "restore")
 
     def batch(self, fresh, gen):
         for p in self.parts:  # each part sees the rows the one before it chose

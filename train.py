@@ -5,6 +5,8 @@
 
 After each task every task is evaluated, giving one row of the accuracy matrix; the run folder
 (runs/<strategy>) gets config.json, tokenizer.json, checkpoints, results.json and accuracy.png.
+Rerunning a command resumes its run folder where it stopped (checkpoint.pt, every --checkpoint-every steps).
+`torchrun --nproc_per_node=N train.py ...` shares each batch among N processes (DDP, gloo on CPU, nccl on GPU).
 The protocol follows He et al., Continual Instruction Tuning for Large Multimodal Models (2311.16206).
 """
 import argparse
@@ -12,19 +14,21 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import data
 import strategies
 from eval import SCORERS, all_metrics, format_header, format_report, format_row, heatmap
-from model import PRESETS, VLM, ModelConfig, add_lora, arg
+from model import PRESETS, VLM, ModelConfig, arg
 
 
 @dataclass
@@ -32,11 +36,13 @@ class TrainConfig:
     strategy: str = arg("naive", "continual-learning strategy; combine parts with '+', e.g. replay+naive")
     tasks: str = arg("paper", "a named order (" + ", ".join(data.ORDERS) + ") or a comma list of task names")
     preset: str = arg("tiny", "size of model and schedule: tiny for a CPU, small or base for a GPU")
+    base: str = arg("pretrained", "start from: pretrained (alignment only) or multitask (then held-in tasks jointly)")
     steps: int = arg(400, "training steps per task: 250 left counting and grounding near 70 %")
     batch_size: int = arg(32, "rows per step; small batches keep a CPU step at a few milliseconds")
     lr: float = arg(5e-4, "peak AdamW learning rate of the task stage; at 1e-3 reading stayed at 13 %")
     base_steps: int = arg(1500, "steps of the alignment (captioning) stage that makes the base model")
     base_lr: float = arg(2e-3, "peak learning rate of the alignment stage; 1e-2 stalls, 6e-4 is slow")
+    multitask_steps: int = arg(1000, "--base multitask: steps of joint tuning on the held-in tasks, at --lr")
     n_train: int = arg(1000, "training rows per task; more than the steps use, so rows rarely repeat")
     n_test: int = arg(150, "test rows per task: ±4 points of sampling noise at 80 %")
     n_base: int = arg(6000, "rows of the alignment stage, drawn from every kind of scene")
@@ -48,15 +54,29 @@ class TrainConfig:
     cache_dir: str = arg("runs/cache", "where base models are cached, keyed by everything that made them")
     eval_batch_size: int = arg(256, "prompts decoded together in evaluation")
     show_mistakes: int = arg(0, "print this many wrong answers per task after the last evaluation")
+    checkpoint_every: int = arg(100, "steps between checkpoints within a task: a kill loses at most this much")
+    resume: bool = arg(False, "continue the run in --run-dir with its saved settings (rerunning does it too)")
+    force_new: bool = arg(False, "start afresh in a new folder (<run-dir>-2, -3, ...) instead of resuming")
+    compile: bool = arg(False, "torch.compile the model for training: a one-off compile delay, then faster steps")
+    bf16: bool = arg(False, "bfloat16 autocast on CUDA: faster matmuls; weights and optimizer stay fp32")
 
 
 TRAIN_PRESETS = {"tiny": {}, "small": dict(batch_size=64, steps=300, base_steps=2000, n_train=4000),
                  "base": dict(batch_size=64, steps=500, base_steps=4000, n_train=8000)}
-POSITIVE = ("steps", "batch_size", "lr", "base_lr", "n_train", "n_test", "n_base", "eval_batch_size", "threads")
+POSITIVE = ("steps", "batch_size", "lr", "base_lr", "n_train", "n_test", "n_base", "eval_batch_size", "threads",
+            "multitask_steps", "checkpoint_every")
+SAME_RUN_ANYWAY = {"run_dir", "cache_dir", "threads", "show_mistakes", "checkpoint_every", "resume", "force_new"}
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
 
 
-class CLIError(Exception):
+class Stop(Exception):
+    """The run cannot go on: one line on stderr, exit code 1."""
+    code = 1
+
+
+class CLIError(Stop):
     """Bad input: reported as one line, exit code 2."""
+    code = 2
 
 
 class Parser(argparse.ArgumentParser):
@@ -81,14 +101,21 @@ def parse(argv):
                 kw["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             group.add_argument("--" + f.name.replace("_", "-"), **kw)
     given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
-    preset = given.get("preset", "tiny")
+    saved = {}  # --resume: the run folder's settings, under the flags given
+    if given.get("resume"):
+        folder = Path(given.get("run_dir") or f"runs/{given.get('strategy', 'naive')}")
+        try:
+            saved = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            raise CLIError(f"--resume: no run to resume in {folder} (no readable config.json)") from None
+    preset = given.get("preset", saved.get("train", {}).get("preset", "tiny"))
     if preset not in PRESETS:
         raise CLIError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     mine = {cls: {k: v for k, v in given.items() if k in {f.name for f in fields(cls)}} for cls in groups.values()}
-    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **mine[TrainConfig]})
-    scfg = strategies.StrategyConfig(**mine[strategies.StrategyConfig])
+    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **saved.get("train", {}), **mine[TrainConfig]})
+    scfg = strategies.StrategyConfig(**{**saved.get("strategy", {}), **mine[strategies.StrategyConfig]})
     try:
-        mcfg = ModelConfig(**{**PRESETS[preset], **mine[ModelConfig]})
+        mcfg = ModelConfig(**{**PRESETS[preset], **saved.get("model", {}), **mine[ModelConfig]})
         strategy = strategies.build(cfg.strategy, scfg)
     except ValueError as e:
         raise CLIError(str(e)) from None
@@ -100,6 +127,8 @@ def parse(argv):
     for name in sorted(mine[strategies.StrategyConfig].keys() - set(strategy.options)):
         raise CLIError(f"--{name.replace('_', '-')} is not an option of strategy {cfg.strategy!r}")
     task_names(cfg.tasks)  # fails early on unknown tasks
+    if cfg.base not in ("pretrained", "multitask"):
+        raise CLIError(f"unknown base {cfg.base!r}; choose from pretrained, multitask")
     cfg.run_dir = cfg.run_dir or f"runs/{cfg.strategy}"
     return cfg, mcfg, scfg
 
@@ -119,11 +148,13 @@ def pick_device(name):
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(name):
         raise CLIError(f"device {name!r} is not available here; choose from auto, cpu, cuda, mps (where present)")
-    return torch.device(name)
+    return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
 
 
 def atomic_write(path, write):
-    """write(tmp_path), fsync, then rename over `path`: readers never see a half-written file."""
+    """write(tmp_path), fsync, then rename over `path`: readers never see a half-written file. Rank 0 only."""
+    if RANK > 0:
+        return
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -132,33 +163,53 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
-def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc):
-    """AdamW over the trainable parameters, warm-up then cosine decay; the strategy's hooks shape each batch."""
+def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=0, opt_state=None, save=None):
+    """AdamW over the trainable parameters, warm-up then cosine decay; the strategy's hooks shape each batch.
+    From step `start` with a saved optimizer state when resuming; save(step, opt) every cfg.checkpoint_every."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up over 5 %, then cosine from 1 down to 0.1
-        opt, lambda s: min((s + 1) / max(1, steps // 20), 0.55 + 0.45 * math.cos(math.pi * s / steps)))
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0, fused=device.type == "cuda" or None)
+    if opt_state:
+        opt.load_state_dict(opt_state)
+    forward = torch.compile(model) if cfg.compile else model
     model.train()
-    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, leave=False, dynamic_ncols=True,
+               disable=RANK > 0)
     for step in bar:
+        for group in opt.param_groups:  # linear warm-up over 5 %, then cosine from 1 down to 0.1
+            group["lr"] = lr * min((step + 1) / max(1, steps // 20), 0.55 + 0.45 * math.cos(math.pi * step / steps))
         batch_rows = strategy.batch(rows.subset(torch.randint(len(rows), (cfg.batch_size,), generator=gen)), gen)
         batch = data.to_batch(batch_rows, range(len(batch_rows)), device)
-        logits, loss = model(*batch)
-        extra = strategy.penalty(model, batch, logits)
+        if WORLD > 1:  # each rank takes every WORLD-th row; scaled so that summed gradients average the batch
+            share = (batch[2][RANK::WORLD] != -100).sum() / (batch[2] != -100).sum()
+            batch = tuple(x[RANK::WORLD] for x in batch)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+            logits, loss = forward(*batch)
+            extra = strategy.penalty(model, batch, logits)
         total = loss if extra is None else loss + extra
+        if WORLD > 1:
+            total = loss * share + (0 if extra is None else extra / WORLD)
+        if not torch.isfinite(total):  # the last checkpoint stays as it is
+            raise Stop(f"the loss became {total.item()} in {desc}, step {step + 1}; stopped, keeping the last "
+                       "checkpoint: lower --lr and rerun with --force-new")
         opt.zero_grad(set_to_none=True)
         total.backward()
+        if WORLD > 1:  # DDP by hand: sum every rank's gradient, so all ranks take the same step
+            for p in params:
+                dist.all_reduce(p.grad)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if save and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+            save(step + 1, opt)
     return loss.item()
 
 
 @torch.no_grad()
 def evaluate(model, strategy, tests, tok, device, cfg):
     """Greedy answers for every test row -> per task (accuracy in %, [(question, predicted, reference), ...])."""
+    if RANK > 0:  # under DDP rank 0 alone evaluates, and alone writes
+        return [(float("nan"), [])] * len(tests)
     model.eval()
     results = []
     for test in tests:
@@ -180,45 +231,87 @@ def evaluate(model, strategy, tests, tok, device, cfg):
     return results
 
 
+def load_checkpoint(path):
+    """torch.load with weights_only=True, and a clear refusal of a damaged file or one carrying objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CLIError(f"{path} carries pickled Python objects, not only tensors: refusing to load it") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CLIError(f"{path} is damaged or truncated ({str(e).splitlines()[0][:80]}); move it away, "
+                       "or rerun with --force-new") from None
+
+
 def base_model(cfg, mcfg, tok, device):
-    """The model after the alignment stage: loaded from the cache if everything that made it matches."""
+    """The starting model: the alignment stage, then for --base multitask joint tuning on the held-in tasks.
+    Each stage is cached under a key of everything that made it, and loaded again when that matches."""
     code = b"".join((Path(__file__).parent / n).read_bytes() for n in ("data.py", "model.py"))
-    key = dict(model=asdict(mcfg), base_steps=cfg.base_steps, base_lr=cfg.base_lr, n_base=cfg.n_base,
-               batch_size=cfg.batch_size, seed=cfg.seed, tokenizer=tok.to_str(),
+    key = dict(model=asdict(mcfg), batch_size=cfg.batch_size, seed=cfg.seed, tokenizer=tok.to_str(),
                code=hashlib.sha256(code).hexdigest())  # editing data.py or model.py must not reuse a stale base
-    path = Path(cfg.cache_dir) / f"base-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.pt"
+    stages = [("pretrained", [data.ALIGN], cfg.base_steps, cfg.base_lr, cfg.n_base)]
+    if cfg.base == "multitask":  # the vision tower stays frozen here, as in task tuning
+        stages.append(("multitask", list(data.HELD_IN.values()), cfg.multitask_steps, cfg.lr, cfg.n_train))
+    paths = []
+    for name, tasks, steps, lr, n in stages:  # each stage's key holds every stage before it
+        key[name] = dict(tasks=[t.name for t in tasks], steps=steps, lr=lr, n=n)
+        paths.append(Path(cfg.cache_dir) / f"{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.pt")
     model = VLM(mcfg, seed=cfg.seed).to(device)
-    if path.is_file():
-        model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
-        print(f"base model: reused {path}")
-        return model, path
-    t0 = time.time()
-    align, _ = data.make_split(data.ALIGN, "train", cfg.n_base, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loss = train_steps(model, align, strategies.Strategy(None), cfg.base_steps, cfg.base_lr, cfg, gen, device,
-                       "base: alignment")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: torch.save({"model": model.state_dict(), "key": key}, p))
-    print(f"base model: trained {cfg.base_steps} steps in {time.time() - t0:.0f} s (loss {loss:.3f}), cached as {path}")
-    return model, path
+    done = max((i for i, path in enumerate(paths) if path.is_file()), default=-1)
+    if done >= 0:
+        model.load_state_dict(load_checkpoint(paths[done])["model"])
+        print(f"base model: reused {paths[done]}")
+    for (name, tasks, steps, lr, n), path in list(zip(stages, paths))[done + 1:]:
+        t0 = time.time()
+        rows = data.Examples.concat([data.make_split(t, "train", n, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)[0]
+                                     for t in tasks])
+        model.vision.requires_grad_(name == "pretrained" or not cfg.freeze_vision)
+        loss = train_steps(model, rows, strategies.Strategy(None), steps, lr, cfg, torch.Generator().manual_seed(cfg.seed),
+                           device, f"base: {name}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda p: torch.save({"model": model.state_dict(), "key": key}, p))
+        print(f"base model: {name} stage, {steps} steps in {time.time() - t0:.0f} s (loss {loss:.3f}), cached as {path}")
+    return model, paths[-1]
+
+
+def run_folder(cfg, config):
+    """The run folder, proven writable: a new one for --force-new. -> (folder, checkpoint to resume or None)."""
+    run_dir = Path(cfg.run_dir)
+    if cfg.force_new:
+        run_dir = next(Path(f"{cfg.run_dir}-{i}") for i in range(2, 10 ** 6) if not Path(f"{cfg.run_dir}-{i}").exists())
+    ckpt = run_dir / "checkpoint.pt"
+    saved = load_checkpoint(ckpt) if ckpt.is_file() and not cfg.force_new else None
+    if saved:  # resume only the same run: flags that change results must match
+        old, new = ({k: v for part in c.values() for k, v in part.items()} for c in (saved["config"], config))
+        diff = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if k not in SAME_RUN_ANYWAY and old.get(k) != new[k]]
+        if diff:
+            raise CLIError(f"{run_dir} holds a run with other settings ({'; '.join(diff)}): rerun with its settings "
+                           "to resume it, or add --force-new")
+    elif cfg.resume:
+        raise CLIError(f"--resume: nothing to resume in {run_dir} (no checkpoint.pt)")
+    try:  # prove the run folder is writable before any work is done
+        if RANK == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / ".write-test").write_text("ok")
+            (run_dir / ".write-test").unlink()
+    except OSError as e:
+        raise CLIError(f"cannot write run folder {run_dir}: {e.strerror or e}") from None
+    return run_dir, saved
 
 
 def run(cfg, mcfg, scfg):
     t_start, names, device = time.time(), task_names(cfg.tasks), pick_device(cfg.device)  # bad input fails first
-    run_dir, probe = Path(cfg.run_dir), Path(cfg.run_dir) / ".write-test"
-    try:  # prove the run folder is writable before any work is done
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise CLIError(f"cannot write run folder {run_dir}: {e.strerror or e}") from None
+    if cfg.bf16 and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        raise CLIError(f"--bf16 needs a CUDA device with bfloat16 support; this run is on {device.type}")
     torch.set_num_threads(cfg.threads)
-    tok = data.train_tokenizer(list(data.TASKS.values()) + [data.ALIGN], cfg.seed)  # a second; always fresh
-    atomic_write(run_dir / "tokenizer.json", lambda p: tok.save(str(p)))  # what eval.py reads back
+    tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed)  # a second; always fresh
     mcfg.vocab_size = tok.get_vocab_size()
     config = {"train": asdict(cfg), "model": asdict(mcfg), "strategy": asdict(scfg)}
+    run_dir, ck = run_folder(cfg, config)
+    config["train"]["run_dir"] = cfg.run_dir = str(run_dir)
+    atomic_write(run_dir / "tokenizer.json", lambda p: tok.save(str(p)))  # what eval.py reads back
     atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
-    print(f"device {device} | strategy {cfg.strategy} | preset {cfg.preset} | run folder {run_dir}\ntasks in order: "
+    print(f"device {device} | strategy {cfg.strategy} | base {cfg.base} | preset {cfg.preset} | run folder {run_dir}"
+          + (f" | {WORLD} processes" if WORLD > 1 else "") + "\ntasks in order: "
           + " -> ".join(f"{n} ({data.TASKS[n].like})" for n in names))
 
     t0 = time.time()
@@ -230,31 +323,57 @@ def run(cfg, mcfg, scfg):
     atomic_write(run_dir / "base.pt", lambda p: p.write_bytes(base_path.read_bytes()))
     strategy = strategies.build(cfg.strategy, scfg, cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    base_row = [acc for acc, _ in evaluate(model, strategy, tests, tok, device, cfg)]
+    if ck:  # the strategy's state first: it says what the model must hold (e.g. LoRA adapters) to load the weights
+        strategy.load_state_dict(ck["strategy"])
+        strategy.restore(model)
+        model.load_state_dict(ck["model"])
+        base_row, matrix, timings, losses = ck["base_row"], ck["matrix"], ck["timings"], ck["losses"]
+        print(f"resuming from {run_dir}/checkpoint.pt: task {ck['task'] + 1}, step {ck['step']}")
+    else:
+        base_row, matrix, timings, losses = [acc for acc, _ in evaluate(model, strategy, tests, tok, device, cfg)], [], [], []
     print(f"model: {n_params:,} parameters; accuracy (%) on each task after each stage:\n{format_header(names)}")
-    print(format_row("base", base_row, names))
+    for label, row in zip(["base"] + names, [base_row] + matrix):
+        print(format_row(label, row, names))
 
-    matrix, timings = [], []
-    for t, name in enumerate(names):
-        for p in model.vision.parameters():
-            p.requires_grad_(not cfg.freeze_vision)
-        strategy.before_task(model, t, trains[t])
+    def checkpoint(t, step, gen=None, opt=None):  # everything a resume needs; rank 0 writes it
+        state = dict(config=config, task=t, step=step, model=model.state_dict(), strategy=strategy.state_dict(),
+                     trainable=[n for n, p in model.named_parameters() if p.requires_grad], gen=gen and gen.get_state(),
+                     optimizer=opt and opt.state_dict(), base_row=base_row, matrix=matrix, timings=timings,
+                     losses=losses)
+        atomic_write(run_dir / "checkpoint.pt", lambda p: torch.save(state, p))
+        return state
+
+    results = []
+    for t in range(ck["task"] if ck else 0, len(names)):
+        resumed = ck is not None and t == ck["task"] and ck["step"] > 0  # within the task: as it was saved
+        if resumed:
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in ck["trainable"])
+        else:
+            model.vision.requires_grad_(not cfg.freeze_vision)
+            strategy.before_task(model, t, trains[t])
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         t0 = time.time()
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + t + 1)  # one stream per task
-        train_steps(model, trains[t], strategy, cfg.steps, cfg.lr, cfg, gen, device, f"task {t + 1}/{len(names)}: {name}")
+        if resumed:
+            gen.set_state(ck["gen"])
+        loss = train_steps(model, trains[t], strategy, cfg.steps, cfg.lr, cfg, gen, device, f"task {t + 1}/{len(names)}: {names[t]}",
+                    ck["step"] if resumed else 0, ck["optimizer"] if resumed else None,
+                    save=lambda step, opt: checkpoint(t, step, gen, opt))
         strategy.after_task(model, t, trains[t])
         t1 = time.time()
         results = evaluate(model, strategy, tests, tok, device, cfg)
         matrix.append([acc for acc, _ in results])
-        timings.append(dict(task=name, train_seconds=t1 - t0, eval_seconds=time.time() - t1, trainable=trainable))
-        tqdm.write(format_row(name, matrix[-1], names))
-        state = dict(model=model.state_dict(), strategy=strategy.state_dict(), matrix=matrix, config=config, task=t)
-        atomic_write(run_dir / f"task{t + 1}-{name}.pt", lambda p: torch.save(state, p))
+        timings.append(dict(task=names[t], train_seconds=t1 - t0, eval_seconds=time.time() - t1, trainable=trainable))
+        losses.append(loss)
+        tqdm.write(format_row(names[t], matrix[-1], names))
+        state = checkpoint(t + 1, 0)
+        atomic_write(run_dir / f"task{t + 1}-{names[t]}.pt", lambda p: torch.save({**state, "task": t}, p))
 
     out = dict(config=config, tasks=names, base_row=base_row, matrix=matrix, metrics=all_metrics(matrix, base_row),
+               final_loss=losses,  # the last training loss of each task
                timings=timings, n_params=n_params, extra_bytes=strategy.extra_bytes(), device=str(device),
-               torch=torch.__version__, wall_seconds=time.time() - t_start)
+               torch=torch.__version__, wall_seconds=time.time() - t_start, world_size=WORLD)
     out.update(strategy.extra_results(model, tests))  # e.g. expansion's task-ID accuracy, TIR's task similarity
     atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(out, indent=1)))
     atomic_write(run_dir / "accuracy.png", lambda p: heatmap(names, matrix, f"{cfg.strategy}: accuracy (%)").save(p, format="PNG"))
@@ -270,14 +389,12 @@ def reevaluate(run_dir, checkpoint):
     """Evaluate a saved checkpoint of a run on all of that run's tasks, through its strategy -> accuracies."""
     config = json.loads((Path(run_dir) / "config.json").read_text())
     cfg, mcfg = TrainConfig(**config["train"]), ModelConfig(**config["model"])
-    scfg = strategies.StrategyConfig(**config["strategy"])
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model, strategy = VLM(mcfg), strategies.build(cfg.strategy, scfg, cfg.seed)
-    if any(".lora_" in k for k in saved["model"]):  # the run added adapters: make room to load them
-        add_lora(model, scfg.lora_targets.split(","), scfg.lora_rank, scfg.lora_alpha, cfg.seed)
-    model.load_state_dict(saved["model"])
+    saved, model = load_checkpoint(checkpoint), VLM(mcfg)
+    strategy = strategies.build(cfg.strategy, strategies.StrategyConfig(**config["strategy"]), cfg.seed)
     if "strategy" in saved:  # task checkpoints carry it (e.g. expansion's experts); base.pt does not
         strategy.load_state_dict(saved["strategy"])
+        strategy.restore(model)
+    model.load_state_dict(saved["model"])
     tok = Tokenizer.from_file(str(Path(run_dir) / "tokenizer.json"))
     tests = [data.make_task(data.TASKS[n], 1, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)[1]
              for n in task_names(cfg.tasks)]
@@ -287,11 +404,18 @@ def reevaluate(run_dir, checkpoint):
 def main(argv=None):
     try:
         cfg, mcfg, scfg = parse(argv)
+        if WORLD > 1:  # launched by torchrun: join the others; only rank 0 prints
+            dist.init_process_group("nccl" if "cuda" in cfg.device or cfg.device == "auto" and torch.cuda.is_available()
+                                    else "gloo")
+            sys.stdout = open(os.devnull, "w") if RANK > 0 else sys.stdout
         print("config: " + json.dumps({**asdict(cfg), **asdict(mcfg), **asdict(scfg)}))
         run(cfg, mcfg, scfg)
-    except CLIError as e:
+    except Stop as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.code
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

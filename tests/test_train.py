@@ -125,7 +125,7 @@ def test_checkpoints_load_with_weights_only(runs):
 def test_second_run_reuses_the_base_and_repeats_exactly(runs):
     tmp, (first, second) = runs
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "base model: trained" in first.stdout and "reused" not in first.stdout
+    assert "base model: pretrained stage" in first.stdout and "reused" not in first.stdout
     assert "base model: reused" in second.stdout
     r1, r2 = (json.loads((tmp / n / "results.json").read_text()) for n in ("run1", "run2"))
     assert r1["matrix"] == r2["matrix"] and r1["base_row"] == r2["base_row"]

@@ -1,0 +1,144 @@
+"""Runs that survive: a run killed with SIGKILL resumes to the same bits, damaged or foreign checkpoints
+are refused in one line, a changed command is refused with the fields that differ, a NaN stops the run
+and keeps the last checkpoint, and the same seed gives the same results.json.
+
+Run: python -m pytest tests/test_resume.py -q   (about a minute: each case starts a Python)
+"""
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_train import ENV, ROOT, assert_one_line_error, load, run
+
+# 150 steps per task so that a kill lands inside a task; expansion exercises the most state on resume:
+# LoRA adapters to re-add before loading, experts, keys, and the replay buffer with its own generator
+ARGS = ["--strategy", "replay+expansion", "--tasks", "classify,attribute", "--steps", "150", "--base-steps", "5",
+        "--n-train", "40", "--n-test", "8", "--n-base", "40", "--buffer-size", "10", "--device", "cpu",
+        "--checkpoint-every", "10"]
+
+
+def results_without_timings(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    for key in ("timings", "wall_seconds"):
+        results.pop(key)
+    for key in ("run_dir", "resume"):  # how this command was invoked, not what the run is
+        results["config"]["train"].pop(key)
+    return results
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    proc = run("train.py", *ARGS, "--run-dir", tmp / "whole", "--cache-dir", tmp / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp
+
+
+def test_a_run_killed_mid_task_resumes_to_the_same_bits(uninterrupted):
+    tmp = uninterrupted
+    cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, "--run-dir", str(tmp / "killed"), "--cache-dir", str(tmp / "cache")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt, deadline = tmp / "killed" / "checkpoint.pt", time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        try:  # wait for a checkpoint inside the second task, then kill without warning
+            if (state := load(ckpt))["task"] == 1 and state["step"] > 0:
+                break
+        except (OSError, RuntimeError, EOFError):
+            pass  # not written yet
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp / "killed" / "results.json").exists(), "the run finished before the kill: make it longer"
+    assert not list((tmp / "killed").glob("*.tmp")) or load(ckpt)  # a torn temp file never replaces a checkpoint
+    resumed = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "task 2, step " in resumed.stdout
+    assert "task1-classify" not in resumed.stderr  # the first task was not trained again
+    assert results_without_timings(tmp / "killed") == results_without_timings(tmp / "whole")
+    a, b = (load(tmp / d / "task2-attribute.pt") for d in ("whole", "killed"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["strategy"]["expansion"]["experts"][0].values(),
+                                                  b["strategy"]["expansion"]["experts"][0].values()))
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_repeats_its_results(uninterrupted):
+    tmp = uninterrupted
+    before = results_without_timings(tmp / "whole")
+    proc = run("train.py", "--resume", "--run-dir", tmp / "whole", "--cache-dir", tmp / "cache")  # settings from the folder
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming from" in proc.stdout and "task 3, step 0" in proc.stdout
+    assert results_without_timings(tmp / "whole") == before
+
+
+def test_a_changed_command_is_refused_with_the_fields_that_differ(uninterrupted):
+    tmp = uninterrupted
+    before = (tmp / "whole" / "checkpoint.pt").read_bytes()
+    changed = [a if a != "150" else "151" for a in ARGS] + ["--lr", "1e-3"]
+    proc = run("train.py", *changed, "--run-dir", tmp / "whole", "--cache-dir", tmp / "cache")
+    assert_one_line_error(proc, "other settings", "steps 150 -> 151", "lr 0.0005 -> 0.001", "--force-new")
+    assert (tmp / "whole" / "checkpoint.pt").read_bytes() == before
+
+
+def test_force_new_starts_a_fresh_folder_and_leaves_the_old_one(uninterrupted, tmp_path):
+    tmp = uninterrupted
+    args = ["--tasks", "classify", "--steps", "2", "--base-steps", "5", "--n-train", "4", "--n-test", "2",
+            "--n-base", "40", "--device", "cpu", "--cache-dir", tmp / "cache"]
+    assert run("train.py", *args, "--run-dir", tmp_path / "r").returncode == 0
+    first = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+    proc = run("train.py", *args, "--lr", "1e-3", "--force-new", "--run-dir", tmp_path / "r")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "r-2" / "results.json").is_file() and (tmp_path / "r" / "checkpoint.pt").read_bytes() == first
+    assert json.loads((tmp_path / "r-2" / "config.json").read_text())["train"]["lr"] == 1e-3
+
+
+def test_resume_with_nothing_to_resume_fails_in_one_line(tmp_path):
+    tmp_path.joinpath("empty").mkdir()
+    assert_one_line_error(run("train.py", "--resume", "--run-dir", tmp_path / "empty"), "--resume", "no run")
+
+
+def test_a_truncated_checkpoint_is_refused(uninterrupted, tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    data = (uninterrupted / "whole" / "checkpoint.pt").read_bytes()
+    (run_dir / "checkpoint.pt").write_bytes(data[:len(data) // 2])
+    proc = run("train.py", *ARGS, "--run-dir", run_dir, "--cache-dir", uninterrupted / "cache")
+    assert_one_line_error(proc, "checkpoint.pt", "damaged or truncated", "--force-new")
+    assert (run_dir / "checkpoint.pt").read_bytes() == data[:len(data) // 2]  # left for the user to inspect
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused(uninterrupted, tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    state = load(uninterrupted / "whole" / "checkpoint.pt")
+    torch.save({**state, "config": argparse.Namespace(**state["config"])}, run_dir / "checkpoint.pt")
+    proc = run("train.py", *ARGS, "--run-dir", run_dir, "--cache-dir", uninterrupted / "cache")
+    assert_one_line_error(proc, "checkpoint.pt", "pickled Python objects")
+
+
+def test_a_nan_loss_stops_the_run_naming_task_and_step_and_keeps_the_last_checkpoint(uninterrupted, tmp_path):
+    args = ARGS[:-1] + ["1"]  # --checkpoint-every 1: a checkpoint after every step
+    proc = run("train.py", *args, "--lr", "1e30", "--run-dir", tmp_path / "r", "--cache-dir", uninterrupted / "cache")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the loss became") and "task 1/2: classify, step " in line and "Traceback" not in proc.stderr
+    step = int(line.split("step ")[1].split(";")[0])
+    state = load(tmp_path / "r" / "checkpoint.pt")  # the last good one: written before the step that failed
+    assert state["task"] == 0 and state["step"] == step - 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_same_seed_same_results_and_another_seed_differs(uninterrupted, tmp_path):
+    args = [a if a != "150" else "20" for a in ARGS] + ["--cache-dir", uninterrupted / "cache"]
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        proc = run("train.py", *args, "--seed", seed, "--run-dir", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b, c = (results_without_timings(tmp_path / n) for n in "abc")
+    assert a == b
+    assert a["final_loss"] != c["final_loss"]
