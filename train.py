@@ -30,7 +30,9 @@ from model import PRESETS, VLM, ModelConfig, add_lora, arg
 @dataclass
 class TrainConfig:
     strategy: str = arg("naive", "continual-learning strategy; combine parts with '+', e.g. replay+naive")
-    tasks: str = arg("paper", "a named order (" + ", ".join(data.ORDERS) + ") or a comma list of task names")
+    tasks: str = arg("paper", "a named order (" + ", ".join(data.ORDERS) + ") or a comma list of tasks and task files")
+    image_root: str = arg("", "the folder image paths in task files start from; empty means each file's own folder")
+    truncate: bool = arg(False, "cut task-file rows longer than --max-text-len (and count them) instead of stopping")
     preset: str = arg("tiny", "size of model and schedule: tiny for a CPU, small or base for a GPU")
     steps: int = arg(400, "training steps per task: 250 left counting and grounding near 70 %")
     batch_size: int = arg(32, "rows per step; small batches keep a CPU step at a few milliseconds")
@@ -107,8 +109,9 @@ def parse(argv):
 def task_names(spec):
     names = list(data.ORDERS[spec]) if spec in data.ORDERS else [t.strip() for t in spec.split(",") if t.strip()]
     for n in names:
-        if n not in data.TASKS:
-            raise CLIError(f"unknown task {n!r}; choose from {', '.join(data.TASKS)} or an order: {', '.join(data.ORDERS)}")
+        if n not in data.TASKS and not n.endswith(data.TASK_FILE_SUFFIXES):  # files are read by data.read_tasks
+            raise CLIError(f"unknown task {n!r}; choose from {', '.join(data.TASKS)}, an order ({', '.join(data.ORDERS)}) "
+                           "or .json/.jsonl task files")
     if not names or len(set(names)) < len(names):
         raise CLIError(f"--tasks {spec!r} must name each task once")
     return names
@@ -205,6 +208,8 @@ def base_model(cfg, mcfg, tok, device):
 
 def run(cfg, mcfg, scfg):
     t_start, names, device = time.time(), task_names(cfg.tasks), pick_device(cfg.device)  # bad input fails first
+    tasks = data.read_tasks(names, cfg.image_root, cfg.truncate, Path(cfg.run_dir) / "cache")  # files checked here
+    names = list(tasks)  # a task file's name is its stem
     run_dir, probe = Path(cfg.run_dir), Path(cfg.run_dir) / ".write-test"
     try:  # prove the run folder is writable before any work is done
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,18 +218,19 @@ def run(cfg, mcfg, scfg):
     except OSError as e:
         raise CLIError(f"cannot write run folder {run_dir}: {e.strerror or e}") from None
     torch.set_num_threads(cfg.threads)
-    tok = data.train_tokenizer(list(data.TASKS.values()) + [data.ALIGN], cfg.seed)  # a second; always fresh
+    tok = data.train_tokenizer(list(data.TASKS.values()) + [data.ALIGN], cfg.seed, tasks.values())  # a second; always fresh
     atomic_write(run_dir / "tokenizer.json", lambda p: tok.save(str(p)))  # what eval.py reads back
     mcfg.vocab_size = tok.get_vocab_size()
     config = {"train": asdict(cfg), "model": asdict(mcfg), "strategy": asdict(scfg)}
     atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
     print(f"device {device} | strategy {cfg.strategy} | preset {cfg.preset} | run folder {run_dir}\ntasks in order: "
-          + " -> ".join(f"{n} ({data.TASKS[n].like})" for n in names))
+          + " -> ".join(f"{n} ({tasks[n].like})" for n in names))
 
     t0 = time.time()
-    trains, tests = zip(*[data.make_task(data.TASKS[n], cfg.n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size,
-                                         mcfg.max_text_len) for n in tqdm(names, desc="drawing scenes", leave=False)])
-    print(f"data: {len(names)} tasks x ({cfg.n_train} train + {cfg.n_test} test) rows in {time.time() - t0:.1f} s")
+    trains, tests = zip(*[data.make_task(tasks[n], cfg.n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size,
+                                         mcfg.max_text_len) for n in names])
+    print(f"data: {len(names)} tasks, {sum(map(len, trains))} train + {sum(map(len, tests))} test rows "
+          f"in {time.time() - t0:.1f} s")
 
     model, base_path = base_model(cfg, mcfg, tok, device)
     atomic_write(run_dir / "base.pt", lambda p: p.write_bytes(base_path.read_bytes()))
@@ -279,8 +285,9 @@ def reevaluate(run_dir, checkpoint):
     if "strategy" in saved:  # task checkpoints carry it (e.g. expansion's experts); base.pt does not
         strategy.load_state_dict(saved["strategy"])
     tok = Tokenizer.from_file(str(Path(run_dir) / "tokenizer.json"))
-    tests = [data.make_task(data.TASKS[n], 1, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)[1]
-             for n in task_names(cfg.tasks)]
+    tasks = data.read_tasks(task_names(cfg.tasks), cfg.image_root, cfg.truncate, Path(run_dir) / "cache")
+    tests = [data.make_task(t, 1, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)[1]
+             for t in tasks.values()]
     return [acc for acc, _ in evaluate(model, strategy, tests, tok, torch.device("cpu"), cfg)]
 
 
@@ -289,7 +296,7 @@ def main(argv=None):
         cfg, mcfg, scfg = parse(argv)
         print("config: " + json.dumps({**asdict(cfg), **asdict(mcfg), **asdict(scfg)}))
         run(cfg, mcfg, scfg)
-    except CLIError as e:
+    except (CLIError, data.TaskFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
