@@ -34,7 +34,9 @@ from model import PRESETS, VLM, ModelConfig, arg
 @dataclass
 class TrainConfig:
     strategy: str = arg("naive", "continual-learning strategy; combine parts with '+', e.g. replay+naive")
-    tasks: str = arg("paper", "a named order (" + ", ".join(data.ORDERS) + ") or a comma list of task names")
+    tasks: str = arg("paper", "a named order (" + ", ".join(data.ORDERS) + ") or a comma list of tasks and task files")
+    image_root: str = arg("", "the folder image paths in task files start from; empty means each file's own folder")
+    truncate: bool = arg(False, "cut task-file rows longer than --max-text-len (and count them) instead of stopping")
     preset: str = arg("tiny", "size of model and schedule: tiny for a CPU, small or base for a GPU")
     base: str = arg("pretrained", "start from: pretrained (alignment only) or multitask (then held-in tasks jointly)")
     steps: int = arg(400, "training steps per task: 250 left counting and grounding near 70 %")
@@ -136,8 +138,9 @@ def parse(argv):
 def task_names(spec):
     names = list(data.ORDERS[spec]) if spec in data.ORDERS else [t.strip() for t in spec.split(",") if t.strip()]
     for n in names:
-        if n not in data.TASKS:
-            raise CLIError(f"unknown task {n!r}; choose from {', '.join(data.TASKS)} or an order: {', '.join(data.ORDERS)}")
+        if n not in data.TASKS and not n.endswith(data.TASK_FILE_SUFFIXES):  # files are read by data.read_tasks
+            raise CLIError(f"unknown task {n!r}; choose from {', '.join(data.TASKS)}, an order ({', '.join(data.ORDERS)}) "
+                           "or .json/.jsonl task files")
     if not names or len(set(names)) < len(names):
         raise CLIError(f"--tasks {spec!r} must name each task once")
     return names
@@ -273,11 +276,8 @@ def base_model(cfg, mcfg, tok, device):
     return model, paths[-1]
 
 
-def run_folder(cfg, config):
-    """The run folder, proven writable: a new one for --force-new. -> (folder, checkpoint to resume or None)."""
-    run_dir = Path(cfg.run_dir)
-    if cfg.force_new:
-        run_dir = next(Path(f"{cfg.run_dir}-{i}") for i in range(2, 10 ** 6) if not Path(f"{cfg.run_dir}-{i}").exists())
+def run_folder(cfg, config, run_dir):
+    """Prove the run folder writable -> the checkpoint there to resume, or None. A changed command is refused."""
     ckpt = run_dir / "checkpoint.pt"
     saved = load_checkpoint(ckpt) if ckpt.is_file() and not cfg.force_new else None
     if saved:  # resume only the same run: flags that change results must match
@@ -295,29 +295,35 @@ def run_folder(cfg, config):
             (run_dir / ".write-test").unlink()
     except OSError as e:
         raise CLIError(f"cannot write run folder {run_dir}: {e.strerror or e}") from None
-    return run_dir, saved
+    return saved
 
 
 def run(cfg, mcfg, scfg):
     t_start, names, device = time.time(), task_names(cfg.tasks), pick_device(cfg.device)  # bad input fails first
+    run_dir = Path(cfg.run_dir)
+    if cfg.force_new:  # a fresh folder next to the old one, which stays as it is
+        run_dir = next(Path(f"{cfg.run_dir}-{i}") for i in range(2, 10 ** 6) if not Path(f"{cfg.run_dir}-{i}").exists())
+    tasks = data.read_tasks(names, cfg.image_root, cfg.truncate, run_dir / "cache")  # files checked here
+    names = list(tasks)  # a task file's name is its stem
     if cfg.bf16 and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
         raise CLIError(f"--bf16 needs a CUDA device with bfloat16 support; this run is on {device.type}")
     torch.set_num_threads(cfg.threads)
-    tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed)  # a second; always fresh
+    tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed, tasks.values())  # a second; always fresh
     mcfg.vocab_size = tok.get_vocab_size()
     config = {"train": asdict(cfg), "model": asdict(mcfg), "strategy": asdict(scfg)}
-    run_dir, ck = run_folder(cfg, config)
+    ck = run_folder(cfg, config, run_dir)
     config["train"]["run_dir"] = cfg.run_dir = str(run_dir)
     atomic_write(run_dir / "tokenizer.json", lambda p: tok.save(str(p)))  # what eval.py reads back
     atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
     print(f"device {device} | strategy {cfg.strategy} | base {cfg.base} | preset {cfg.preset} | run folder {run_dir}"
           + (f" | {WORLD} processes" if WORLD > 1 else "") + "\ntasks in order: "
-          + " -> ".join(f"{n} ({data.TASKS[n].like})" for n in names))
+          + " -> ".join(f"{n} ({tasks[n].like})" for n in names))
 
     t0 = time.time()
-    trains, tests = zip(*[data.make_task(data.TASKS[n], cfg.n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size,
-                                         mcfg.max_text_len) for n in tqdm(names, desc="drawing scenes", leave=False)])
-    print(f"data: {len(names)} tasks x ({cfg.n_train} train + {cfg.n_test} test) rows in {time.time() - t0:.1f} s")
+    trains, tests = zip(*[data.make_task(tasks[n], cfg.n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size,
+                                         mcfg.max_text_len) for n in names])
+    print(f"data: {len(names)} tasks, {sum(map(len, trains))} train + {sum(map(len, tests))} test rows "
+          f"in {time.time() - t0:.1f} s")
 
     model, base_path = base_model(cfg, mcfg, tok, device)
     atomic_write(run_dir / "base.pt", lambda p: p.write_bytes(base_path.read_bytes()))
@@ -396,8 +402,9 @@ def reevaluate(run_dir, checkpoint):
         strategy.restore(model)
     model.load_state_dict(saved["model"])
     tok = Tokenizer.from_file(str(Path(run_dir) / "tokenizer.json"))
-    tests = [data.make_task(data.TASKS[n], 1, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)[1]
-             for n in task_names(cfg.tasks)]
+    tasks = data.read_tasks(task_names(cfg.tasks), cfg.image_root, cfg.truncate, Path(run_dir) / "cache")
+    tests = [data.make_task(t, 1, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)[1]
+             for t in tasks.values()]
     return [acc for acc, _ in evaluate(model, strategy, tests, tok, torch.device("cpu"), cfg)]
 
 
@@ -410,9 +417,9 @@ def main(argv=None):
             sys.stdout = open(os.devnull, "w") if RANK > 0 else sys.stdout
         print("config: " + json.dumps({**asdict(cfg), **asdict(mcfg), **asdict(scfg)}))
         run(cfg, mcfg, scfg)
-    except Stop as e:
+    except (Stop, data.TaskFileError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return e.code
+        return getattr(e, "code", 2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
