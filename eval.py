@@ -115,14 +115,15 @@ def format_report(results):
     return "\n".join(lines)
 
 
-def heatmap(tasks, A, title=""):
-    """Draw the accuracy matrix as a coloured grid with Pillow (white = 0 %, dark green = 100 %)."""
+def heatmap(tasks, A, title="", rows="after {}", note="columns: task evaluated"):
+    """Draw the accuracy matrix (or any task x task grid of 0-100) with Pillow: white = 0, dark green = 100."""
     cell, left, top = 44, 110, 40
     img = Image.new("RGB", (left + cell * len(tasks) + 10, top + cell * len(A) + 70), "white")
     draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=11)
     draw.text((8, 8), title, fill="black", font=ImageFont.load_default(size=13))
     for i, row in enumerate(A):
-        draw.text((left - 6, top + i * cell + cell / 2), f"after {tasks[i]}"[:16], fill="black", font=font, anchor="rm")
+        draw.text((left - 6, top + i * cell + cell / 2), rows.format(tasks[i])[:16], fill="black", font=font,
+                  anchor="rm")
         for j, a in enumerate(row):
             g = a / 100
             color = (int(255 - 215 * g), int(255 - 110 * g), int(255 - 195 * g))
@@ -132,7 +133,7 @@ def heatmap(tasks, A, title=""):
                       fill="white" if g > 0.6 else "black")
     for j, t in enumerate(tasks):
         draw.text((left + j * cell + cell / 2, top + len(A) * cell + 6), t[:7], fill="black", font=font, anchor="mt")
-    draw.text((left, top + len(A) * cell + 28), "columns: task evaluated", fill="gray", font=font)
+    draw.text((left, top + len(A) * cell + 28), note, fill="gray", font=font)
     return img
 
 
