@@ -5,16 +5,24 @@ before any task. Definitions follow Lopez-Paz & Ranzato (2017) and Chaudhry et a
 worst-drop BWT of He et al. (arXiv 2311.16206).
 Run `python eval.py RUN_DIR` to reprint a run's report, `--checkpoint FILE` to re-evaluate one, and
 `python eval.py --compare runs/*` to put runs side by side (table.md and table.png in --out, runs/compare).
+`python eval.py --study` trains every strategy from both bases and writes the paper's table, its findings
+and figures to runs/study (`--help` for seeds, jobs and flags passed on to train.py).
 """
 import argparse
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,10 +225,12 @@ def compare(run_dirs, out):
 
 
 # ----------------------------------------------------------------------------------------------
-# the study: every strategy from every base, reported in one folder
+# the study (--study): every strategy from every base, run by train.py, reported in one folder
 
 BASES = ("pretrained", "multitask")  # the alignment-only base, and that base tuned jointly on every task
 COLORS = dict(zip(BASES, [(31, 119, 180), (214, 39, 40)]))  # one colour per base in every chart
+RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks")  # the study sets these for each run
+UNCOMPARED = ("vocab_size", "run_dir", "cache_dir")  # set at run time, or where files go: not what a run computes
 COLUMNS = [("AA", "{:.1f}"), ("BWT", "{:+.1f}"), ("forgetting", "{:.1f}"), ("FWT", "{:+.1f}"), ("task ID", "{:.1f}"),
            ("gain", "{:+.1f}"), ("extra memory", None), ("extra time", "{:+.0f} s")]
 
@@ -486,15 +496,119 @@ def write_report(out, runs, strategies, bases, notes=()):
     return rows
 
 
+# the runner
+
+def study_plan(args, names, bases, extra):
+    """Every run of the study -> {(base, strategy, seed): (train.py flags, run folder, the config they resolve to)}.
+    Raises train.CLIError on bad input, before anything is written."""
+    import train  # here, not at the top: train.py imports this module
+    for b in bases:
+        if b not in BASES:
+            raise train.CLIError(f"unknown base {b!r}; choose from {', '.join(BASES)}")
+    for name in ("seeds", "jobs"):
+        if getattr(args, name) < 1:
+            raise train.CLIError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for flag in extra:
+        if flag.split("=")[0] in RESERVED:
+            raise train.CLIError(f"{flag} after -- is set by the study for each run; use --strategies, --bases, "
+                                 "--seeds or --tasks")
+    plan = {}
+    for seed in range(args.seeds):
+        for base in bases:
+            for s in names:
+                run_dir = Path(args.out) / "runs" / base / s / f"seed{seed}"
+                flags = ["--threads", "1", *extra, *(["--tasks", args.tasks] if args.tasks else []),
+                         "--strategy", s, "--base", base, "--seed", str(seed), "--run-dir", str(run_dir)]
+                cfg, mcfg, scfg = train.parse(flags)  # train.py checks the strategy, the tasks, the flags after --
+                plan[base, s, seed] = flags, run_dir, dict(train=asdict(cfg), model=asdict(mcfg), strategy=asdict(scfg))
+    return plan
+
+
+def finished(run_dir, config):
+    """The run's results if its results.json was made by this configuration (so a killed study resumes), else None."""
+    def comparable(config):
+        return {part: {k: v for k, v in values.items() if k not in UNCOMPARED} for part, values in config.items()}
+    path = run_dir / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else None
+    return results if results and comparable(results["config"]) == comparable(config) else None
+
+
+def train_run(flags):
+    """One train.py run in its own Python, one thread, no progress bars -> the finished process."""
+    return subprocess.run([sys.executable, str(Path(__file__).with_name("train.py")), *flags], text=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+
+
+def study(args, names, bases, extra):
+    """Train every (base, strategy, seed) not already finished, args.jobs at a time, then write the report ->
+    exit code. The first run of each (base, seed) goes ahead of the rest: it trains the base they reuse."""
+    import train
+    t0, out = time.time(), Path(args.out)
+    try:
+        plan = study_plan(args, names, bases, extra)
+    except train.CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    runs = {k: r for k, (_, run_dir, config) in plan.items() if (r := finished(run_dir, config))}
+    todo, first, failed = [k for k in plan if k not in runs], {}, []
+    for b, s, seed in todo:
+        first.setdefault((b, seed), (b, s, seed))
+    print(f"study: {len(plan)} runs, {len(runs)} reused, {len(todo)} to train with {args.jobs} jobs, in {out}")
+    bar = tqdm(total=len(plan), initial=len(runs), desc="study", unit="run")
+    with bar, ThreadPoolExecutor(args.jobs) as pool:
+        for wave in (list(first.values()), [k for k in todo if k not in first.values()]):
+            jobs = {pool.submit(train_run, plan[k][0]): k for k in wave}
+            for job in as_completed(jobs):
+                (b, s, seed), proc = jobs[job], job.result()
+                if proc.returncode == 0:
+                    runs[b, s, seed] = json.loads((plan[b, s, seed][1] / "results.json").read_text())
+                else:
+                    failed.append(f"{b}/{s}/seed{seed}")
+                    tqdm.write(f"FAILED {failed[-1]} (exit {proc.returncode}); its stderr ends:\n  "
+                               + "\n  ".join(proc.stderr.strip().splitlines()[-12:]), file=sys.stderr)
+                bar.set_postfix_str(f"{b}/{s}/seed{seed}")
+                bar.update()
+    if runs:
+        notes = ["Seed 0." if args.seeds == 1 else f"Seeds 0..{args.seeds - 1}.",
+                 f"train.py flags: `{' '.join(extra) or '(defaults)'}`.",
+                 f"Wall time {time.time() - t0:.0f} s ({len(todo)} runs trained, {len(plan) - len(todo)} reused)."]
+        rows = write_report(out, runs, names, bases, notes + [f"Failed: {', '.join(failed)}."] * bool(failed))
+        print(format_table(rows) + f"\nwrote {out}/study.md, study.json and pictures")
+    print(f"study: {len(runs)} of {len(plan)} runs finished, {len(failed)} failed, wall time {time.time() - t0:.0f} s")
+    return 1 if failed else 0
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Reprint a run's report, re-evaluate a checkpoint, or compare runs.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ap = argparse.ArgumentParser(
+        description="Reprint a run's report, re-evaluate a checkpoint, compare runs, or run the whole study.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="flags after -- go to every train.py run of "
+        "--study:\n  python eval.py --study --strategies naive,replay --tasks classify,count -- --steps 20 "
+        "--base-steps 20\na run folder already holding results.json from the same configuration is reused, so a "
+        "killed study resumes")
     ap.add_argument("run_dir", nargs="?", help="a run folder written by train.py")
     ap.add_argument("--checkpoint", help="re-evaluate this checkpoint on every task of the run")
     ap.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="put these runs side by side in one table")
-    ap.add_argument("--out", default="runs/compare", help="where --compare writes table.md and table.png")
+    ap.add_argument("--study", action="store_true", help="train every strategy from every base, one train.py per "
+                    "run, and write study.md, study.json and pictures to --out")
+    ap.add_argument("--strategies", help="--study: a comma list (default: every strategy in strategies.py)")
+    ap.add_argument("--bases", default=",".join(BASES), help="--study: a comma list of train.py --base values")
+    ap.add_argument("--seeds", type=int, default=1, help="--study: seeds 0..N-1; cells are then mean ± std")
+    ap.add_argument("--jobs", type=int, default=2, help="--study: train.py runs at once, one CPU thread each")
+    ap.add_argument("--tasks", help="--study: train.py's --tasks for every run (default: train.py's)")
+    ap.add_argument("--out", help="where --compare (default runs/compare) or --study (default runs/study) writes")
     args = ap.parse_args(argv)
+    if extra and not args.study:
+        ap.error("flags after -- are for the train.py runs of --study")
+    if args.study:
+        import strategies  # here: it imports torch, which the other commands do not need
+        names = args.strategies.split(",") if args.strategies is not None else list(strategies.STRATEGIES)
+        args.out = args.out or "runs/study"
+        return study(args, names, args.bases.split(","), extra)
     if args.compare:
-        return compare(args.compare, args.out)
+        return compare(args.compare, args.out or "runs/compare")
     if args.run_dir is None:
         ap.error("give a run folder, or --compare RUN_DIR ...")
     path = Path(args.run_dir) / "results.json"

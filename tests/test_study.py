@@ -1,15 +1,18 @@
-"""The study's report: Spearman and the task-pair analysis on hand-worked inputs, the findings and the
-report files on hand-built results.
+"""The study (`python eval.py --study`): Spearman and the task-pair analysis on hand-worked inputs, the
+findings and the report on hand-built results, bad input, and one tiny real study that fails, resumes and
+re-trains a run whose configuration changed.
 
-Run: python -m pytest tests/test_study.py -q
+Run: python -m pytest tests/test_study.py -q   (about half a minute: the tiny study starts train.py 4 times)
 """
 import json
 import math
+from dataclasses import fields
 
 import pytest
 from PIL import Image
 
 import eval as ev
+import train
 
 TASKS = ["classify", "attribute", "count"]
 A = [[90, 10, 20],  # the matrix of test_eval.py: AA 53.33, BWT -40, forgetting 40
@@ -125,3 +128,64 @@ def test_a_study_without_tir_says_so(tmp_path):
     md = (tmp_path / "study.md").read_text()
     assert "The study ran no tir" in md and "| tir |" not in md
     assert not list(tmp_path.glob("similarity-*.png")) and not (tmp_path / "task_pairs.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+
+needs_base = pytest.mark.skipif("base" not in {f.name for f in fields(train.TrainConfig)},
+                                reason="needs train.py --base (the multitask base of issue 8), not merged yet")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    pytest.param(["--strategies", "naive,foo"], "unknown strategy 'foo'", marks=needs_base),  # train.py's check
+    (["--bases", "pretrained,imagenet"], "unknown base 'imagenet'"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--", "--seed", "3"], "--seed after -- is set by the study"),
+    pytest.param(["--", "--bogus-flag"], "--bogus-flag", marks=needs_base),  # train.py's check too
+], ids=["strategy", "base", "seeds", "jobs", "reserved", "train-flag"])
+def test_bad_study_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, args, fragment):
+    assert ev.main(["--study", "--out", str(tmp_path / "study"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+TINY = ["--steps", "2", "--base-steps", "2", "--n-train", "8", "--n-test", "4", "--n-base", "8", "--batch-size", "4",
+        "--device", "cpu"]
+
+
+@needs_base
+def test_tiny_study_fails_resumes_and_reports(tmp_path, capsys):
+    out, cache = tmp_path / "study", tmp_path / "cache"
+    argv = ["--study", "--strategies", "naive,tir", "--bases", "pretrained", "--tasks", "classify,count",
+            "--out", str(out), "--", *TINY, "--cache-dir", str(cache)]
+    blocker = out / "runs" / "pretrained" / "tir" / "seed0"  # a file where tir's run folder goes: that run fails
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("in the way")
+    assert ev.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "FAILED pretrained/tir/seed0" in captured.err and "cannot write run folder" in captured.err
+    assert "1 of 2 runs finished, 1 failed" in captured.out
+    naive = out / "runs" / "pretrained" / "naive" / "seed0" / "results.json"
+    assert naive.is_file() and len(list(cache.glob("base-*.pt"))) == 1
+
+    blocker.unlink()  # resume: naive is reused, tir runs
+    assert ev.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 runs, 1 reused, 1 to train" in printed and "2 of 2 runs finished, 0 failed" in printed
+    md, data = (out / "study.md").read_text(), json.loads((out / "study.json").read_text())
+    results = json.loads(naive.read_text())
+    assert f"| naive | pretrained | {results['metrics']['AA']:.1f} |" in md and "| tir | pretrained |" in md
+    assert data["summary"]["pretrained/naive"]["AA"] == [results["metrics"]["AA"]]
+    assert len(data["task_pairs"]) == 1 and data["spearman"] is None  # one pair of tasks: no correlation
+    for name in ("aa_bwt", "cost_benefit", "matrices-pretrained", "similarity-pretrained", "task_pairs"):
+        with Image.open(out / f"{name}.png") as img:
+            assert img.format == "PNG"
+
+    results["config"]["train"]["steps"] = 999  # as if made by another configuration: trained again
+    naive.write_text(json.dumps(results))
+    assert ev.main(argv) == 0
+    assert "2 runs, 1 reused, 1 to train" in capsys.readouterr().out
+    assert json.loads(naive.read_text())["config"]["train"]["steps"] == 2
