@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 
@@ -542,7 +542,8 @@ def train_run(flags):
 
 def study(args, names, bases, extra):
     """Train every (base, strategy, seed) not already finished, args.jobs at a time, then write the report ->
-    exit code. The first run of each (base, seed) goes ahead of the rest: it trains the base they reuse."""
+    exit code. The first run of each (base, seed) goes ahead of the rest: it trains the base they reuse, so
+    they start when it ends (not when every base is trained)."""
     import train
     t0, out = time.time(), Path(args.out)
     try:
@@ -557,10 +558,13 @@ def study(args, names, bases, extra):
     print(f"study: {len(plan)} runs, {len(runs)} reused, {len(todo)} to train with {args.jobs} jobs, in {out}")
     bar = tqdm(total=len(plan), initial=len(runs), desc="study", unit="run")
     with bar, ThreadPoolExecutor(args.jobs) as pool:
-        for wave in (list(first.values()), [k for k in todo if k not in first.values()]):
-            jobs = {pool.submit(train_run, plan[k][0]): k for k in wave}
-            for job in as_completed(jobs):
-                (b, s, seed), proc = jobs[job], job.result()
+        jobs = {pool.submit(train_run, plan[k][0]): k for k in first.values()}
+        while jobs:
+            for job in wait(jobs, return_when=FIRST_COMPLETED).done:
+                (b, s, seed), proc = jobs.pop(job), job.result()
+                if first[b, seed] == (b, s, seed):  # its base is in the cache now: the rest of (b, seed) may start
+                    jobs.update({pool.submit(train_run, plan[k][0]): k for k in todo
+                                 if (k[0], k[2]) == (b, seed) and k != (b, s, seed)})
                 if proc.returncode == 0:
                     runs[b, s, seed] = json.loads((plan[b, s, seed][1] / "results.json").read_text())
                 else:

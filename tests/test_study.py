@@ -1,11 +1,14 @@
 """The study (`python eval.py --study`): Spearman and the task-pair analysis on hand-worked inputs, the
-findings and the report on hand-built results, bad input, and one tiny real study that fails, resumes and
-re-trains a run whose configuration changed.
+findings and the report on hand-built results, bad input, the order of runs (with a stand-in for train.py),
+and one tiny real study that fails, resumes and re-trains a run whose configuration changed.
 
-Run: python -m pytest tests/test_study.py -q   (about half a minute: the tiny study starts train.py 4 times)
+Run: python -m pytest tests/test_study.py -q   (about 15 s: the tiny study starts train.py 4 times)
 """
+import argparse
 import json
 import math
+import subprocess
+import time
 from dataclasses import fields
 
 import pytest
@@ -132,6 +135,33 @@ def test_a_study_without_tir_says_so(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # the command line
+
+def test_each_base_is_trained_once_before_its_other_runs(tmp_path, monkeypatch, capsys):
+    """A stand-in for train.py: the multitask base is slow to make; one run fails."""
+    events, bases, names = [], ["pretrained", "multitask"], ["naive", "replay", "tir"]
+    plan = {(b, s, 0): ([b, s], tmp_path / b / s, {}) for b in bases for s in names}
+
+    def fake_train_run(flags):
+        base, strategy = flags
+        events.append(("start", base, strategy))
+        time.sleep(0.5 if (base, strategy) == ("multitask", "naive") else 0.02)
+        (tmp_path / base / strategy).mkdir(parents=True)
+        results = result(strategy, A, task_similarity=SIMILARITY)
+        (tmp_path / base / strategy / "results.json").write_text(json.dumps(results))
+        events.append(("end", base, strategy))
+        return subprocess.CompletedProcess(flags, 3 if (base, strategy) == ("multitask", "tir") else 0, stderr="boom")
+    monkeypatch.setattr(ev, "study_plan", lambda *args: plan)
+    monkeypatch.setattr(ev, "train_run", fake_train_run)
+    args = argparse.Namespace(out=str(tmp_path / "study"), seeds=1, jobs=2)
+    assert ev.study(args, names, bases, []) == 1
+    assert "FAILED multitask/tir/seed0 (exit 3)" in capsys.readouterr().err
+    for b in bases:  # the first run trains the base; the others reuse it
+        assert all(events.index(("start", b, s)) > events.index(("end", b, "naive")) for s in names[1:])
+    # with two jobs, the pretrained runs do not wait for the multitask base
+    assert events.index(("end", "pretrained", "tir")) < events.index(("end", "multitask", "naive"))
+    assert "| tir | pretrained |" in (tmp_path / "study" / "study.md").read_text()  # the failed one is left out
+    assert "| tir | multitask |" not in (tmp_path / "study" / "study.md").read_text()
+
 
 needs_base = pytest.mark.skipif("base" not in {f.name for f in fields(train.TrainConfig)},
                                 reason="needs train.py --base (the multitask base of issue 8), not merged yet")
