@@ -232,7 +232,7 @@ COLORS = dict(zip(BASES, [(31, 119, 180), (214, 39, 40)]))  # one colour per bas
 RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks")  # the study sets these for each run
 UNCOMPARED = ("vocab_size", "run_dir", "cache_dir")  # set at run time, or where files go: not what a run computes
 COLUMNS = [("AA", "{:.1f}"), ("BWT", "{:+.1f}"), ("forgetting", "{:.1f}"), ("FWT", "{:+.1f}"), ("task ID", "{:.1f}"),
-           ("gain", "{:+.1f}"), ("extra memory", None), ("extra time", "{:+.0f} s")]
+           ("gain", "{:+.1f}"), ("extra memory", None), ("extra time", "{:+.0f} s")]  # None: bytes, the same each seed
 
 
 def ranks(xs):
