@@ -1,0 +1,221 @@
+"""The study (`python eval.py --study`): Spearman and the task-pair analysis on hand-worked inputs, the
+findings and the report on hand-built results, bad input, the order of runs (with a stand-in for train.py),
+and one tiny real study that fails, resumes and re-trains a run whose configuration changed.
+
+Run: python -m pytest tests/test_study.py -q   (about 15 s: the tiny study starts train.py 4 times)
+"""
+import argparse
+import json
+import math
+import subprocess
+import time
+from dataclasses import fields
+
+import pytest
+from PIL import Image
+
+import eval as ev
+import train
+
+TASKS = ["classify", "attribute", "count"]
+A = [[90, 10, 20],  # the matrix of test_eval.py: AA 53.33, BWT -40, forgetting 40
+     [60, 80, 30],
+     [40, 50, 70]]
+SIMILARITY = [[1.0, 0.8, 0.2],
+              [0.8, 1.0, 0.5],
+              [0.2, 0.5, 1.0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Spearman and task pairs
+
+def test_ranks_average_ties():
+    assert ev.ranks([10, 20, 20, 5]) == [2, 3.5, 3.5, 1]
+    assert ev.ranks([7, 7, 7]) == [2, 2, 2]
+
+
+@pytest.mark.parametrize("xs,ys,rho", [
+    ([1, 2, 3, 4], [1, 8, 27, 64], 1.0),        # monotone but not linear: Pearson would be < 1
+    ([1, 2, 3, 4], [40, 30, 20, 10], -1.0),
+    ([1, 2, 3, 4, 5], [2, 1, 4, 3, 5], 0.8),    # no ties: 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 24/120
+    ([1, 2, 2, 3], [1, 3, 2, 4], math.sqrt(0.9)),  # x ranks 1, 2.5, 2.5, 4: cov 4.5 / sqrt(4.5 * 5)
+])
+def test_spearman_on_known_cases(xs, ys, rho):
+    assert ev.spearman(xs, ys) == pytest.approx(rho)
+    assert ev.spearman(ys, xs) == pytest.approx(rho)  # symmetric
+
+
+def test_spearman_of_a_constant_is_undefined():
+    assert math.isnan(ev.spearman([1, 2, 3], [5, 5, 5]))
+
+
+def test_task_pairs_pair_forgetting_with_similarity():
+    # (j=1, i=0): 90-60; (j=2, i=0): 60-40; (j=2, i=1): 80-50
+    assert ev.task_pairs(A, SIMILARITY) == [(0.8, 30), (0.2, 20), (0.5, 30)]
+    # ranks of similarity 3, 1, 2 and of forgetting 2.5, 1, 2.5: cov 1.5 / sqrt(2 * 1.5)
+    assert ev.spearman(*zip(*ev.task_pairs(A, SIMILARITY))) == pytest.approx(math.sqrt(3) / 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# findings and the report, on hand-built results
+
+def shifted(matrix, d):
+    """The matrix with every accuracy moved by d: AA moves by d, BWT and forgetting stay."""
+    return [[a + d for a in row] for row in matrix]
+
+
+def result(strategy, matrix, seconds=30.0, extra_bytes=0, **extra):
+    return dict(config=dict(train=dict(strategy=strategy)), tasks=TASKS, base_row=[0, 0, 0], matrix=matrix,
+                metrics=ev.all_metrics(matrix, [0, 0, 0]), extra_bytes=extra_bytes, wall_seconds=seconds + 9,
+                timings=[dict(task=t, train_seconds=seconds / 3, eval_seconds=3, trainable=10) for t in TASKS], **extra)
+
+
+def study_runs(multitask_drift=0):
+    """2 bases x (naive, replay, tir) x 2 seeds. Seed 1 is 10 points below seed 0; replay is 20 above naive,
+    tir 5; the multitask base is 5 above the pretrained one and, with multitask_drift, forgets less."""
+    runs = {}
+    for base, up in (("pretrained", 0), ("multitask", 5)):
+        for seed in (0, 1):
+            naive = shifted(A, up - 10 * seed)
+            if base == "multitask":  # the earlier tasks end higher by the drift: less forgetting
+                naive[-1] = [a + multitask_drift * (j < 2) for j, a in enumerate(naive[-1])]
+            runs[base, "naive", seed] = result("naive", naive)
+            runs[base, "replay", seed] = result("replay", shifted(naive, 20), 36.0, 2048)
+            runs[base, "tir", seed] = result("tir", shifted(naive, 5), 33.0 + seed, 3 << 20, task_similarity=SIMILARITY)
+    return runs
+
+
+def test_findings_follow_the_numbers():
+    summary = ev.summarize(study_runs())
+    checks = ev.findings(summary, ev.spearman([0.8, 0.2, 0.5], [30, 20, 30]), 3)
+    holds = [h for _, h, _ in checks]
+    assert holds == [True, False, None, None, None, False]  # 3-5 need expansion and ewc, which did not run
+    assert "naive BWT -40.0 (pretrained), -40.0 (multitask)" in checks[0][2]
+    assert "ρ = +0.87 over 3 task pairs" in checks[5][2]
+    # the multitask base forgetting less, and similar tasks being forgotten less, turn 2 and 6 around
+    checks = ev.findings(ev.summarize(study_runs(multitask_drift=10)), ev.spearman([0.8, 0.2, 0.5], [10, 20, 15]), 3)
+    assert checks[1][1] is True and "naive forgetting 40.0 (pretrained), 30.0 (multitask)" in checks[1][2]
+    assert checks[5][1] is True
+
+
+def test_report_files_hold_the_numbers(tmp_path):
+    rows = ev.write_report(tmp_path, study_runs(), ["naive", "replay", "tir"], ["pretrained", "multitask"],
+                           ["Seeds 0, 1."])
+    assert rows[0] == ["strategy", "base", "AA", "BWT", "forgetting", "FWT", "gain", "extra memory", "extra time"]
+    md = (tmp_path / "study.md").read_text()
+    table = {tuple(cells[:2]): cells[2:] for line in md.splitlines() if line.startswith("| ")
+             for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    # naive pretrained: AA 53.33 and 43.33 -> mean 48.3, std 7.1; replay 20 above (FWT (30+50)/2 and
+    # (20+40)/2), 2 KB, 6 s more
+    assert table["naive", "pretrained"][:3] == ["48.3 ± 7.1", "-40.0 ± 0.0", "40.0 ± 0.0"]
+    assert table["replay", "pretrained"] == ["68.3 ± 7.1", "-40.0 ± 0.0", "40.0 ± 0.0", "+35.0 ± 7.1",
+                                             "+20.0 ± 0.0", "2.0 KB", "+6 s ± 0.0"]
+    assert table["tir", "multitask"][4:] == ["+5.0 ± 0.0", "3.0 MB", "+4 s ± 0.7"]  # 3 s and 4 s more
+    assert "- [x] 1. Sequential (naive) tuning forgets" in md and "**does not hold**" in md and "**not measured**" in md
+    assert "Spearman ρ = +0.87 over 12 task pairs" in md  # 3 pairs from each base and seed
+    data = json.loads((tmp_path / "study.json").read_text())
+    assert data["spearman"] == pytest.approx(math.sqrt(3) / 2) and len(data["task_pairs"]) == 12
+    assert data["summary"]["multitask/replay"]["gain"] == pytest.approx([20, 20])
+    assert [f["holds"] for f in data["findings"]] == [True, False, None, None, None, False]
+    for name in ("aa_bwt", "cost_benefit", "matrices-pretrained", "matrices-multitask", "similarity-pretrained",
+                 "similarity-multitask", "task_pairs"):
+        with Image.open(tmp_path / f"{name}.png") as img:
+            assert img.format == "PNG" and min(img.size) > 200
+            assert len(img.convert("RGB").getcolors(1 << 16)) > 2  # something is drawn on the white
+        assert f"![{name}.png]({name}.png)" in md
+
+
+def test_a_study_without_tir_says_so(tmp_path):
+    runs = {k: r for k, r in study_runs().items() if k[1] != "tir"}
+    ev.write_report(tmp_path, runs, ["naive", "replay", "tir"], ["pretrained", "multitask"])
+    md = (tmp_path / "study.md").read_text()
+    assert "The study ran no tir" in md and "| tir |" not in md
+    assert not list(tmp_path.glob("similarity-*.png")) and not (tmp_path / "task_pairs.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+
+def test_each_base_is_trained_once_before_its_other_runs(tmp_path, monkeypatch, capsys):
+    """A stand-in for train.py: the multitask base is slow to make; one run fails."""
+    events, bases, names = [], ["pretrained", "multitask"], ["naive", "replay", "tir"]
+    plan = {(b, s, 0): ([b, s], tmp_path / b / s, {}) for b in bases for s in names}
+
+    def fake_train_run(flags):
+        base, strategy = flags
+        events.append(("start", base, strategy))
+        time.sleep(0.5 if (base, strategy) == ("multitask", "naive") else 0.02)
+        (tmp_path / base / strategy).mkdir(parents=True)
+        results = result(strategy, A, task_similarity=SIMILARITY)
+        (tmp_path / base / strategy / "results.json").write_text(json.dumps(results))
+        events.append(("end", base, strategy))
+        return subprocess.CompletedProcess(flags, 3 if (base, strategy) == ("multitask", "tir") else 0, stderr="boom")
+    monkeypatch.setattr(ev, "study_plan", lambda *args: plan)
+    monkeypatch.setattr(ev, "train_run", fake_train_run)
+    args = argparse.Namespace(out=str(tmp_path / "study"), seeds=1, jobs=2)
+    assert ev.study(args, names, bases, []) == 1
+    assert "FAILED multitask/tir/seed0 (exit 3)" in capsys.readouterr().err
+    for b in bases:  # the first run trains the base; the others reuse it
+        assert all(events.index(("start", b, s)) > events.index(("end", b, "naive")) for s in names[1:])
+    # with two jobs, the pretrained runs do not wait for the multitask base
+    assert events.index(("end", "pretrained", "tir")) < events.index(("end", "multitask", "naive"))
+    assert "| tir | pretrained |" in (tmp_path / "study" / "study.md").read_text()  # the failed one is left out
+    assert "| tir | multitask |" not in (tmp_path / "study" / "study.md").read_text()
+
+
+needs_base = pytest.mark.skipif("base" not in {f.name for f in fields(train.TrainConfig)},
+                                reason="needs train.py --base (the multitask base of issue 8), not merged yet")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    pytest.param(["--strategies", "naive,foo"], "unknown strategy 'foo'", marks=needs_base),  # train.py's check
+    (["--bases", "pretrained,imagenet"], "unknown base 'imagenet'"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--", "--seed", "3"], "--seed after -- is set by the study"),
+    pytest.param(["--", "--bogus-flag"], "--bogus-flag", marks=needs_base),  # train.py's check too
+], ids=["strategy", "base", "seeds", "jobs", "reserved", "train-flag"])
+def test_bad_study_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, args, fragment):
+    assert ev.main(["--study", "--out", str(tmp_path / "study"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+TINY = ["--steps", "2", "--base-steps", "2", "--n-train", "8", "--n-test", "4", "--n-base", "8", "--batch-size", "4",
+        "--device", "cpu"]
+
+
+@needs_base
+def test_tiny_study_fails_resumes_and_reports(tmp_path, capsys):
+    out, cache = tmp_path / "study", tmp_path / "cache"
+    argv = ["--study", "--strategies", "naive,tir", "--bases", "pretrained", "--tasks", "classify,count",
+            "--out", str(out), "--", *TINY, "--cache-dir", str(cache)]
+    blocker = out / "runs" / "pretrained" / "tir" / "seed0"  # a file where tir's run folder goes: that run fails
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("in the way")
+    assert ev.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "FAILED pretrained/tir/seed0" in captured.err and "cannot write run folder" in captured.err
+    assert "1 of 2 runs finished, 1 failed" in captured.out
+    naive = out / "runs" / "pretrained" / "naive" / "seed0" / "results.json"
+    assert naive.is_file() and len(list(cache.glob("base-*.pt"))) == 1
+
+    blocker.unlink()  # resume: naive is reused, tir runs
+    assert ev.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 runs, 1 reused, 1 to train" in printed and "2 of 2 runs finished, 0 failed" in printed
+    md, data = (out / "study.md").read_text(), json.loads((out / "study.json").read_text())
+    results = json.loads(naive.read_text())
+    assert f"| naive | pretrained | {results['metrics']['AA']:.1f} |" in md and "| tir | pretrained |" in md
+    assert data["summary"]["pretrained/naive"]["AA"] == [results["metrics"]["AA"]]
+    assert len(data["task_pairs"]) == 1 and data["spearman"] is None  # one pair of tasks: no correlation
+    for name in ("aa_bwt", "cost_benefit", "matrices-pretrained", "similarity-pretrained", "task_pairs"):
+        with Image.open(out / f"{name}.png") as img:
+            assert img.format == "PNG"
+
+    results["config"]["train"]["steps"] = 999  # as if made by another configuration: trained again
+    naive.write_text(json.dumps(results))
+    assert ev.main(argv) == 0
+    assert "2 runs, 1 reused, 1 to train" in capsys.readouterr().out
+    assert json.loads(naive.read_text())["config"]["train"]["steps"] == 2
