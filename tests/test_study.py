@@ -199,7 +199,7 @@ def test_tiny_study_fails_resumes_and_reports(tmp_path, capsys):
     assert "FAILED pretrained/tir/seed0" in captured.err and "cannot write run folder" in captured.err
     assert "1 of 2 runs finished, 1 failed" in captured.out
     naive = out / "runs" / "pretrained" / "naive" / "seed0" / "results.json"
-    assert naive.is_file() and len(list(cache.glob("base-*.pt"))) == 1
+    assert naive.is_file() and len(list(cache.glob("pretrained-*.pt"))) == 1
 
     blocker.unlink()  # resume: naive is reused, tir runs
     assert ev.main(argv) == 0
