@@ -307,6 +307,11 @@ def run(cfg, mcfg, scfg):
     names = list(tasks)  # a task file's name is its stem
     if cfg.bf16 and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
         raise CLIError(f"--bf16 needs a CUDA device with bfloat16 support; this run is on {device.type}")
+    if cfg.compile:  # torch.compile fails late and at length where it cannot work (no C++ compiler...): try it now
+        try:
+            torch.compile(lambda x: x + 1)(torch.ones(2, device=device))
+        except Exception as e:
+            raise CLIError(f"--compile does not work here: {str(e).strip().splitlines()[0][:120]}") from None
     torch.set_num_threads(cfg.threads)
     tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed, tasks.values())  # a second; always fresh
     mcfg.vocab_size = tok.get_vocab_size()
@@ -420,6 +425,9 @@ def main(argv=None):
     except (Stop, data.TaskFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "code", 2)
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoints written so far stay, and the same command resumes
+        print("\ninterrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,165 @@
+"""Is train.py's loop as fast as a bare one, how busy does it keep the CPU, and what do evaluation and memory cost?
+
+    OMP_NUM_THREADS=1 python tests/bench_train.py            # about three minutes on the 2-core CPU
+    OMP_NUM_THREADS=1 python tests/bench_train.py --no-rss   # skip the short subprocess run that measures RSS
+
+Everything is measured in this one run, side by side, on the same model and the same batches: train.py's
+train_steps against a bare forward/backward/AdamW loop (alternating rounds, median of each), FLOPs counted by
+torch's FlopCounterMode against a float32 matmul peak measured here, one evaluation of every task against a
+whole run's training, and the bytes of a replay row, EWC's importances and anchors, and a run's peak RSS.
+"""
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import strategies  # noqa: E402
+import train  # noqa: E402
+from model import PRESETS, VLM, ModelConfig  # noqa: E402
+
+
+def matmul_peak(n=512, repeat=20):
+    """GFLOP/s of an n x n float32 matmul, the best of `repeat`: the most this CPU does with these threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def setup(preset, batch_size):
+    """A model of `preset` after a few steps, its training rows and a TrainConfig as train.py would build them."""
+    tok = data.train_tokenizer(data.ALL_TASKS, 0)
+    mcfg = ModelConfig(**{**PRESETS[preset], "vocab_size": tok.get_vocab_size()})
+    cfg = train.TrainConfig(batch_size=batch_size, checkpoint_every=10 ** 9)
+    rows = data.make_split(data.TASKS["attribute"], "train", 512, 0, tok, mcfg.image_size, mcfg.max_text_len)[0]
+    model = VLM(mcfg, seed=0)
+    model.vision.requires_grad_(False)  # as in task tuning
+    return tok, mcfg, cfg, rows, model
+
+
+def bare_loop(model, batches):
+    """The least a step can do: forward, backward, AdamW step, on batches made in advance."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    for batch in batches:
+        _, loss = model(*batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def compare_loops(model, rows, cfg, steps, rounds=5):
+    """Seconds per step of train.py's loop and of the bare loop, alternating rounds -> (median loop, median bare)."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [data.to_batch(rows, torch.randint(len(rows), (cfg.batch_size,), generator=gen), "cpu") for _ in range(steps)]
+    loop, bare, cpu = [], [], torch.device("cpu")
+    for _ in range(rounds + 1):  # the first round warms up both
+        t0 = time.perf_counter()
+        train.train_steps(model, rows, strategies.Strategy(None), steps, 1e-4, cfg, gen, cpu, "loop")
+        t1 = time.perf_counter()
+        bare_loop(model, batches)
+        loop.append((t1 - t0) / steps)
+        bare.append((time.perf_counter() - t1) / steps)
+    return statistics.median(loop[1:]), statistics.median(bare[1:]), batches[0]
+
+
+def step_flops(model, batch):
+    """FLOPs of one forward + backward, counted by torch."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _, loss = model(*batch)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def where_time_goes(model, rows, cfg, repeat=30):
+    """Milliseconds of each part of a step: making the batch, forward, backward, optimizer."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen, parts = torch.Generator().manual_seed(1), {"batch": [], "forward": [], "backward": [], "optimizer": []}
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        batch = data.to_batch(rows.subset(torch.randint(len(rows), (cfg.batch_size,), generator=gen)),
+                              range(cfg.batch_size), "cpu")
+        t1 = time.perf_counter()
+        _, loss = model(*batch)
+        t2 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t3 = time.perf_counter()
+        opt.step()
+        t4 = time.perf_counter()
+        for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            parts[k].append(dt)
+    return {k: 1000 * statistics.median(v) for k, v in parts.items()}
+
+
+def eval_share(model, tok, mcfg, cfg, step_seconds):
+    """One evaluation of every task (as train.py runs after each task) -> (seconds, share of a default run)."""
+    tests = [data.make_split(t, "test", cfg.n_test, 0, tok, mcfg.image_size, mcfg.max_text_len)[0]
+             for t in data.TASKS.values()]
+    strategy = strategies.Strategy(None)
+    train.evaluate(model, strategy, tests[:1], tok, torch.device("cpu"), cfg)  # warm-up
+    t0 = time.perf_counter()
+    train.evaluate(model, strategy, tests, tok, torch.device("cpu"), cfg)
+    once = time.perf_counter() - t0
+    n_tasks = len(data.TASKS)
+    evals, training = (n_tasks + 1) * once, n_tasks * cfg.steps * step_seconds  # the base row, then after each task
+    return once, evals / (evals + training)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=40, help="steps per timed round")
+    ap.add_argument("--no-rss", action="store_true", help="skip the subprocess run that measures peak RSS")
+    args = ap.parse_args()
+    peak = matmul_peak()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); float32 matmul peak "
+          f"{peak:.1f} GFLOP/s (512 x 512, best of 20)\n")
+    print(f"{'config':<26}{'loop ms':>9}{'bare ms':>9}{'loop/bare':>10}{'samples/s':>11}{'GFLOP/s':>9}{'MFU':>7}")
+    for preset, batch_size in (("tiny", 32), ("tiny", 128), ("small", 32)):
+        tok, mcfg, cfg, rows, model = setup(preset, batch_size)
+        loop, bare, batch = compare_loops(model, rows, cfg, args.steps if preset == "tiny" else args.steps // 4)
+        gflops = step_flops(model, batch) / loop / 1e9
+        default = preset == "tiny" and batch_size == 32
+        print(f"{preset + ', batch ' + str(batch_size) + (' (default)' if default else ''):<26}{1000 * loop:>9.1f}"
+              f"{1000 * bare:>9.1f}{bare / loop:>10.2f}{batch_size / loop:>11.0f}{gflops:>9.1f}{gflops / peak:>7.0%}")
+        if default:
+            parts, (once, share) = where_time_goes(model, rows, cfg), eval_share(model, tok, mcfg, cfg, loop)
+    print("\nwhere a default step's time goes (ms, median of 30): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+    print(f"evaluation of all {len(data.TASKS)} tasks ({train.TrainConfig().n_test} rows each): {once:.1f} s; "
+          f"run after each task and for the base row it is {share:.1%} of a default run")
+
+    row_bytes = strategies.nbytes([rows.images[0], rows.tokens[0], rows.prompt_len[0]])
+    ewc = strategies.build("ewc", strategies.StrategyConfig())
+    ewc.after_task(model, 0, rows.subset(range(64)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"\nreplay: {row_bytes:,} bytes per row (uint8 pixels, int16 tokens); the default 200-row buffer "
+          f"{200 * row_bytes / 2 ** 20:.2f} MB")
+    print(f"ewc: importances + anchors {ewc.extra_bytes() / 2 ** 20:.2f} MB for {trainable:,} trainable parameters "
+          f"({ewc.extra_bytes() / 4 / trainable:.2f} floats each)")
+    if not args.no_rss:  # the default run's data and model, 10 steps a task: memory does not grow with steps
+        flags = ["--strategy", "replay", "--steps", "10", "--base-steps", "10", "--device", "cpu"]
+        with tempfile.TemporaryDirectory() as tmp:
+            proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--run-dir", f"{tmp}/run",
+                                   "--cache-dir", f"{tmp}/cache"], cwd=ROOT, capture_output=True, text=True)
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+        print(f"peak RSS of `python train.py {' '.join(flags)}`: {rss:.0f} MB" + (" (FAILED)" if proc.returncode else ""))
+
+
+if __name__ == "__main__":
+    main()
