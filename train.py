@@ -176,7 +176,7 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
     forward = torch.compile(model) if cfg.compile else model
     model.train()
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, leave=False, dynamic_ncols=True,
-               disable=RANK > 0)
+               disable=RANK > 0 or "TQDM_DISABLE" in os.environ)  # the study's runs set it
     for step in bar:
         for group in opt.param_groups:  # linear warm-up over 5 %, then cosine from 1 down to 0.1
             group["lr"] = lr * min((step + 1) / max(1, steps // 20), 0.55 + 0.45 * math.cos(math.pi * step / steps))
@@ -339,7 +339,8 @@ def run(cfg, mcfg, scfg):
         strategy.restore(model)
         model.load_state_dict(ck["model"])
         base_row, matrix, timings, losses = ck["base_row"], ck["matrix"], ck["timings"], ck["losses"]
-        print(f"resuming from {run_dir}/checkpoint.pt: task {ck['task'] + 1}, step {ck['step']}")
+        where = "finished, nothing left to train" if ck["task"] == len(names) else f"task {ck['task'] + 1}, step {ck['step']}"
+        print(f"resuming from {run_dir}/checkpoint.pt: {where}")
     else:
         base_row, matrix, timings, losses = [acc for acc, _ in evaluate(model, strategy, tests, tok, device, cfg)], [], [], []
     print(f"model: {n_params:,} parameters; accuracy (%) on each task after each stage:\n{format_header(names)}")

@@ -47,7 +47,7 @@ def load(path, run_dir):
     t0 = time.perf_counter()
     tasks = data.read_tasks([str(path)], cache=run_dir / "cache")
     t1 = time.perf_counter()
-    tok = data.train_tokenizer(list(data.TASKS.values()) + [data.ALIGN], 0, tasks.values())
+    tok = data.train_tokenizer(data.ALL_TASKS, 0, tasks.values())
     t2 = time.perf_counter()
     train, test = data.make_task(tasks["bench"], 0, 0, 0, tok, IMAGE_SIZE, MAX_LEN)
     assert len(train) + len(test) == 2 * N_RECORDS

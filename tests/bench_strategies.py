@@ -29,7 +29,7 @@ def seconds(fn, repeat):
 
 def main():
     tcfg = TrainConfig()
-    tok = data.train_tokenizer(list(data.TASKS.values()) + [data.ALIGN], 0)
+    tok = data.train_tokenizer(data.ALL_TASKS, 0)
     cfg = ModelConfig(vocab_size=tok.get_vocab_size())
     rows = [data.make_task(data.TASKS[n], 512, 1, 0, tok, cfg.image_size, cfg.max_text_len)[0]
             for n in ("attribute", "count")]
