@@ -545,13 +545,22 @@ def file_images(path, records, key, image_size, cache):
         return torch.load(cached, weights_only=True), "cached"
     images = torch.from_numpy(np.stack([read_image(r, image_size) for r in records]))
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + ".tmp")
-    with open(tmp, "wb") as f:  # written whole, then renamed: a reader never sees half a cache file
-        torch.save(images, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, cached)
+    atomic_write(cached, lambda p: torch.save(images, p))
     return images, "decoded"
+
+
+def atomic_write(path, write):
+    """write(tmp_path), fsync, then rename over `path`: a reader sees the old file or the new one, never half
+    of one. The temporary name carries the process id, so two writers never share it. Under torchrun
+    (RANK > 0) only rank 0 writes."""
+    if int(os.environ.get("RANK", 0)) > 0:
+        return
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_image(rec, size):

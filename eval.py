@@ -227,7 +227,7 @@ def compare(run_dirs, out):
 # ----------------------------------------------------------------------------------------------
 # the study (--study): every strategy from every base, run by train.py, reported in one folder
 
-BASES = ("pretrained", "multitask")  # the alignment-only base, and that base tuned jointly on every task
+BASES = ("pretrained", "multitask")  # the alignment-only base, and that base tuned jointly on the held-in tasks
 COLORS = dict(zip(BASES, [(31, 119, 180), (214, 39, 40)]))  # one colour per base in every chart
 RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks")  # the study sets these for each run
 UNCOMPARED = ("vocab_size", "run_dir", "cache_dir")  # set at run time, or where files go: not what a run computes
@@ -543,7 +543,8 @@ def train_run(flags):
 def study(args, names, bases, extra):
     """Train every (base, strategy, seed) not already finished, args.jobs at a time, then write the report ->
     exit code. The first run of each (base, seed) goes ahead of the rest: it trains the base they reuse, so
-    they start when it ends (not when every base is trained)."""
+    they start when it ends (not when every base is trained). The two bases' first runs both train the
+    pretrained stage, side by side: a minute of one core, which would otherwise wait."""
     import train
     t0, out = time.time(), Path(args.out)
     try:
@@ -622,8 +623,13 @@ def main(argv=None):
     results = json.loads(path.read_text())
     print(format_report(results))
     if args.checkpoint:
+        import data
         import train  # imported here: train.py imports this module
-        accs = train.reevaluate(args.run_dir, args.checkpoint)
+        try:
+            accs = train.reevaluate(args.run_dir, args.checkpoint)
+        except (train.Stop, data.TaskFileError, RuntimeError) as e:  # damaged, foreign or another run's checkpoint
+            print(f"error: {args.checkpoint}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+            return 2
         print(f"\nre-evaluated {args.checkpoint}:\n{format_header(results['tasks'])}\n"
               + format_row(Path(args.checkpoint).stem, accs, results["tasks"]))
     return 0

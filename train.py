@@ -1,6 +1,6 @@
 """Continual instruction tuning: train a base model, then tune it on tasks one after another.
 
-    python train.py --strategy replay          # the whole job on a laptop CPU, in about two minutes
+    python train.py --strategy replay          # the whole job on a laptop CPU, in about three minutes
     python train.py --strategy naive --help    # every flag, with the reason for its default
 
 After each task every task is evaluated, giving one row of the accuracy matrix; the run folder
@@ -10,6 +10,7 @@ Rerunning a command resumes its run folder where it stopped (checkpoint.pt, ever
 The protocol follows He et al., Continual Instruction Tuning for Large Multimodal Models (2311.16206).
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 import data
 import strategies
+from data import atomic_write
 from eval import SCORERS, all_metrics, format_header, format_report, format_row, heatmap
 from model import PRESETS, VLM, ModelConfig, arg
 
@@ -110,6 +112,7 @@ def parse(argv):
             saved = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError):
             raise CLIError(f"--resume: no run to resume in {folder} (no readable config.json)") from None
+        saved["train"] = {k: v for k, v in saved["train"].items() if k not in ("resume", "force_new")}
     preset = given.get("preset", saved.get("train", {}).get("preset", "tiny"))
     if preset not in PRESETS:
         raise CLIError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -131,6 +134,8 @@ def parse(argv):
     task_names(cfg.tasks)  # fails early on unknown tasks
     if cfg.base not in ("pretrained", "multitask"):
         raise CLIError(f"unknown base {cfg.base!r}; choose from pretrained, multitask")
+    if cfg.batch_size < WORLD:
+        raise CLIError(f"--batch-size {cfg.batch_size} leaves some of the {WORLD} processes without a row")
     cfg.run_dir = cfg.run_dir or f"runs/{cfg.strategy}"
     return cfg, mcfg, scfg
 
@@ -154,18 +159,6 @@ def pick_device(name):
     return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
 
 
-def atomic_write(path, write):
-    """write(tmp_path), fsync, then rename over `path`: readers never see a half-written file. Rank 0 only."""
-    if RANK > 0:
-        return
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=0, opt_state=None, save=None):
     """AdamW over the trainable parameters, warm-up then cosine decay; the strategy's hooks shape each batch.
     From step `start` with a saved optimizer state when resuming; save(step, opt) every cfg.checkpoint_every."""
@@ -185,21 +178,20 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
         if WORLD > 1:  # each rank takes every WORLD-th row; scaled so that summed gradients average the batch
             share = (batch[2][RANK::WORLD] != -100).sum() / (batch[2] != -100).sum()
             batch = tuple(x[RANK::WORLD] for x in batch)
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device.type, torch.bfloat16) if cfg.bf16 else contextlib.nullcontext():
             logits, loss = forward(*batch)
             extra = strategy.penalty(model, batch, logits)
         total = loss if extra is None else loss + extra
-        if WORLD > 1:
-            total = loss * share + (0 if extra is None else extra / WORLD)
-        if not torch.isfinite(total):  # the last checkpoint stays as it is
-            raise Stop(f"the loss became {total.item()} in {desc}, step {step + 1}; stopped, keeping the last "
-                       "checkpoint: lower --lr and rerun with --force-new")
+        if WORLD > 1:  # shares sum to 1: the summed gradients are those of the whole batch's mean loss
+            total = total * share
         opt.zero_grad(set_to_none=True)
         total.backward()
         if WORLD > 1:  # DDP by hand: sum every rank's gradient, so all ranks take the same step
             for p in params:
                 dist.all_reduce(p.grad)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):  # the same on every rank
+            raise Stop(f"the loss ({loss.item():.3g}) or its gradients became inf or nan in {desc}, step {step + 1}; "
+                       "stopped before the update, keeping the last checkpoint: lower --lr and rerun with --force-new")
         opt.step()
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -249,14 +241,15 @@ def base_model(cfg, mcfg, tok, device):
     """The starting model: the alignment stage, then for --base multitask joint tuning on the held-in tasks.
     Each stage is cached under a key of everything that made it, and loaded again when that matches."""
     code = b"".join((Path(__file__).parent / n).read_bytes() for n in ("data.py", "model.py"))
-    key = dict(model=asdict(mcfg), batch_size=cfg.batch_size, seed=cfg.seed, tokenizer=tok.to_str(),
+    key = dict(model=asdict(mcfg), batch_size=cfg.batch_size, seed=cfg.seed, tokenizer=tok.to_str(), bf16=cfg.bf16,
                code=hashlib.sha256(code).hexdigest())  # editing data.py or model.py must not reuse a stale base
     stages = [("pretrained", [data.ALIGN], cfg.base_steps, cfg.base_lr, cfg.n_base)]
-    if cfg.base == "multitask":  # the vision tower stays frozen here, as in task tuning
+    if cfg.base == "multitask":  # with --freeze-vision the vision tower stays frozen here, as in task tuning
         stages.append(("multitask", list(data.HELD_IN.values()), cfg.multitask_steps, cfg.lr, cfg.n_train))
     paths = []
     for name, tasks, steps, lr, n in stages:  # each stage's key holds every stage before it
-        key[name] = dict(tasks=[t.name for t in tasks], steps=steps, lr=lr, n=n)
+        key[name] = dict(tasks=[t.name for t in tasks], steps=steps, lr=lr, n=n, frozen_vision=cfg.freeze_vision
+                         and name == "multitask")
         paths.append(Path(cfg.cache_dir) / f"{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.pt")
     model = VLM(mcfg, seed=cfg.seed).to(device)
     done = max((i for i, path in enumerate(paths) if path.is_file()), default=-1)
@@ -288,13 +281,14 @@ def run_folder(cfg, config, run_dir):
                            "to resume it, or add --force-new")
     elif cfg.resume:
         raise CLIError(f"--resume: nothing to resume in {run_dir} (no checkpoint.pt)")
-    try:  # prove the run folder is writable before any work is done
-        if RANK == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / ".write-test").write_text("ok")
-            (run_dir / ".write-test").unlink()
-    except OSError as e:
-        raise CLIError(f"cannot write run folder {run_dir}: {e.strerror or e}") from None
+    for folder, what in ((run_dir, "run folder"), (Path(cfg.cache_dir), "--cache-dir")):
+        try:  # prove both writable before any work is done
+            if RANK == 0:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / ".write-test").write_text("ok")
+                (folder / ".write-test").unlink()
+        except OSError as e:
+            raise CLIError(f"cannot write {what} {folder}: {e.strerror or e}") from None
     return saved
 
 

@@ -55,7 +55,7 @@ def setup(preset, batch_size):
     """A model of `preset` after a few steps, its training rows and a TrainConfig as train.py would build them."""
     tok = data.train_tokenizer(data.ALL_TASKS, 0)
     mcfg = ModelConfig(**{**PRESETS[preset], "vocab_size": tok.get_vocab_size()})
-    cfg = train.TrainConfig(batch_size=batch_size, checkpoint_every=10 ** 9)
+    cfg = train.TrainConfig(batch_size=batch_size)
     rows = data.make_split(data.TASKS["attribute"], "train", 512, 0, tok, mcfg.image_size, mcfg.max_text_len)[0]
     model = VLM(mcfg, seed=0)
     model.vision.requires_grad_(False)  # as in task tuning
