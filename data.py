@@ -337,10 +337,15 @@ class Examples:
                         parts[0].metric if parts else "exact")
 
 
+def token_parts(tok, instruction, answer):
+    """-> ([BOS] instruction [SEP], answer [EOS]) as token ids."""
+    return [BOS] + tok.encode(instruction).ids + [SEP], tok.encode(answer).ids + [EOS]
+
+
 def encode(tok, instruction, answer, max_len):
     """-> (token row as a list padded to max_len, prompt length). Raises if it does not fit."""
-    prompt = [BOS] + tok.encode(instruction).ids + [SEP]
-    row = prompt + tok.encode(answer).ids + [EOS]
+    prompt, reply = token_parts(tok, instruction, answer)
+    row = prompt + reply
     if len(row) > max_len:
         raise ValueError(f"{len(row)} tokens do not fit max_text_len={max_len}: {instruction!r} -> {answer!r}")
     return row + [PAD] * (max_len - len(row)), len(prompt)
@@ -581,7 +586,7 @@ def encode_records(task, records, tok, max_len):
     rows, plen, answers, index, cuts = [], [], [], [], 0
     for i, rec in enumerate(records):
         for k, (instruction, answer) in enumerate(rec.pairs, 1):
-            prompt, reply = [BOS] + tok.encode(instruction).ids + [SEP], tok.encode(answer).ids + [EOS]
+            prompt, reply = token_parts(tok, instruction, answer)
             if len(prompt) + len(reply) > max_len and (not task.truncate or len(prompt) >= max_len):
                 raise TaskFileError(f"{rec.where}: pair {k} is {len(prompt) + len(reply)} tokens, more than max_text_len="
                                     f"{max_len}" + ("; its question alone is too long to cut" if task.truncate else

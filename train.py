@@ -29,7 +29,7 @@ from tqdm import tqdm
 import data
 import strategies
 from data import atomic_write
-from eval import SCORERS, all_metrics, format_header, format_report, format_row, heatmap
+from eval import SCORERS, all_metrics, format_matrix, format_report, format_row, heatmap
 from model import PRESETS, VLM, ModelConfig, arg
 
 
@@ -337,9 +337,8 @@ def run(cfg, mcfg, scfg):
         print(f"resuming from {run_dir}/checkpoint.pt: {where}")
     else:
         base_row, matrix, timings, losses = [acc for acc, _ in evaluate(model, strategy, tests, tok, device, cfg)], [], [], []
-    print(f"model: {n_params:,} parameters; accuracy (%) on each task after each stage:\n{format_header(names)}")
-    for label, row in zip(["base"] + names, [base_row] + matrix):
-        print(format_row(label, row, names))
+    print(f"model: {n_params:,} parameters; accuracy (%) on each task after each stage:\n"
+          + format_matrix(names, matrix, base_row))
 
     def checkpoint(t, step, gen=None, opt=None):  # everything a resume needs; rank 0 writes it
         state = dict(config=config, task=t, step=step, model=model.state_dict(), strategy=strategy.state_dict(),
