@@ -5,21 +5,17 @@ middle row. Each task asks its own kind of question about a scene, in the spirit
 that He et al. (arXiv 2311.16206) tune in sequence: ImageNet, VQAv2, GQA, TextVQA, RefCOCO, ...
 Everything is a pure function of (task, split, seed), so two runs see the same pixels.
 Run `python data.py` to print a few examples of every task. Tasks can also come from LLaVA-format
-files (read_tasks, below); `python data.py --export DIR` writes the benchmark in that format.
+files, and the benchmark can be written out in that format: see llava.py.
 """
 import argparse
-import hashlib
-import json
 import os
 import random
-import time
-from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
@@ -283,13 +279,13 @@ ALIGN = Task("align", "LLaVA-Pretrain (LCS-558K)", ("",), _align_scene, _align, 
 ALL_TASKS = [ALIGN, *TASKS.values(), *HELD_IN.values()]  # what the tokenizer learns from
 
 
-def train_tokenizer(tasks, seed, more=()):
+def train_tokenizer(tasks, seed, extra_texts=()):
     """A word-level tokenizer trained on every instruction and answer the tasks can produce.
 
     Words keep a '▁' prefix (the Metaspace scheme), and glyphs and punctuation are split off one
     by one, so 'K7A' becomes '▁', 'K', '7', 'A' and decodes back to 'K7A' exactly.
-    `more` are a run's tasks: words of the task files among them that the benchmark lacks get the
-    next ids, so every benchmark word keeps its id whatever files a run mixes in.
+    `extra_texts` (e.g. the questions and answers of a run's task files, llava.py) add the words the
+    benchmark lacks with the next ids, so every benchmark word keeps its id whatever a run mixes in.
     """
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -299,10 +295,11 @@ def train_tokenizer(tasks, seed, more=()):
     for task in tasks:  # a few hundred scenes per task reach every word of every template
         rng = random.Random(f"tokenizer-{task.name}-{seed}")
         corpus += [" ".join(task.make(task.scene(rng), rng)) for _ in range(400)]
-    corpus += list(GLYPHS) + [" ".join(SHAPES + tuple(COLORS) + SIZES + ROWS + COLS + tuple(s + "s" for s in SHAPES))]
+    words = SHAPES + tuple(COLORS) + SIZES + ROWS + COLS + tuple(s + "s" for s in SHAPES)
+    corpus += list(GLYPHS) + [" ".join(words)]
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL, show_progress=False))
     vocab = tok.get_vocab()
-    for text in dict.fromkeys(s for task in more if isinstance(task, FileTask) for s in task.texts):
+    for text in dict.fromkeys(extra_texts):
         for word, _ in tok.pre_tokenizer.pre_tokenize_str(text):
             vocab.setdefault(word, len(vocab))
     tok.model = models.WordLevel(vocab, unk_token="[UNK]")  # the same vocabulary serialises the same
@@ -369,9 +366,7 @@ def make_split(task, split, n, seed, tok, image_size, max_len, exclude=frozenset
 
 
 def make_task(task, n_train, n_test, seed, tok, image_size, max_len):
-    """-> (train, test) Examples; no train layout equals a test layout. A task file brings its own rows."""
-    if isinstance(task, FileTask):
-        return load_file_task(task, seed, tok, image_size, max_len)
+    """-> (train, test) Examples of a built-in task; no train layout equals a test layout."""
     test, test_keys = make_split(task, "test", n_test, seed, tok, image_size, max_len)
     train, _ = make_split(task, "train", n_train, seed, tok, image_size, max_len, exclude=frozenset(test_keys))
     return train, test
@@ -399,161 +394,6 @@ def pixels(images):
     return images.float().div(127.5).sub(1.0)
 
 
-# ----------------------------------------------------------------------------------------------
-# bring your own tasks: LLaVA-format files in, the benchmark out
-
-TASK_FILE_SUFFIXES = (".json", ".jsonl")  # a JSON list of records, or one record a line
-HELD_OUT = 0.1  # share of a file's records tested on when it has no sibling <stem>.test.json
-
-
-class TaskFileError(ValueError):
-    """Bad input in a task file: the message names the file and the record."""
-
-
-# a checked record: where it is ("data/mytask.json record 3 (id 'q17')", for errors found later), its image
-# path, and its (instruction, answer) pairs, one per human/gpt turn pair
-Record = namedtuple("Record", "where image pairs")
-
-
-@dataclass
-class FileTask:
-    """A task read from a LLaVA-format file and its .test sibling, checked; make_task loads its rows."""
-    name: str     # the file's stem
-    like: str     # the file, shown where a built-in task shows the dataset it stands in for
-    metric: str   # the records' "metric": 'exact' (the default) or 'f1'
-    files: list   # [(path, records, key)]; the key hashes all that makes the file's images
-    truncate: bool
-    cache: Path   # decoded images live here, in the run folder
-
-    @property
-    def texts(self):
-        return [s for _, records, _ in self.files for r in records for pair in r.pairs for s in pair]
-
-
-def read_tasks(entries, image_root="", truncate=False, cache="cache"):
-    """--tasks entries (built-in names and task files) -> {name: Task or FileTask}, every file checked."""
-    tasks = {}
-    for entry in entries:
-        is_file = entry.endswith(TASK_FILE_SUFFIXES)
-        task = read_task_file(Path(entry), image_root, truncate, cache) if is_file else TASKS[entry]
-        if tasks.setdefault(task.name, task) is not task:
-            raise TaskFileError(f"{entry}: --tasks already has a task named {task.name!r}")
-    return tasks
-
-
-def read_task_file(path, image_root, truncate, cache):
-    """A task file, and its sibling <stem>.test<suffix> if there is one -> FileTask."""
-    files, metric = [], None
-    for p in (path, path.with_name(f"{path.stem}.test{path.suffix}")):
-        if p == path or p.is_file():
-            records, key, metric = read_records(p, Path(image_root or p.parent), metric)
-            files.append((p, records, key))
-    return FileTask(path.stem, str(path), metric, files, truncate, Path(cache))
-
-
-def read_records(path, root, metric):
-    """A task file -> (records, key, metric); every record is checked, and must use `metric` if it is given."""
-    try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8")
-    except OSError as e:
-        raise TaskFileError(f"{path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise TaskFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    jsonl = path.suffix == ".jsonl"
-    values = []
-    for first, chunk in [(n, s) for n, s in enumerate(text.splitlines(), 1) if s.strip()] if jsonl else [(1, text)]:
-        try:
-            values.append(json.loads(chunk))
-        except json.JSONDecodeError as e:
-            where = f"{path} record {len(values)}" if jsonl else str(path)
-            raise TaskFileError(f"{where}: invalid JSON at line {first + e.lineno - 1} column {e.colno}: {e.msg}") from None
-    values = values if jsonl else values[0]
-    if not isinstance(values, list) or not values:
-        raise TaskFileError(f"{path}: expected a non-empty list of records")
-    records, ids, key = [], {}, hashlib.sha256(raw + str(root.resolve()).encode())
-    for i, rec in enumerate(values):
-        rid = rec.get("id") if isinstance(rec, dict) else None
-        where = f"{path} record {i}" + ("" if rid is None else f" (id {rid!r})")
-        try:
-            records.append(check_record(rec, root, key, where))
-            metric, own = metric or rec.get("metric", "exact"), rec.get("metric", "exact")
-            if own != metric:
-                raise ValueError(f"metric {own!r} differs from the task's {metric!r}")
-            if rid is not None and ids.setdefault(repr(rid), i) != i:
-                raise ValueError(f"duplicate id: record {ids[repr(rid)]} has it too")
-        except ValueError as e:
-            raise TaskFileError(f"{where}: {e}") from None
-    return records, key.hexdigest()[:12], metric
-
-
-def check_record(rec, root, key, where):
-    """A record -> Record, or ValueError saying what is wrong; the image file's size and time go into `key`."""
-    if not isinstance(rec, dict):
-        raise ValueError(f"a record is a JSON object, not {type(rec).__name__}")
-    if "image" not in rec or "conversations" not in rec:
-        raise ValueError(f"no {'image' if 'image' not in rec else 'conversations'!r}")
-    if rec.get("metric", "exact") not in ("exact", "f1"):
-        raise ValueError(f"unknown metric {rec['metric']!r}; use 'exact' or 'f1'")
-    image = root / str(rec["image"])
-    try:
-        st = image.stat()
-    except OSError as e:
-        raise ValueError(f"image {image}: {e.strerror}") from None
-    key.update(f"{image}|{st.st_size}|{st.st_mtime_ns}\n".encode())  # a changed image invalidates the cache
-    turns, pairs = rec["conversations"], []
-    if not isinstance(turns, list) or not turns:
-        raise ValueError("'conversations' must be a non-empty list of turns")
-    for t, turn in enumerate(turns, 1):
-        expected, who = "human" if t % 2 else "gpt", turn.get("from") if isinstance(turn, dict) else None
-        if who not in ("human", "gpt") or not isinstance(turn.get("value"), str):
-            raise ValueError(f"turn {t} is from {who!r}; a turn has a 'from' ('human' or 'gpt') and a text 'value'")
-        if who != expected:
-            raise ValueError(f"turn {t} is from {who!r} but a {expected!r} turn was expected")
-        if who == "human":
-            question = turn["value"].replace("<image>", "").strip()  # the image is always the prefix here
-        elif not turn["value"].strip():
-            raise ValueError(f"turn {t} is an empty answer")
-        else:
-            pairs.append((question, turn["value"].strip()))
-    if len(turns) % 2:
-        raise ValueError(f"turn {len(turns)} is a question without an answer")
-    return Record(where, image, pairs)
-
-
-def load_file_task(task, seed, tok, image_size, max_len):
-    """A FileTask -> (train, test) Examples, one row per pair; prints one line of what it read."""
-    t0, records = time.time(), {path: recs for path, recs, _ in task.files}
-    splits = [(path, list(range(len(recs)))) for path, recs in records.items()]  # (file, its records in the split)
-    if len(splits) == 1:  # no test file: hold out whole records, so that no image is in both splits
-        path, n = splits[0][0], len(splits[0][1])
-        if n < 2:
-            raise TaskFileError(f"{path}: one record cannot be split into train and test; add a .test file")
-        order, n_test = random.Random(f"{task.name}-held-out-{seed}").sample(range(n), n), max(1, round(HELD_OUT * n))
-        splits = [(path, sorted(order[n_test:])), (path, sorted(order[:n_test]))]
-    rows = [encode_records(task, [records[path][i] for i in idx], tok, max_len) for path, idx in splits]  # before images
-    images = {path: file_images(path, recs, key, image_size, task.cache) for path, recs, key in task.files}
-    train, test = [Examples(task.name, images[path][0][torch.tensor(idx)[index]], tokens, plen, answers, task.metric)
-                   for (path, idx), (tokens, plen, answers, index, _) in zip(splits, rows)]
-    cuts = sum(r[-1] for r in rows)
-    print(f"{task.name}: {sum(map(len, records.values()))} records, {len(train) + len(test)} pairs -> {len(train)} train + "
-          f"{len(test)} test rows{'' if len(task.files) == 2 else ' (held out)'}"
-          + (f", --truncate cut {cuts} rows to {max_len} tokens" if cuts else "")
-          + f"; images {' and '.join(dict.fromkeys(how for _, how in images.values()))} in {time.time() - t0:.1f} s")
-    return train, test
-
-
-def file_images(path, records, key, image_size, cache):
-    """-> (uint8 (N, 3, S, S) images of the records, 'cached' or 'decoded'); decoded ones are cached."""
-    cached = cache / f"{path.stem}-{key}-{image_size}px.pt"
-    if cached.is_file():
-        return torch.load(cached, weights_only=True), "cached"
-    images = torch.from_numpy(np.stack([read_image(r, image_size) for r in records]))
-    cache.mkdir(parents=True, exist_ok=True)
-    atomic_write(cached, lambda p: torch.save(images, p))
-    return images, "decoded"
-
-
 def atomic_write(path, write):
     """write(tmp_path), fsync, then rename over `path`: a reader sees the old file or the new one, never half
     of one. The temporary name carries the process id, so two writers never share it. Under torchrun
@@ -568,73 +408,12 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
-def read_image(rec, size):
-    """A record's image file -> (3, size, size) uint8 RGB; resized only if its size differs, so PNG pixels stay exact."""
-    try:
-        with Image.open(rec.image) as img:
-            img = img.convert("RGB")
-            img = img if img.size == (size, size) else img.resize((size, size), Image.Resampling.BICUBIC)
-            return np.asarray(img).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-    except UnidentifiedImageError:
-        raise TaskFileError(f"{rec.where}: {rec.image} is not an image") from None
-    except OSError as e:
-        raise TaskFileError(f"{rec.where}: cannot read image {rec.image}: {e.strerror or e}") from None
-
-
-def encode_records(task, records, tok, max_len):
-    """-> (tokens (N, max_len) int16, prompt_len (N,) int16, answers, record of each row, rows cut by --truncate)."""
-    rows, plen, answers, index, cuts = [], [], [], [], 0
-    for i, rec in enumerate(records):
-        for k, (instruction, answer) in enumerate(rec.pairs, 1):
-            prompt, reply = token_parts(tok, instruction, answer)
-            if len(prompt) + len(reply) > max_len and (not task.truncate or len(prompt) >= max_len):
-                raise TaskFileError(f"{rec.where}: pair {k} is {len(prompt) + len(reply)} tokens, more than max_text_len="
-                                    f"{max_len}" + ("; its question alone is too long to cut" if task.truncate else
-                                                    "; --truncate cuts the answer to fit"))
-            if len(prompt) + len(reply) > max_len:  # --truncate: the answer loses its end and [EOS] ...
-                reply, answer, cuts = reply[:max_len - len(prompt)], tok.decode(reply[:max_len - len(prompt)]), cuts + 1
-            rows.append(prompt + reply + [PAD] * (max_len - len(prompt) - len(reply)))  # ... and is scored on the rest
-            plen.append(len(prompt)), answers.append(answer), index.append(i)
-    return torch.tensor(rows, dtype=torch.int16), torch.tensor(plen, dtype=torch.int16), answers, index, cuts
-
-
-def export(out, n_train, n_test, seed, image_size):
-    """Write the benchmark as task files: out/<task>.json (train), out/<task>.test.json, out/images/<task>/*.png."""
-    out, tok = Path(out), train_tokenizer(ALL_TASKS, seed)
-    for task in TASKS.values():
-        (out / "images" / task.name).mkdir(parents=True, exist_ok=True)
-        for split, ex in zip(("train", "test"), make_task(task, n_train, n_test, seed, tok, image_size, 64)):
-            records = []
-            for i in range(len(ex)):
-                image, p = f"images/{task.name}/{split}-{i}.png", int(ex.prompt_len[i])
-                Image.fromarray(ex.images[i].permute(1, 2, 0).numpy()).save(out / image)
-                question = tok.decode(ex.tokens[i, 1:p - 1].tolist())  # decoding gives back the text (tests/test_data.py)
-                records.append({"id": f"{task.name}-{split}-{i}", "image": image, "metric": task.metric, "conversations": [
-                    {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": ex.answers[i]}]})
-            (out / f"{task.name}{'' if split == 'train' else '.test'}.json").write_text(records_json(records))
-
-
-def records_json(records):
-    """A JSON list of records, one a line: a JSON error's line number then points at its record."""
-    return "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n"
-
-
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Print a few examples of every task, or --export the benchmark.")
-    ap.add_argument("--export", metavar="DIR", help="write every task as DIR/<task>.json and <task>.test.json")
-    ap.add_argument("--n-train", type=int, default=1000, help="train rows per task (train.py's default)")
-    ap.add_argument("--n-test", type=int, default=150, help="test rows per task (train.py's default)")
-    ap.add_argument("--seed", type=int, default=0, help="the seed of the train.py run to match")
-    ap.add_argument("--image-size", type=int, default=48, help="pixels per side (the tiny preset's)")
-    args = ap.parse_args()
-    if args.export:
-        export(args.export, args.n_train, args.n_test, args.seed, args.image_size)
-        print(f"wrote {len(TASKS)} tasks to {args.export}: {', '.join(f'{n}.json' for n in TASKS)} and their .test.json")
-    else:
-        tok = train_tokenizer(ALL_TASKS, seed=0)
-        print(f"vocabulary: {tok.get_vocab_size()} tokens")
-        for task in ALL_TASKS:
-            rng = random.Random(task.name)
-            for _ in range(2):
-                q, a = task.make(task.scene(rng), rng)
-                print(f"{task.name:>12} ({task.like}): {q!r} -> {a!r}")
+    argparse.ArgumentParser(description="Print two examples of every task.").parse_args()  # --help, no flags
+    tok = train_tokenizer(ALL_TASKS, seed=0)
+    print(f"vocabulary: {tok.get_vocab_size()} tokens")
+    for task in ALL_TASKS:
+        rng = random.Random(task.name)
+        for _ in range(2):
+            q, a = task.make(task.scene(rng), rng)
+            print(f"{task.name:>12} ({task.like}): {q!r} -> {a!r}")

@@ -1,7 +1,7 @@
 """Continual-learning strategies: one class each, all on the same few hooks.
 
 train.py calls, for every task in order:
-    before_task(model, task_id, train) -> steps of [batch(fresh, gen) -> loss + penalty(...)] -> after_task(...)
+    before_task(model, task_id, train) -> steps of [batch(fresh, gen) -> loss + penalty] -> after_task(...)
 and answers test questions through generate(...), where an expansion strategy would route.
 A strategy keeps its state in `state_dict()`, which checkpoints save. `build("replay+ewc", cfg)`
 composes strategies: every part's hooks run. Methods follow He et al. (arXiv 2311.16206), sec. 4:
@@ -9,7 +9,6 @@ replay, joint (the upper bound), EWC, MAS, LwF, LoRA, model expansion (EProj) an
 import copy
 import warnings
 from dataclasses import dataclass
-from functools import partialmethod
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +23,13 @@ class StrategyConfig:
     """Options of the strategies; each strategy lists the ones it reads in `options`."""
     buffer_size: int = arg(200, "replay buffer capacity in rows (the paper replays ~1 %; we afford more)")
     replay_ratio: float = arg(0.25, "fraction of each batch drawn from the replay buffer")
-    ewc_lambda: float = arg(1e5, "EWC: penalty weight; Fisher entries average ~6e-6: 1e4 holds little, 1e6 blocks")
-    mas_lambda: float = arg(1.0, "MAS: penalty weight; importances average ~7: at 10 new tasks no longer train")
-    tir_lambda: float = arg(10.0, "TIR: penalty weight on importances normalised to mean 1 (1 holds too little)")
+    ewc_lambda: float = arg(1e5, "EWC: penalty weight; Fisher entries are ~6e-6: 1e4 holds little, 1e6 stops")
+    mas_lambda: float = arg(1.0, "MAS: penalty weight; importances are ~7: at 10 new tasks no longer train")
+    tir_lambda: float = arg(10.0, "TIR: penalty weight on importances scaled to mean 1 (1 holds too little)")
     importance_decay: float = arg(1.0, "online EWC/MAS: γ in F ← γF + F_new; 1 keeps every task in full")
     importance_samples: int = arg(256, "rows whose per-sample gradients estimate the importances")
     tir_importance: str = arg("ewc", "TIR: importance measure, ewc (Fisher) or mas")
-    lwf_alpha: float = arg(1.0, "LwF: weight of distillation against the task loss; 3 already stops new tasks")
+    lwf_alpha: float = arg(1.0, "LwF: weight of distillation beside the task loss; 3 already stops new tasks")
     lwf_temperature: float = arg(2.0, "LwF: softens both distributions so small logits still teach")
     lora_rank: int = arg(8, "LoRA: rank r of each adapter: ~4 % of the tiny model per adapter set")
     lora_alpha: float = arg(16.0, "LoRA: scaling α/r = 2 lets the zero-initialised B grow quickly")
@@ -89,7 +88,8 @@ def nbytes(obj):
     """Bytes held by the tensors in a nest of dicts, lists and tuples."""
     if torch.is_tensor(obj):
         return obj.numel() * obj.element_size()
-    return sum(map(nbytes, obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()))
+    parts = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(map(nbytes, parts))
 
 
 def copy_params(named):
@@ -101,7 +101,7 @@ class ReservoirBuffer:
     """A fixed-capacity sample of every row offered so far, each kept with probability capacity/seen."""
 
     def __init__(self, capacity, seed):
-        self.capacity, self.seen, self.rows = capacity, 0, None  # rows: an Examples, compact like the task data
+        self.capacity, self.seen, self.rows = capacity, 0, None  # rows: an Examples, compact as task data
         self.gen = torch.Generator().manual_seed(seed)  # its own stream: replay never shifts the data order
 
     def add(self, ex):
@@ -124,7 +124,7 @@ class ReservoirBuffer:
         return self.rows.subset(torch.randint(len(self), (n,), generator=gen))
 
     def nbytes(self):
-        return 0 if self.rows is None else nbytes(vars(self.rows))  # the answers, being strings, count nothing
+        return 0 if self.rows is None else nbytes(vars(self.rows))  # the answers, strings, count nothing
 
     def state_dict(self):  # the rows as a dict of their fields: tensors, a list and strings
         rows = None if self.rows is None else dict(vars(self.rows))
@@ -169,14 +169,18 @@ class Replay(Strategy):
 
 class Joint(Replay):
     """Multitask training on all tasks seen so far: the upper-bound row, not a continual method. Each task's
-    rows join a pool (a buffer too big ever to fill) before the task is trained, and every batch comes from the
-    pool alone: stage t trains on the union of tasks 1..t, at the price of keeping all the data."""
+    rows join a pool (a buffer too big ever to fill) before the task is trained, and every batch comes from
+    the pool alone: stage t trains on the union of tasks 1..t, at the price of keeping all the data."""
     name, options = "joint", ()
 
     def __init__(self, cfg, seed=0):
         super().__init__(cfg, seed, capacity=2 ** 62)  # a buffer never full keeps every row
 
-    before_task, after_task = Replay.after_task, Strategy.after_task  # the rows go in before the task, not after
+    def before_task(self, model, task_id, train):  # the rows go in before the task, not after it
+        self.buffer.add(train)
+
+    def after_task(self, model, task_id, train):
+        pass
 
     def batch(self, fresh, gen):
         return self.buffer.sample(len(fresh), gen)
@@ -193,8 +197,10 @@ def importance(model, rows, measure, n_samples, gen, chunk=32):
     def one_row(params, image, inputs, targets):  # inside vmap each row is a batch of one
         logits = functional_call(model, params, (image[None], inputs[None]))[0][0]  # (T, V)
         answer = targets != -100
-        per_token = (-logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[:, None])[:, 0] if measure == "ewc"
-                     else logits.pow(2).sum(-1))  # (T,): the answer's NLL, or ‖logits‖² ('mas')
+        if measure == "ewc":  # (T,): the answer's negative log-likelihood
+            per_token = -logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[:, None])[:, 0]
+        else:  # (T,): ‖logits‖², label-free
+            per_token = logits.pow(2).sum(-1)
         return (per_token * answer).sum() / answer.sum()
     idx = torch.randperm(len(rows), generator=gen)[:n_samples]
     for i in range(0, len(idx), chunk):
@@ -209,10 +215,11 @@ def importance(model, rows, measure, n_samples, gen, chunk=32):
 
 class EWC(Strategy):
     """Online Elastic Weight Consolidation (Kirkpatrick et al. 2017; Schwarz et al. 2018). After each task the
-    diagonal Fisher F = E[g²], over per-sample gradients g of the answer log-likelihood, says how sharply that
-    task's loss rises when a parameter moves. The online variant keeps one running F ← γF + F_new and one
-    anchor θ*, the parameters after the last task: two copies of the trainable parameters however many tasks
-    come. New tasks train with λ·Σ F·(θ − θ*)², so important parameters stay near where old tasks need them."""
+    diagonal Fisher F = E[g²], over per-sample gradients g of the answer log-likelihood, says how sharply
+    that task's loss rises when a parameter moves. The online variant keeps one running F ← γF + F_new and
+    one anchor θ*, the parameters after the last task: two copies of the trainable parameters however many
+    tasks come. New tasks train with λ·Σ F·(θ − θ*)², which keeps important parameters where old tasks
+    need them."""
     name, options = "ewc", ("ewc_lambda", "importance_decay", "importance_samples")
     state = {"importance": {}, "anchor": {}}  # name -> tensor, for the parameters that were trainable
     measure, strength = "ewc", "ewc_lambda"  # how importance is measured; the option that is λ
@@ -226,7 +233,8 @@ class EWC(Strategy):
         self.anchor = copy_params((n, p) for n, p in model.named_parameters() if n in self.importance)
 
     def merge(self, new, task_id):
-        self.importance = {n: self.cfg.importance_decay * self.importance.get(n, 0) + f for n, f in new.items()}
+        decay = self.cfg.importance_decay
+        self.importance = {n: decay * self.importance.get(n, 0) + f for n, f in new.items()}
 
     def penalty(self, model, batch, logits):
         if not self.anchor:
@@ -238,8 +246,9 @@ class EWC(Strategy):
 
 class MAS(EWC):
     """Memory Aware Synapses (Aljundi et al. 2018): EWC's penalty with a label-free importance. A parameter
-    matters if moving it changes what the model outputs, whatever the labels: its importance is the mean over
-    rows of |∂‖logits‖²/∂θ|, the norm over the logits at one row's answer positions. It accumulates like F."""
+    matters if moving it changes what the model outputs, whatever the labels: its importance is the mean
+    over rows of |∂‖logits‖²/∂θ|, the norm over the logits at a row's answer positions. It accumulates
+    like F."""
     name, options = "mas", ("mas_lambda", "importance_decay", "importance_samples")
     measure, strength = "mas", "mas_lambda"
 
@@ -291,7 +300,7 @@ class TIR(EWC):
     base model (task_similarity), and each entry is weighted by 1 − similarity(new task, its owner): an old
     task much like the new one needs little protection, since learning the new task also serves it."""
     name, options = "tir", ("tir_lambda", "tir_importance", "importance_samples")
-    state = {**EWC.state, "owner": {}, "base": None, "prototypes": [], "scaled": {}}  # scaled: the weights in use
+    state = {**EWC.state, "owner": {}, "base": None, "prototypes": [], "scaled": {}}  # scaled: weights in use
     strength = "tir_lambda"
 
     def __init__(self, cfg, seed=0):
@@ -305,7 +314,8 @@ class TIR(EWC):
 
     def before_task(self, model, task_id, train):
         if self.base is None:  # before the first task: a copy of the base, which task features come from
-            self.base = copy_params((n, p) for n, p in model.named_parameters() if n.startswith(("vision", "tok_emb")))
+            frozen = [(n, p) for n, p in model.named_parameters() if n.startswith(("vision", "tok_emb"))]
+            self.base = copy_params(frozen)
         self.prototypes.append([f.mean(0) for f in examples_features(model, self.base, train)])
         self.scaled = tir_weights(self.importance, self.owner, task_similarity(self.prototypes), task_id)
 
@@ -313,7 +323,8 @@ class TIR(EWC):
         mean = sum(f.sum() for f in new.values()) / sum(f.numel() for f in new.values())
         for n, f in new.items():
             f, old = f / mean, self.importance.get(n, torch.zeros_like(f))  # every task's mean is 1
-            self.owner[n] = torch.where(f > old, task_id, self.owner.get(n, torch.zeros_like(f, dtype=torch.int16)))
+            owner = self.owner.get(n, torch.zeros_like(f, dtype=torch.int16))
+            self.owner[n] = torch.where(f > old, task_id, owner)
             self.importance[n] = torch.maximum(f, old)
 
     def extra_results(self, model, tests):
@@ -323,8 +334,9 @@ class TIR(EWC):
 class LwF(Strategy):
     """Learning without Forgetting (Li & Hoiem 2016), for a model that answers in tokens. Before each task
     after the first, the parameters are copied as a frozen teacher. The teacher reads each batch too, and the
-    model is pulled towards its answer-token distributions, α·T²·KL(softmax(teacher/T) ‖ softmax(model/T)) at
-    every answer position. No old data is kept: old tasks live on in how the old model answers new questions."""
+    model is pulled towards its answer-token distributions, α·T²·KL(softmax(teacher/T) ‖ softmax(model/T))
+    at every answer position. No old data is kept: old tasks live on in how the old model answers new
+    questions."""
     name, options = "lwf", ("lwf_alpha", "lwf_temperature")
     state = {"teacher": None}  # {name: tensor}, made afresh before each task
 
@@ -337,7 +349,7 @@ class LwF(Strategy):
         with torch.no_grad():
             teacher_logits, _ = functional_call(model, self.teacher, batch[:2])  # (images, inputs)
         T, answer = self.cfg.lwf_temperature, batch[2] != -100
-        old, new = (F.log_softmax(x[answer] / T, dim=-1) for x in (teacher_logits, logits))  # (answer tokens, V)
+        old, new = (F.log_softmax(x[answer] / T, dim=-1) for x in (teacher_logits, logits))  # (answers, V)
         return self.cfg.lwf_alpha * T * T * F.kl_div(new, old, log_target=True, reduction="batchmean")
 
 
@@ -375,7 +387,9 @@ class Expansion(LoRA):
     (the sum of two cosine similarities), and extra_results reports how often that is the right task."""
     name = "expansion"
     state = {"start": None, "experts": [], "keys": []}  # keys: [image key, instruction key] per task
-    extra_bytes = Strategy.extra_bytes  # what the state holds: every expert, the start, the keys
+
+    def extra_bytes(self):  # what the state holds: every expert, the start, the keys (LoRA's would miss them)
+        return Strategy.extra_bytes(self)
 
     def live(self, model):  # the parameters that make up the expert in place
         return {n: p for n, p in model.named_parameters() if ".lora_" in n or n.startswith("projector.")}
@@ -392,7 +406,8 @@ class Expansion(LoRA):
 
     def after_task(self, model, task_id, train):
         self.experts.append(copy_params(self.live(model).items()))
-        self.keys.append([f.mean(0) for f in examples_features(model, dict(model.named_parameters()), train)[:2]])
+        image, instruction, _ = examples_features(model, dict(model.named_parameters()), train)
+        self.keys.append([image.mean(0), instruction.mean(0)])
 
     def route(self, features):
         """(image, instruction) features of each row -> the expert whose keys match them best."""
@@ -404,7 +419,8 @@ class Expansion(LoRA):
             return model.generate(images, ids, max_new_tokens, eos_id)
         prompt_len = torch.full((len(ids),), ids.size(1), device=ids.device)
         chosen = self.route(row_features(model, dict(model.named_parameters()), images, ids, prompt_len)[:2])
-        in_place, out = copy_params(self.live(model).items()), ids.new_full((len(ids), max_new_tokens), eos_id)
+        in_place = copy_params(self.live(model).items())
+        out = ids.new_full((len(ids), max_new_tokens), eos_id)
         for k in chosen.unique().tolist():  # one batch per expert; rows that stop early stay EOS-padded
             rows = chosen == k
             self.load(model, self.experts[k])
@@ -429,14 +445,21 @@ class Compose(Strategy):
         self.options = tuple(o for p in parts for o in p.options)
         routers = [p for p in parts if type(p).generate is not Strategy.generate]
         if len(routers) > 1:
-            raise ValueError(f"{self.name}: only one part may route, but {', '.join(p.name for p in routers)} all do")
+            names = ", ".join(p.name for p in routers)
+            raise ValueError(f"{self.name}: only one part may route, but {names} all do")
         self.router = routers[0] if routers else Strategy(None)  # a plain Strategy lets the model answer
 
     def each(self, hook, *args):  # every part's hook, in order -> their results
         return [getattr(p, hook)(*args) for p in self.parts]
 
-    before_task, after_task = partialmethod(each, "before_task"), partialmethod(each, "after_task")
-    restore = partialmethod(each, "restore")
+    def before_task(self, model, task_id, train):
+        self.each("before_task", model, task_id, train)
+
+    def after_task(self, model, task_id, train):
+        self.each("after_task", model, task_id, train)
+
+    def restore(self, model):
+        self.each("restore", model)
 
     def batch(self, fresh, gen):
         for p in self.parts:  # each part sees the rows the one before it chose
@@ -474,7 +497,7 @@ def build(spec, cfg, seed=0):
         raise ValueError(f"malformed strategy {spec!r}: empty part around '+'")
     for n in names:
         if n not in STRATEGIES:
-            raise ValueError(f"unknown strategy {n!r}; choose from {', '.join(STRATEGIES)} (combine with '+')")
+            raise ValueError(f"unknown strategy {n!r}; choose from {', '.join(STRATEGIES)} (join with '+')")
     if len(set(names)) < len(names):
         raise ValueError(f"strategy {spec!r} names a part twice")
     parts = [STRATEGIES[n](cfg, seed) for n in names]

@@ -6,7 +6,7 @@
 After each task every task is evaluated, giving one row of the accuracy matrix; the run folder
 (runs/<strategy>) gets config.json, tokenizer.json, checkpoints, results.json and accuracy.png.
 Rerunning a command resumes its run folder where it stopped (checkpoint.pt, every --checkpoint-every steps).
-`torchrun --nproc_per_node=N train.py ...` shares each batch among N processes (DDP, gloo on CPU, nccl on GPU).
+`torchrun --nproc_per_node=N train.py ...` splits each batch among N processes (DDP, gloo or nccl).
 The protocol follows He et al., Continual Instruction Tuning for Large Multimodal Models (2311.16206).
 """
 import argparse
@@ -27,20 +27,21 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import data
+import llava
 import strategies
 from data import atomic_write
-from eval import SCORERS, all_metrics, format_matrix, format_report, format_row, heatmap
+from eval import all_metrics, format_header, format_matrix, format_report, format_row, heatmap, score_tests
 from model import PRESETS, VLM, ModelConfig, arg
 
 
 @dataclass
 class TrainConfig:
     strategy: str = arg("naive", "continual-learning strategy; combine parts with '+', e.g. replay+naive")
-    tasks: str = arg("paper", "a named order (" + ", ".join(data.ORDERS) + ") or a comma list of tasks and task files")
-    image_root: str = arg("", "the folder image paths in task files start from; empty means each file's own folder")
-    truncate: bool = arg(False, "cut task-file rows longer than --max-text-len (and count them) instead of stopping")
+    tasks: str = arg("paper", f"an order ({', '.join(data.ORDERS)}), or a comma list of tasks and task files")
+    image_root: str = arg("", "where task files' image paths start; empty means each file's own folder")
+    truncate: bool = arg(False, "cut task-file rows longer than --max-text-len (and count them), not stop")
     preset: str = arg("tiny", "size of model and schedule: tiny for a CPU, small or base for a GPU")
-    base: str = arg("pretrained", "start from: pretrained (alignment only) or multitask (then held-in tasks jointly)")
+    base: str = arg("pretrained", "pretrained (alignment only), or multitask (then held-in tasks jointly)")
     steps: int = arg(400, "training steps per task: 250 left counting and grounding near 70 %")
     batch_size: int = arg(32, "rows per step; small batches keep a CPU step at a few milliseconds")
     lr: float = arg(5e-4, "peak AdamW learning rate of the task stage; at 1e-3 reading stayed at 13 %")
@@ -53,23 +54,25 @@ class TrainConfig:
     freeze_vision: bool = arg(True, "freeze the ViT while tuning tasks, as LLaVA freezes its vision tower")
     seed: int = arg(0, "seeds data, initialisation and batch order: the same seed gives the same run")
     device: str = arg("auto", "auto picks cuda, then mps, then cpu")
-    threads: int = arg(1, "CPU threads: tiny matrices gain little from more; 2 on a busy 2-core CPU ran 30x slower")
+    threads: int = arg(1, "CPU threads: tiny matrices gain little; 2 on a busy 2-core CPU ran 30x slower")
     run_dir: str = arg("", "run folder; empty means runs/<strategy>")
     cache_dir: str = arg("runs/cache", "where base models are cached, keyed by everything that made them")
     eval_batch_size: int = arg(256, "prompts decoded together in evaluation")
     show_mistakes: int = arg(0, "print this many wrong answers per task after the last evaluation")
-    checkpoint_every: int = arg(100, "steps between checkpoints within a task: a kill loses at most this much")
+    checkpoint_every: int = arg(100, "steps between checkpoints in a task: a kill loses at most this much")
     resume: bool = arg(False, "continue the run in --run-dir with its saved settings (rerunning does it too)")
     force_new: bool = arg(False, "start afresh in a new folder (<run-dir>-2, -3, ...) instead of resuming")
-    compile: bool = arg(False, "torch.compile the model for training: a one-off compile delay, then faster steps")
+    evaluate: str = arg("", "only evaluate this checkpoint (e.g. runs/naive/task2-classify.pt) again")
+    compile: bool = arg(False, "torch.compile the model for training: a one-off delay, then faster steps")
     bf16: bool = arg(False, "bfloat16 autocast on CUDA: faster matmuls; weights and optimizer stay fp32")
 
 
 TRAIN_PRESETS = {"tiny": {}, "small": dict(batch_size=64, steps=300, base_steps=2000, n_train=4000),
                  "base": dict(batch_size=64, steps=500, base_steps=4000, n_train=8000)}
-POSITIVE = ("steps", "batch_size", "lr", "base_lr", "n_train", "n_test", "n_base", "eval_batch_size", "threads",
-            "multitask_steps", "checkpoint_every")
-SAME_RUN_ANYWAY = {"run_dir", "cache_dir", "threads", "show_mistakes", "checkpoint_every", "resume", "force_new"}
+POSITIVE = ("steps", "batch_size", "lr", "base_lr", "n_train", "n_test", "n_base", "eval_batch_size",
+            "threads", "multitask_steps", "checkpoint_every")
+SAME_RUN_ANYWAY = {"run_dir", "cache_dir", "threads", "show_mistakes", "checkpoint_every", "resume",
+                   "force_new", "evaluate"}  # flags that change where or how a run goes, not what it computes
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
 
 
@@ -116,7 +119,8 @@ def parse(argv):
     preset = given.get("preset", saved.get("train", {}).get("preset", "tiny"))
     if preset not in PRESETS:
         raise CLIError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    mine = {cls: {k: v for k, v in given.items() if k in {f.name for f in fields(cls)}} for cls in groups.values()}
+    mine = {cls: {k: v for k, v in given.items() if k in {f.name for f in fields(cls)}}  # the flags given
+            for cls in groups.values()}
     cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **saved.get("train", {}), **mine[TrainConfig]})
     scfg = strategies.StrategyConfig(**{**saved.get("strategy", {}), **mine[strategies.StrategyConfig]})
     try:
@@ -124,12 +128,13 @@ def parse(argv):
         strategy = strategies.build(cfg.strategy, scfg)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    for name, value in [(n, getattr(cfg, n)) for n in POSITIVE] + list(mine[strategies.StrategyConfig].items()):
+    options = mine[strategies.StrategyConfig]
+    for name, value in [(n, getattr(cfg, n)) for n in POSITIVE] + list(options.items()):
         if isinstance(value, (int, float)) and value <= 0 and name != "replay_ratio":
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not 0 <= scfg.replay_ratio < 1:
         raise CLIError(f"--replay-ratio must be in [0, 1), got {scfg.replay_ratio}")
-    for name in sorted(mine[strategies.StrategyConfig].keys() - set(strategy.options)):
+    for name in sorted(options.keys() - set(strategy.options)):
         raise CLIError(f"--{name.replace('_', '-')} is not an option of strategy {cfg.strategy!r}")
     task_names(cfg.tasks)  # fails early on unknown tasks
     if cfg.base not in ("pretrained", "multitask"):
@@ -141,11 +146,11 @@ def parse(argv):
 
 
 def task_names(spec):
-    names = list(data.ORDERS[spec]) if spec in data.ORDERS else [t.strip() for t in spec.split(",") if t.strip()]
+    names = data.ORDERS[spec] if spec in data.ORDERS else [t.strip() for t in spec.split(",") if t.strip()]
     for n in names:
-        if n not in data.TASKS and not n.endswith(data.TASK_FILE_SUFFIXES):  # files are read by data.read_tasks
-            raise CLIError(f"unknown task {n!r}; choose from {', '.join(data.TASKS)}, an order ({', '.join(data.ORDERS)}) "
-                           "or .json/.jsonl task files")
+        if n not in data.TASKS and not n.endswith(llava.TASK_FILE_SUFFIXES):  # files: llava.read_tasks
+            raise CLIError(f"unknown task {n!r}; choose from {', '.join(data.TASKS)}, an order "
+                           f"({', '.join(data.ORDERS)}) or .json/.jsonl task files")
     if not names or len(set(names)) < len(names):
         raise CLIError(f"--tasks {spec!r} must name each task once")
     return names
@@ -154,16 +159,18 @@ def task_names(spec):
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(name):
-        raise CLIError(f"device {name!r} is not available here; choose from auto, cpu, cuda, mps (where present)")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(name):
+        raise CLIError(f"device {name!r} is not available here; choose from auto, cpu, cuda, mps (if there)")
     return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
 
 
 def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=0, opt_state=None, save=None):
     """AdamW over the trainable parameters, warm-up then cosine decay; the strategy's hooks shape each batch.
-    From step `start` with a saved optimizer state when resuming; save(step, opt) every cfg.checkpoint_every."""
+    From step `start` with a saved optimizer state when resuming; save(step, opt) every --checkpoint-every."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0, fused=device.type == "cuda" or None)
+    fused = device.type == "cuda" or None  # one kernel for all parameters on a GPU
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0, fused=fused)
     if opt_state:
         opt.load_state_dict(opt_state)
     forward = torch.compile(model) if cfg.compile else model
@@ -172,8 +179,10 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
                disable=RANK > 0 or "TQDM_DISABLE" in os.environ)  # the study's runs set it
     for step in bar:
         for group in opt.param_groups:  # linear warm-up over 5 %, then cosine from 1 down to 0.1
-            group["lr"] = lr * min((step + 1) / max(1, steps // 20), 0.55 + 0.45 * math.cos(math.pi * step / steps))
-        batch_rows = strategy.batch(rows.subset(torch.randint(len(rows), (cfg.batch_size,), generator=gen)), gen)
+            warmup, cosine = (step + 1) / max(1, steps // 20), 0.55 + 0.45 * math.cos(math.pi * step / steps)
+            group["lr"] = lr * min(warmup, cosine)
+        fresh = rows.subset(torch.randint(len(rows), (cfg.batch_size,), generator=gen))
+        batch_rows = strategy.batch(fresh, gen)
         batch = data.to_batch(batch_rows, range(len(batch_rows)), device)
         if WORLD > 1:  # each rank takes every WORLD-th row; scaled so that summed gradients average the batch
             share = (batch[2][RANK::WORLD] != -100).sum() / (batch[2] != -100).sum()
@@ -190,8 +199,9 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
             for p in params:
                 dist.all_reduce(p.grad)
         if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):  # the same on every rank
-            raise Stop(f"the loss ({loss.item():.3g}) or its gradients became inf or nan in {desc}, step {step + 1}; "
-                       "stopped before the update, keeping the last checkpoint: lower --lr and rerun with --force-new")
+            raise Stop(f"the loss ({loss.item():.3g}) or its gradients became inf or nan in {desc}, step "
+                       f"{step + 1}; stopped before the update, keeping the last checkpoint: lower --lr and "
+                       "rerun with --force-new")
         opt.step()
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -202,28 +212,16 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
 
 @torch.no_grad()
 def evaluate(model, strategy, tests, tok, device, cfg):
-    """Greedy answers for every test row -> per task (accuracy in %, [(question, predicted, reference), ...])."""
+    """Greedy answers for every test row, through the strategy (which may route) -> score_tests' results."""
     if RANK > 0:  # under DDP rank 0 alone evaluates, and alone writes
         return [(float("nan"), [])] * len(tests)
     model.eval()
-    results = []
-    for test in tests:
-        score, total, mistakes = SCORERS[test.metric], 0.0, []
-        lengths = test.prompt_len.tolist()  # prompts of equal length decode together, with no padding
-        for p in sorted(set(lengths)):
-            rows = [i for i, n in enumerate(lengths) if n == p]
-            for k in range(0, len(rows), cfg.eval_batch_size):
-                idx = torch.tensor(rows[k:k + cfg.eval_batch_size])
-                ids = test.tokens[idx, :p].long().to(device)
-                out = strategy.generate(model, data.pixels(test.images[idx]).to(device), ids,
-                                        model.cfg.max_text_len - p, data.EOS).tolist()
-                for i, row in zip(idx.tolist(), out):
-                    pred = tok.decode(row[:row.index(data.EOS)] if data.EOS in row else row)
-                    total += (s := score(pred, test.answers[i]))
-                    if s < 1:
-                        mistakes.append((tok.decode(test.tokens[i, 1:p - 1].long().tolist()), pred, test.answers[i]))
-        results.append((100.0 * total / len(test), mistakes))
-    return results
+
+    def answer(images, ids):  # uint8 pixels and int16 prompts -> the answers' texts
+        out = strategy.generate(model, data.pixels(images).to(device), ids.long().to(device),
+                                model.cfg.max_text_len - ids.size(1), data.EOS).tolist()
+        return [tok.decode(row[:row.index(data.EOS)] if data.EOS in row else row) for row in out]
+    return score_tests(answer, tests, tok, cfg.eval_batch_size)
 
 
 def load_checkpoint(path):
@@ -231,54 +229,94 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise CLIError(f"{path} carries pickled Python objects, not only tensors: refusing to load it") from None
+        raise CLIError(f"{path} carries pickled Python objects, not only tensors: refused") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CLIError(f"{path} is damaged or truncated ({str(e).splitlines()[0][:80]}); move it away, "
                        "or rerun with --force-new") from None
+
+
+def load_state(model, strategy, saved):
+    """A checkpoint into the model. The strategy's state goes first: it says what the model must hold to fit
+    the saved weights (e.g. LoRA adapters). base.pt has no strategy state."""
+    if "strategy" in saved:
+        strategy.load_state_dict(saved["strategy"])
+        strategy.restore(model)
+    model.load_state_dict(saved["model"])
 
 
 def base_model(cfg, mcfg, tok, device):
     """The starting model: the alignment stage, then for --base multitask joint tuning on the held-in tasks.
     Each stage is cached under a key of everything that made it, and loaded again when that matches."""
     code = b"".join((Path(__file__).parent / n).read_bytes() for n in ("data.py", "model.py"))
-    key = dict(model=asdict(mcfg), batch_size=cfg.batch_size, seed=cfg.seed, tokenizer=tok.to_str(), bf16=cfg.bf16,
-               code=hashlib.sha256(code).hexdigest())  # editing data.py or model.py must not reuse a stale base
+    key = dict(model=asdict(mcfg), batch_size=cfg.batch_size, seed=cfg.seed, tokenizer=tok.to_str(),
+               bf16=cfg.bf16, code=hashlib.sha256(code).hexdigest())  # an edit must not reuse a stale base
     stages = [("pretrained", [data.ALIGN], cfg.base_steps, cfg.base_lr, cfg.n_base)]
     if cfg.base == "multitask":  # with --freeze-vision the vision tower stays frozen here, as in task tuning
         stages.append(("multitask", list(data.HELD_IN.values()), cfg.multitask_steps, cfg.lr, cfg.n_train))
     paths = []
     for name, tasks, steps, lr, n in stages:  # each stage's key holds every stage before it
-        key[name] = dict(tasks=[t.name for t in tasks], steps=steps, lr=lr, n=n, frozen_vision=cfg.freeze_vision
-                         and name == "multitask")
-        paths.append(Path(cfg.cache_dir) / f"{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.pt")
+        key[name] = dict(tasks=[t.name for t in tasks], steps=steps, lr=lr, n=n,
+                         frozen_vision=cfg.freeze_vision and name == "multitask")
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        paths.append(Path(cfg.cache_dir) / f"{name}-{digest}.pt")
     model = VLM(mcfg, seed=cfg.seed).to(device)
     done = max((i for i, path in enumerate(paths) if path.is_file()), default=-1)
     if done >= 0:
         model.load_state_dict(load_checkpoint(paths[done])["model"])
         print(f"base model: reused {paths[done]}")
     for (name, tasks, steps, lr, n), path in list(zip(stages, paths))[done + 1:]:
-        t0 = time.time()
-        rows = data.Examples.concat([data.make_split(t, "train", n, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)[0]
-                                     for t in tasks])
+        t0, gen = time.time(), torch.Generator().manual_seed(cfg.seed)
+        rows = data.Examples.concat([data.make_split(t, "train", n, cfg.seed, tok, mcfg.image_size,
+                                                     mcfg.max_text_len)[0] for t in tasks])
         model.vision.requires_grad_(name == "pretrained" or not cfg.freeze_vision)
-        loss = train_steps(model, rows, strategies.Strategy(None), steps, lr, cfg, torch.Generator().manual_seed(cfg.seed),
-                           device, f"base: {name}")
+        plain = strategies.Strategy(None)  # no strategy: a base stage is ordinary training
+        loss = train_steps(model, rows, plain, steps, lr, cfg, gen, device, f"base: {name}")
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda p: torch.save({"model": model.state_dict(), "key": key}, p))
-        print(f"base model: {name} stage, {steps} steps in {time.time() - t0:.0f} s (loss {loss:.3f}), cached as {path}")
+        print(f"base model: {name} stage, {steps} steps in {time.time() - t0:.0f} s (loss {loss:.3f}), "
+              f"cached as {path}")
     return model, paths[-1]
 
 
+def set_up(cfg, mcfg, scfg):
+    """Check all that bad input can break, before any work, and open the run folder (resuming a checkpoint)
+    -> (device, run folder, {name: task}, tokenizer, the resolved config, the checkpoint or None)."""
+    names, device, run_dir = task_names(cfg.tasks), pick_device(cfg.device), Path(cfg.run_dir)
+    if cfg.force_new:  # a fresh folder next to the old one, which stays as it is
+        run_dir = next(p for i in range(2, 10 ** 6) if not (p := Path(f"{run_dir}-{i}")).exists())
+    tasks = llava.read_tasks(names, cfg.image_root, cfg.truncate, run_dir / "cache")  # files checked here
+    if cfg.bf16 and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        raise CLIError(f"--bf16 needs a CUDA device with bfloat16 support; this run is on {device.type}")
+    if cfg.compile:  # torch.compile fails late and at length where it cannot work (no C++ compiler...)
+        try:
+            torch.compile(lambda x: x + 1)(torch.ones(2, device=device))
+        except Exception as e:
+            raise CLIError(f"--compile does not work here: {str(e).strip().splitlines()[0][:120]}") from None
+    torch.set_num_threads(cfg.threads)
+    tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed, llava.file_texts(tasks.values()))  # a second
+    mcfg.vocab_size = tok.get_vocab_size()
+    config = {"train": asdict(cfg), "model": asdict(mcfg), "strategy": asdict(scfg)}
+    saved = run_folder(cfg, config, run_dir)
+    config["train"]["run_dir"] = cfg.run_dir = str(run_dir)
+    atomic_write(run_dir / "tokenizer.json", lambda p: tok.save(str(p)))  # what --evaluate reads back
+    atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
+    print(f"device {device} | strategy {cfg.strategy} | base {cfg.base} | preset {cfg.preset} | run folder "
+          f"{run_dir}" + (f" | {WORLD} processes" if WORLD > 1 else "") + "\ntasks in order: "
+          + " -> ".join(f"{n} ({task.like})" for n, task in tasks.items()))
+    return device, run_dir, tasks, tok, config, saved
+
+
 def run_folder(cfg, config, run_dir):
-    """Prove the run folder writable -> the checkpoint there to resume, or None. A changed command is refused."""
+    """Prove the run folder writable -> its checkpoint to resume, or None. A changed command is refused."""
     ckpt = run_dir / "checkpoint.pt"
     saved = load_checkpoint(ckpt) if ckpt.is_file() and not cfg.force_new else None
     if saved:  # resume only the same run: flags that change results must match
         old, new = ({k: v for part in c.values() for k, v in part.items()} for c in (saved["config"], config))
-        diff = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if k not in SAME_RUN_ANYWAY and old.get(k) != new[k]]
+        diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                if k not in SAME_RUN_ANYWAY and old.get(k) != v]
         if diff:
-            raise CLIError(f"{run_dir} holds a run with other settings ({'; '.join(diff)}): rerun with its settings "
-                           "to resume it, or add --force-new")
+            raise CLIError(f"{run_dir} holds a run with other settings ({'; '.join(diff)}): rerun with its "
+                           "settings to resume it, or add --force-new")
     elif cfg.resume:
         raise CLIError(f"--resume: nothing to resume in {run_dir} (no checkpoint.pt)")
     for folder, what in ((run_dir, "run folder"), (Path(cfg.cache_dir), "--cache-dir")):
@@ -292,131 +330,146 @@ def run_folder(cfg, config, run_dir):
     return saved
 
 
-def run(cfg, mcfg, scfg):
-    t_start, names, device = time.time(), task_names(cfg.tasks), pick_device(cfg.device)  # bad input fails first
-    run_dir = Path(cfg.run_dir)
-    if cfg.force_new:  # a fresh folder next to the old one, which stays as it is
-        run_dir = next(Path(f"{cfg.run_dir}-{i}") for i in range(2, 10 ** 6) if not Path(f"{cfg.run_dir}-{i}").exists())
-    tasks = data.read_tasks(names, cfg.image_root, cfg.truncate, run_dir / "cache")  # files checked here
-    names = list(tasks)  # a task file's name is its stem
-    if cfg.bf16 and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        raise CLIError(f"--bf16 needs a CUDA device with bfloat16 support; this run is on {device.type}")
-    if cfg.compile:  # torch.compile fails late and at length where it cannot work (no C++ compiler...): try it now
-        try:
-            torch.compile(lambda x: x + 1)(torch.ones(2, device=device))
-        except Exception as e:
-            raise CLIError(f"--compile does not work here: {str(e).strip().splitlines()[0][:120]}") from None
-    torch.set_num_threads(cfg.threads)
-    tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed, tasks.values())  # a second; always fresh
-    mcfg.vocab_size = tok.get_vocab_size()
-    config = {"train": asdict(cfg), "model": asdict(mcfg), "strategy": asdict(scfg)}
-    ck = run_folder(cfg, config, run_dir)
-    config["train"]["run_dir"] = cfg.run_dir = str(run_dir)
-    atomic_write(run_dir / "tokenizer.json", lambda p: tok.save(str(p)))  # what eval.py reads back
-    atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
-    print(f"device {device} | strategy {cfg.strategy} | base {cfg.base} | preset {cfg.preset} | run folder {run_dir}"
-          + (f" | {WORLD} processes" if WORLD > 1 else "") + "\ntasks in order: "
-          + " -> ".join(f"{n} ({tasks[n].like})" for n in names))
+def task_rows(tasks, cfg, mcfg, tok, n_train):
+    """-> (train splits, test splits) in task order: built-in tasks are drawn, task files are read."""
+    def rows(task):
+        if isinstance(task, llava.FileTask):
+            return llava.load_file_task(task, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)
+        return data.make_task(task, n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)
+    return tuple(zip(*[rows(task) for task in tasks.values()]))
 
+
+def checkpoint(path, progress, config, model, strategy, gen=None, opt=None):
+    """Everything a resume needs -> path, atomically (rank 0 alone writes); -> the state written."""
+    state = dict(config=config, model=model.state_dict(), strategy=strategy.state_dict(), **progress,
+                 trainable=[n for n, p in model.named_parameters() if p.requires_grad],
+                 gen=gen and gen.get_state(), optimizer=opt and opt.state_dict())
+    atomic_write(path, lambda p: torch.save(state, p))
+    return state
+
+
+def tune(t, model, strategy, rows, cfg, device, desc, saved, save):
+    """Train task t: strategy.before_task, the steps, strategy.after_task; from `saved` if it stopped inside
+    task t. -> (the last training loss, the number of trainable parameters)."""
+    resumed = saved is not None and saved["task"] == t and saved["step"] > 0
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + t + 1)  # one stream per task
+    if resumed:  # within the task: as it was saved
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in saved["trainable"])
+        gen.set_state(saved["gen"])
+    else:
+        model.vision.requires_grad_(not cfg.freeze_vision)
+        strategy.before_task(model, t, rows)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    loss = train_steps(model, rows, strategy, cfg.steps, cfg.lr, cfg, gen, device, desc,
+                       saved["step"] if resumed else 0, saved["optimizer"] if resumed else None,
+                       save=lambda step, opt: save(step, gen, opt))
+    strategy.after_task(model, t, rows)
+    return loss, trainable
+
+
+def run(cfg, mcfg, scfg):
+    """The protocol of He et al.: a base model, then each task in turn, every task evaluated after each."""
+    t_start = time.time()
+    device, run_dir, tasks, tok, config, saved = set_up(cfg, mcfg, scfg)
+    names = list(tasks)  # a task file's name is its stem
     t0 = time.time()
-    trains, tests = zip(*[data.make_task(tasks[n], cfg.n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size,
-                                         mcfg.max_text_len) for n in names])
+    trains, tests = task_rows(tasks, cfg, mcfg, tok, cfg.n_train)
     print(f"data: {len(names)} tasks, {sum(map(len, trains))} train + {sum(map(len, tests))} test rows "
           f"in {time.time() - t0:.1f} s")
 
     model, base_path = base_model(cfg, mcfg, tok, device)
     atomic_write(run_dir / "base.pt", lambda p: p.write_bytes(base_path.read_bytes()))
     strategy = strategies.build(cfg.strategy, scfg, cfg.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    if ck:  # the strategy's state first: it says what the model must hold (e.g. LoRA adapters) to load the weights
-        strategy.load_state_dict(ck["strategy"])
-        strategy.restore(model)
-        model.load_state_dict(ck["model"])
-        base_row, matrix, timings, losses = ck["base_row"], ck["matrix"], ck["timings"], ck["losses"]
-        where = "finished, nothing left to train" if ck["task"] == len(names) else f"task {ck['task'] + 1}, step {ck['step']}"
-        print(f"resuming from {run_dir}/checkpoint.pt: {where}")
-    else:
-        base_row, matrix, timings, losses = [acc for acc, _ in evaluate(model, strategy, tests, tok, device, cfg)], [], [], []
-    print(f"model: {n_params:,} parameters; accuracy (%) on each task after each stage:\n"
-          + format_matrix(names, matrix, base_row))
-
-    def checkpoint(t, step, gen=None, opt=None):  # everything a resume needs; rank 0 writes it
-        state = dict(config=config, task=t, step=step, model=model.state_dict(), strategy=strategy.state_dict(),
-                     trainable=[n for n, p in model.named_parameters() if p.requires_grad], gen=gen and gen.get_state(),
-                     optimizer=opt and opt.state_dict(), base_row=base_row, matrix=matrix, timings=timings,
-                     losses=losses)
-        atomic_write(run_dir / "checkpoint.pt", lambda p: torch.save(state, p))
-        return state
+    if saved:
+        load_state(model, strategy, saved)
+        done, where = saved["task"] == len(names), f"task {saved['task'] + 1}, step {saved['step']}"
+        print(f"resuming from {run_dir}/checkpoint.pt: "
+              + ("finished, nothing left to train" if done else where))
+    keys = ("task", "step", "base_row", "matrix", "timings", "losses")  # what a run has done so far
+    progress = {k: saved[k] for k in keys} if saved else dict(
+        task=0, step=0, base_row=[acc for acc, _ in evaluate(model, strategy, tests, tok, device, cfg)],
+        matrix=[], timings=[], losses=[])
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; accuracy (%) on each task "
+          "after each stage:\n" + format_matrix(names, progress["matrix"], progress["base_row"]))
 
     results = []
-    for t in range(ck["task"] if ck else 0, len(names)):
-        resumed = ck is not None and t == ck["task"] and ck["step"] > 0  # within the task: as it was saved
-        if resumed:
-            for n, p in model.named_parameters():
-                p.requires_grad_(n in ck["trainable"])
-        else:
-            model.vision.requires_grad_(not cfg.freeze_vision)
-            strategy.before_task(model, t, trains[t])
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        t0 = time.time()
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + t + 1)  # one stream per task
-        if resumed:
-            gen.set_state(ck["gen"])
-        loss = train_steps(model, trains[t], strategy, cfg.steps, cfg.lr, cfg, gen, device, f"task {t + 1}/{len(names)}: {names[t]}",
-                    ck["step"] if resumed else 0, ck["optimizer"] if resumed else None,
-                    save=lambda step, opt: checkpoint(t, step, gen, opt))
-        strategy.after_task(model, t, trains[t])
+    for t in range(progress["task"], len(names)):
+        t0, desc = time.time(), f"task {t + 1}/{len(names)}: {names[t]}"
+        def save(step, gen, opt):  # inside task t: where it stands, to resume from
+            state = {**progress, "task": t, "step": step}
+            checkpoint(run_dir / "checkpoint.pt", state, config, model, strategy, gen, opt)
+        loss, trainable = tune(t, model, strategy, trains[t], cfg, device, desc, saved, save)
         t1 = time.time()
         results = evaluate(model, strategy, tests, tok, device, cfg)
-        matrix.append([acc for acc, _ in results])
-        timings.append(dict(task=names[t], train_seconds=t1 - t0, eval_seconds=time.time() - t1, trainable=trainable))
-        losses.append(loss)
-        tqdm.write(format_row(names[t], matrix[-1], names))
-        state = checkpoint(t + 1, 0)
+        progress["matrix"].append([acc for acc, _ in results])
+        progress["timings"].append(dict(task=names[t], train_seconds=t1 - t0, eval_seconds=time.time() - t1,
+                                        trainable=trainable))
+        progress["losses"].append(loss)
+        progress.update(task=t + 1, step=0)
+        tqdm.write(format_row(names[t], progress["matrix"][-1], names))
+        state = checkpoint(run_dir / "checkpoint.pt", progress, config, model, strategy)
         atomic_write(run_dir / f"task{t + 1}-{names[t]}.pt", lambda p: torch.save({**state, "task": t}, p))
-
-    out = dict(config=config, tasks=names, base_row=base_row, matrix=matrix, metrics=all_metrics(matrix, base_row),
-               final_loss=losses,  # the last training loss of each task
-               timings=timings, n_params=n_params, extra_bytes=strategy.extra_bytes(), device=str(device),
+    matrix, base_row = progress["matrix"], progress["base_row"]
+    out = dict(config=config, tasks=names, base_row=base_row, matrix=matrix,
+               metrics=all_metrics(matrix, base_row), final_loss=progress["losses"],  # each task's last loss
+               timings=progress["timings"], extra_bytes=strategy.extra_bytes(),
+               n_params=sum(p.numel() for p in model.parameters()), device=str(device),
                torch=torch.__version__, wall_seconds=time.time() - t_start, world_size=WORLD)
-    out.update(strategy.extra_results(model, tests))  # e.g. expansion's task-ID accuracy, TIR's task similarity
-    atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(out, indent=1)))
-    atomic_write(run_dir / "accuracy.png", lambda p: heatmap(names, matrix, f"{cfg.strategy}: accuracy (%)").save(p, format="PNG"))
-    print("\n" + format_report(out))
-    for (acc, mistakes), name in zip(results, names):
-        for q, pred, ref in mistakes[:cfg.show_mistakes]:
-            print(f"  {name}: {q!r} -> {pred!r} (expected {ref!r})")
-    print(f"wrote {run_dir}/results.json and accuracy.png")
+    out.update(strategy.extra_results(model, tests))  # e.g. expansion's task-ID accuracy, TIR's similarity
+    report(run_dir, out, results, cfg.show_mistakes)
     return out
 
 
-def reevaluate(run_dir, checkpoint):
+def report(run_dir, out, results, show_mistakes):
+    """results.json and accuracy.png into the run folder; the report and the first mistakes printed."""
+    atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(out, indent=1)))
+    def draw(path):  # called by rank 0 alone: the other ranks have no scores to draw
+        title = f"{out['config']['train']['strategy']}: accuracy (%)"
+        heatmap(out["tasks"], out["matrix"], title).save(path, format="PNG")
+    atomic_write(run_dir / "accuracy.png", draw)
+    print("\n" + format_report(out))
+    for (acc, mistakes), name in zip(results, out["tasks"]):
+        for q, pred, ref in mistakes[:show_mistakes]:
+            print(f"  {name}: {q!r} -> {pred!r} (expected {ref!r})")
+    print(f"wrote {run_dir}/results.json and accuracy.png")
+
+
+def reevaluate(run_dir, path):
     """Evaluate a saved checkpoint of a run on all of that run's tasks, through its strategy -> accuracies."""
-    config = json.loads((Path(run_dir) / "config.json").read_text())
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        raise CLIError(f"{path}: its folder {run_dir} holds no readable config.json of a run") from None
     cfg, mcfg = TrainConfig(**config["train"]), ModelConfig(**config["model"])
-    saved, model = load_checkpoint(checkpoint), VLM(mcfg)
     strategy = strategies.build(cfg.strategy, strategies.StrategyConfig(**config["strategy"]), cfg.seed)
-    if "strategy" in saved:  # task checkpoints carry it (e.g. expansion's experts); base.pt does not
-        strategy.load_state_dict(saved["strategy"])
-        strategy.restore(model)
-    model.load_state_dict(saved["model"])
+    model = VLM(mcfg)
+    try:
+        load_state(model, strategy, load_checkpoint(path))
+    except (RuntimeError, KeyError) as e:  # another run's or a foreign checkpoint
+        raise CLIError(f"{path} does not fit the run in {run_dir}: {str(e).splitlines()[0][:80]}") from None
     tok = Tokenizer.from_file(str(Path(run_dir) / "tokenizer.json"))
-    tasks = data.read_tasks(task_names(cfg.tasks), cfg.image_root, cfg.truncate, Path(run_dir) / "cache")
-    tests = [data.make_task(t, 1, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)[1]
-             for t in tasks.values()]
-    return [acc for acc, _ in evaluate(model, strategy, tests, tok, torch.device("cpu"), cfg)]
+    tasks = llava.read_tasks(task_names(cfg.tasks), cfg.image_root, cfg.truncate, Path(run_dir) / "cache")
+    tests = task_rows(tasks, cfg, mcfg, tok, 1)[1]  # one train row: only the tests are needed
+    accs = [acc for acc, _ in evaluate(model, strategy, tests, tok, torch.device("cpu"), cfg)]
+    names = list(tasks)
+    print(f"re-evaluated {path}:\n{format_header(names)}\n{format_row(Path(path).stem, accs, names)}")
+    return accs
 
 
 def main(argv=None):
     try:
         cfg, mcfg, scfg = parse(argv)
+        if cfg.evaluate:  # a checkpoint evaluated again, with the settings of the run folder it lies in
+            reevaluate(Path(cfg.evaluate).parent, cfg.evaluate)
+            return 0
         if WORLD > 1:  # launched by torchrun: join the others; only rank 0 prints
-            dist.init_process_group("nccl" if "cuda" in cfg.device or cfg.device == "auto" and torch.cuda.is_available()
-                                    else "gloo")
+            cuda = "cuda" in cfg.device or cfg.device == "auto" and torch.cuda.is_available()
+            dist.init_process_group("nccl" if cuda else "gloo")
             sys.stdout = open(os.devnull, "w") if RANK > 0 else sys.stdout
         print("config: " + json.dumps({**asdict(cfg), **asdict(mcfg), **asdict(scfg)}))
         run(cfg, mcfg, scfg)
-    except (Stop, data.TaskFileError) as e:
+    except (Stop, llava.TaskFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "code", 2)
     except KeyboardInterrupt:  # Ctrl-C: the checkpoints written so far stay, and the same command resumes

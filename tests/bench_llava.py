@@ -19,6 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
+import llava  # noqa: E402
 
 N_RECORDS, SOURCE_SIZE, IMAGE_SIZE, MAX_LEN = 10_000, 64, 48, 40
 
@@ -38,18 +39,18 @@ def write_task_file(folder):
         Image.fromarray(data.render(scene, SOURCE_SIZE).transpose(1, 2, 0)).save(folder / "images" / f"{i}.png")
         records.append({"id": i, "image": f"images/{i}.png", "conversations": turns})
     path = folder / "bench.json"
-    path.write_text(data.records_json(records))
+    path.write_text(llava.records_json(records))
     return path
 
 
 def load(path, run_dir):
     """What train.py does for one task file -> (seconds to read and check, to train the tokenizer, to load rows)."""
     t0 = time.perf_counter()
-    tasks = data.read_tasks([str(path)], cache=run_dir / "cache")
+    tasks = llava.read_tasks([str(path)], cache=run_dir / "cache")
     t1 = time.perf_counter()
-    tok = data.train_tokenizer(data.ALL_TASKS, 0, tasks.values())
+    tok = data.train_tokenizer(data.ALL_TASKS, 0, llava.file_texts(tasks.values()))
     t2 = time.perf_counter()
-    train, test = data.make_task(tasks["bench"], 0, 0, 0, tok, IMAGE_SIZE, MAX_LEN)
+    train, test = llava.load_file_task(tasks["bench"], 0, tok, IMAGE_SIZE, MAX_LEN)
     assert len(train) + len(test) == 2 * N_RECORDS
     return t1 - t0, t2 - t1, time.perf_counter() - t2
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import llava
 import train
 from test_train import assert_one_line_error, run as run_script  # the command line, as a user runs it
 
@@ -49,20 +50,20 @@ def task_file(folder, records, name="mytask.json", images=True):
     for r in records if images else []:
         if isinstance(r, dict) and str(r.get("image")).startswith("images/"):
             png(folder / r["image"])
-    path.write_text("\n".join(json.dumps(r) for r in records) if name.endswith(".jsonl") else data.records_json(records))
+    path.write_text("\n".join(json.dumps(r) for r in records) if name.endswith(".jsonl") else llava.records_json(records))
     return path
 
 
 def load(path, cache=None, **kw):
     """read_tasks + make_task as train.py calls them -> (train, test, tokenizer)."""
-    tasks = data.read_tasks([str(path)], cache=cache or path.parent / "run" / "cache", **kw)
-    tok = data.train_tokenizer(BUILTIN, 0, tasks.values())
+    tasks = llava.read_tasks([str(path)], cache=cache or path.parent / "run" / "cache", **kw)
+    tok = data.train_tokenizer(BUILTIN, 0, llava.file_texts(tasks.values()))
     (task,) = tasks.values()
-    return *data.make_task(task, 1, 1, 0, tok, SIZE, MAX_LEN), tok
+    return *llava.load_file_task(task, 0, tok, SIZE, MAX_LEN), tok
 
 
 def load_error(path, **kw):
-    with pytest.raises(data.TaskFileError) as e:
+    with pytest.raises(llava.TaskFileError) as e:
         load(path, **kw)
     message = str(e.value)
     assert "\n" not in message and str(path) in message, message
@@ -140,7 +141,7 @@ def test_unreadable_image_and_nothing_half_written(tmp_path, kind, fragment):
 def test_truncate_cuts_the_answer_and_counts(tmp_path, capsys):
     long_answer = " ".join(["circle"] * 40)
     path = task_file(tmp_path, [*GOOD[:2], record(2, "What is it?", long_answer), record(3, "Q?", long_answer)])
-    path.with_name("mytask.test.json").write_text(data.records_json([record(0)]))
+    path.with_name("mytask.test.json").write_text(llava.records_json([record(0)]))
     train_rows, _, tok = load(path, truncate=True)
     assert "--truncate cut 2 rows to 40 tokens" in capsys.readouterr().out
     cut = train_rows.subset([2])
@@ -154,10 +155,10 @@ def test_truncate_cuts_the_answer_and_counts(tmp_path, capsys):
 def test_tasks_are_named_once(tmp_path):
     a, b = task_file(tmp_path / "a", GOOD, "count.json"), task_file(tmp_path / "b", GOOD)
     c = task_file(tmp_path / "c", GOOD)
-    with pytest.raises(data.TaskFileError, match="already has a task named 'count'"):
-        data.read_tasks(["count", str(a)])
-    with pytest.raises(data.TaskFileError, match="already has a task named 'mytask'"):
-        data.read_tasks([str(b), str(c)])
+    with pytest.raises(llava.TaskFileError, match="already has a task named 'count'"):
+        llava.read_tasks(["count", str(a)])
+    with pytest.raises(llava.TaskFileError, match="already has a task named 'mytask'"):
+        llava.read_tasks([str(b), str(c)])
 
 
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
@@ -186,7 +187,7 @@ def test_multi_turn_record_becomes_one_row_per_pair(tmp_path, capsys):
     conversation = record(0, "<image>\nWhat shape is the red object?", "circle", "Where is it?<image>", "top left",
                           "  And its size?  ", "small")
     path = task_file(tmp_path, [conversation, record(1, "<image>\nCount the blue objects.", "2")])
-    path.with_name("mytask.test.json").write_text(data.records_json([record(2, "Is it red?", "yes")]))
+    path.with_name("mytask.test.json").write_text(llava.records_json([record(2, "Is it red?", "yes")]))
     png(tmp_path / "images" / "0.png", color=(1, 2, 3))
     png(tmp_path / "images" / "2.png")
     train_rows, test_rows, tok = load(path)
@@ -203,7 +204,7 @@ def test_multi_turn_record_becomes_one_row_per_pair(tmp_path, capsys):
 
 def test_new_words_get_new_ids_and_benchmark_ids_stay(tmp_path, tok):
     path = task_file(tmp_path, [record(0, "What breed is the dog?", "a beagle"), *GOOD[1:]])
-    mixed = data.train_tokenizer(BUILTIN, 0, data.read_tasks(["classify", str(path)]).values())
+    mixed = data.train_tokenizer(BUILTIN, 0, llava.file_texts(llava.read_tasks(["classify", str(path)]).values()))
     old, new = tok.get_vocab(), mixed.get_vocab()
     assert {w: new[w] for w in old} == old  # the benchmark's words keep their ids
     assert sorted(set(new) - set(old)) == ["▁beagle", "▁breed", "▁dog"]
@@ -230,18 +231,18 @@ def test_images_resolve_against_the_file_folder_or_image_root(tmp_path, monkeypa
 def test_held_out_split_is_seeded_and_keeps_records_whole(tmp_path, tok):
     records = [record(i, "What shape is the red object?", "circle", "Where is it?", "center") for i in range(30)]
     path = task_file(tmp_path, records)
-    (task,) = data.read_tasks([str(path)], cache=tmp_path / "cache").values()
+    (task,) = llava.read_tasks([str(path)], cache=tmp_path / "cache").values()
 
     def split(seed):
-        return [sorted(set(ex.images[:, 0, 0, 0].tolist())) for ex in data.make_task(task, 1, 1, seed, tok, SIZE, MAX_LEN)]
+        return [sorted(set(ex.images[:, 0, 0, 0].tolist())) for ex in llava.load_file_task(task, seed, tok, SIZE, MAX_LEN)]
 
     for i, r in enumerate(records):  # the record number in the pixels tells where each row came from
         png(tmp_path / r["image"], color=(i, 0, 0))
-    (task,) = data.read_tasks([str(path)], cache=tmp_path / "cache").values()
+    (task,) = llava.read_tasks([str(path)], cache=tmp_path / "cache").values()
     train_ids, test_ids = split(0)
     assert len(test_ids) == 3 and len(train_ids) == 27 and not set(train_ids) & set(test_ids)
     assert split(0) == [train_ids, test_ids] and split(1) != [train_ids, test_ids]
-    train_rows, _ = data.make_task(task, 1, 1, 0, tok, SIZE, MAX_LEN)
+    train_rows, _ = llava.load_file_task(task, 0, tok, SIZE, MAX_LEN)
     assert len(train_rows) == 2 * 27  # both pairs of every training record
 
 
@@ -268,7 +269,7 @@ N_TRAIN, N_TEST = 12, 6
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "bench"
-    proc = run_script("data.py", "--export", out, "--n-train", N_TRAIN, "--n-test", N_TEST)
+    proc = run_script("llava.py", "--export", out, "--n-train", N_TRAIN, "--n-test", N_TEST)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -287,11 +288,11 @@ def test_export_writes_every_task_as_llava_records(exported):
 
 
 def test_reimported_benchmark_is_identical_to_the_built_in_path(exported, tok):
-    tasks = data.read_tasks([str(exported / f"{n}.json") for n in data.TASKS], cache=exported.parent / "cache")
-    assert data.train_tokenizer(BUILTIN, 0, tasks.values()).to_str() == tok.to_str()  # no new word, no new id
+    tasks = llava.read_tasks([str(exported / f"{n}.json") for n in data.TASKS], cache=exported.parent / "cache")
+    assert data.train_tokenizer(BUILTIN, 0, llava.file_texts(tasks.values())).to_str() == tok.to_str()  # no new word, no new id
     for name, task in tasks.items():
         built_in = data.make_task(data.TASKS[name], N_TRAIN, N_TEST, 0, tok, SIZE, MAX_LEN)
-        for a, b in zip(built_in, data.make_task(task, N_TRAIN, N_TEST, 0, tok, SIZE, MAX_LEN)):
+        for a, b in zip(built_in, llava.load_file_task(task, 0, tok, SIZE, MAX_LEN)):
             assert torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens), name
             assert torch.equal(a.prompt_len, b.prompt_len) and a.answers == b.answers, name
             assert (a.name, a.metric, len(a)) == (b.name, b.metric, len(b)), name

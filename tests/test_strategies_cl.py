@@ -371,7 +371,7 @@ def test_tiny_end_to_end_run(spec, tmp_path_factory):
     if spec == "tir":
         assert len(results["task_similarity"]) == 2
     assert results["extra_bytes"] > 0
-    # eval.py --checkpoint: adapters and experts load back, and the last row comes out again
+    # train.py --evaluate: adapters and experts load back, and the last row comes out again
     assert train.reevaluate(run, run / "task2-read.pt") == results["matrix"][1]
 
 

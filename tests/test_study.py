@@ -1,4 +1,4 @@
-"""The study (`python eval.py --study`): Spearman and the task-pair analysis on hand-worked inputs, the
+"""The study (`python study.py`): Spearman and the task-pair analysis on hand-worked inputs, the
 findings and the report on hand-built results, bad input, the order of runs (with a stand-in for train.py),
 and one tiny real study that fails, resumes and re-trains a run whose configuration changed.
 
@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import eval as ev
+import study
 import train
 
 TASKS = ["classify", "attribute", "count"]
@@ -30,8 +31,8 @@ SIMILARITY = [[1.0, 0.8, 0.2],
 # Spearman and task pairs
 
 def test_ranks_average_ties():
-    assert ev.ranks([10, 20, 20, 5]) == [2, 3.5, 3.5, 1]
-    assert ev.ranks([7, 7, 7]) == [2, 2, 2]
+    assert study.ranks([10, 20, 20, 5]) == [2, 3.5, 3.5, 1]
+    assert study.ranks([7, 7, 7]) == [2, 2, 2]
 
 
 @pytest.mark.parametrize("xs,ys,rho", [
@@ -41,19 +42,19 @@ def test_ranks_average_ties():
     ([1, 2, 2, 3], [1, 3, 2, 4], math.sqrt(0.9)),  # x ranks 1, 2.5, 2.5, 4: cov 4.5 / sqrt(4.5 * 5)
 ])
 def test_spearman_on_known_cases(xs, ys, rho):
-    assert ev.spearman(xs, ys) == pytest.approx(rho)
-    assert ev.spearman(ys, xs) == pytest.approx(rho)  # symmetric
+    assert study.spearman(xs, ys) == pytest.approx(rho)
+    assert study.spearman(ys, xs) == pytest.approx(rho)  # symmetric
 
 
 def test_spearman_of_a_constant_is_undefined():
-    assert math.isnan(ev.spearman([1, 2, 3], [5, 5, 5]))
+    assert math.isnan(study.spearman([1, 2, 3], [5, 5, 5]))
 
 
 def test_task_pairs_pair_forgetting_with_similarity():
     # (j=1, i=0): 90-60; (j=2, i=0): 60-40; (j=2, i=1): 80-50
-    assert ev.task_pairs(A, SIMILARITY) == [(0.8, 30), (0.2, 20), (0.5, 30)]
+    assert study.task_pairs(A, SIMILARITY) == [(0.8, 30), (0.2, 20), (0.5, 30)]
     # ranks of similarity 3, 1, 2 and of forgetting 2.5, 1, 2.5: cov 1.5 / sqrt(2 * 1.5)
-    assert ev.spearman(*zip(*ev.task_pairs(A, SIMILARITY))) == pytest.approx(math.sqrt(3) / 2)
+    assert study.spearman(*zip(*study.task_pairs(A, SIMILARITY))) == pytest.approx(math.sqrt(3) / 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,20 +87,20 @@ def study_runs(multitask_drift=0):
 
 
 def test_findings_follow_the_numbers():
-    summary = ev.summarize(study_runs())
-    checks = ev.findings(summary, ev.spearman([0.8, 0.2, 0.5], [30, 20, 30]), 3)
+    summary = study.summarize(study_runs())
+    checks = study.findings(summary, study.spearman([0.8, 0.2, 0.5], [30, 20, 30]), 3)
     holds = [h for _, h, _ in checks]
     assert holds == [True, False, None, None, None, False]  # 3-5 need expansion and ewc, which did not run
     assert "naive BWT -40.0 (pretrained), -40.0 (multitask)" in checks[0][2]
     assert "ρ = +0.87 over 3 task pairs" in checks[5][2]
     # the multitask base forgetting less, and similar tasks being forgotten less, turn 2 and 6 around
-    checks = ev.findings(ev.summarize(study_runs(multitask_drift=10)), ev.spearman([0.8, 0.2, 0.5], [10, 20, 15]), 3)
+    checks = study.findings(study.summarize(study_runs(multitask_drift=10)), study.spearman([0.8, 0.2, 0.5], [10, 20, 15]), 3)
     assert checks[1][1] is True and "naive forgetting 40.0 (pretrained), 30.0 (multitask)" in checks[1][2]
     assert checks[5][1] is True
 
 
 def test_report_files_hold_the_numbers(tmp_path):
-    rows = ev.write_report(tmp_path, study_runs(), ["naive", "replay", "tir"], ["pretrained", "multitask"],
+    rows = study.write_report(tmp_path, study_runs(), ["naive", "replay", "tir"], ["pretrained", "multitask"],
                            ["Seeds 0, 1."])
     assert rows[0] == ["strategy", "base", "AA", "BWT", "forgetting", "FWT", "gain", "extra memory", "extra time"]
     md = (tmp_path / "study.md").read_text()
@@ -127,7 +128,7 @@ def test_report_files_hold_the_numbers(tmp_path):
 
 def test_a_study_without_tir_says_so(tmp_path):
     runs = {k: r for k, r in study_runs().items() if k[1] != "tir"}
-    ev.write_report(tmp_path, runs, ["naive", "replay", "tir"], ["pretrained", "multitask"])
+    study.write_report(tmp_path, runs, ["naive", "replay", "tir"], ["pretrained", "multitask"])
     md = (tmp_path / "study.md").read_text()
     assert "The study ran no tir" in md and "| tir |" not in md
     assert not list(tmp_path.glob("similarity-*.png")) and not (tmp_path / "task_pairs.png").exists()
@@ -150,10 +151,10 @@ def test_each_base_is_trained_once_before_its_other_runs(tmp_path, monkeypatch, 
         (tmp_path / base / strategy / "results.json").write_text(json.dumps(results))
         events.append(("end", base, strategy))
         return subprocess.CompletedProcess(flags, 3 if (base, strategy) == ("multitask", "tir") else 0, stderr="boom")
-    monkeypatch.setattr(ev, "study_plan", lambda *args: plan)
-    monkeypatch.setattr(ev, "train_run", fake_train_run)
+    monkeypatch.setattr(study, "study_plan", lambda *args: plan)
+    monkeypatch.setattr(study, "train_run", fake_train_run)
     args = argparse.Namespace(out=str(tmp_path / "study"), seeds=1, jobs=2)
-    assert ev.study(args, names, bases, []) == 1
+    assert study.study(args, names, bases, []) == 1
     assert "FAILED multitask/tir/seed0 (exit 3)" in capsys.readouterr().err
     for b in bases:  # the first run trains the base; the others reuse it
         assert all(events.index(("start", b, s)) > events.index(("end", b, "naive")) for s in names[1:])
@@ -176,7 +177,7 @@ needs_base = pytest.mark.skipif("base" not in {f.name for f in fields(train.Trai
     pytest.param(["--", "--bogus-flag"], "--bogus-flag", marks=needs_base),  # train.py's check too
 ], ids=["strategy", "base", "seeds", "jobs", "reserved", "train-flag"])
 def test_bad_study_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, args, fragment):
-    assert ev.main(["--study", "--out", str(tmp_path / "study"), *args]) == 2
+    assert study.main(["--out", str(tmp_path / "study"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
     assert list(tmp_path.iterdir()) == []
@@ -189,12 +190,12 @@ TINY = ["--steps", "2", "--base-steps", "2", "--n-train", "8", "--n-test", "4", 
 @needs_base
 def test_tiny_study_fails_resumes_and_reports(tmp_path, capsys):
     out, cache = tmp_path / "study", tmp_path / "cache"
-    argv = ["--study", "--strategies", "naive,tir", "--bases", "pretrained", "--tasks", "classify,count",
+    argv = ["--strategies", "naive,tir", "--bases", "pretrained", "--tasks", "classify,count",
             "--out", str(out), "--", *TINY, "--cache-dir", str(cache)]
     blocker = out / "runs" / "pretrained" / "tir" / "seed0"  # a file where tir's run folder goes: that run fails
     blocker.parent.mkdir(parents=True)
     blocker.write_text("in the way")
-    assert ev.main(argv) == 1
+    assert study.main(argv) == 1
     captured = capsys.readouterr()
     assert "FAILED pretrained/tir/seed0" in captured.err and "cannot write run folder" in captured.err
     assert "1 of 2 runs finished, 1 failed" in captured.out
@@ -202,7 +203,7 @@ def test_tiny_study_fails_resumes_and_reports(tmp_path, capsys):
     assert naive.is_file() and len(list(cache.glob("pretrained-*.pt"))) == 1
 
     blocker.unlink()  # resume: naive is reused, tir runs
-    assert ev.main(argv) == 0
+    assert study.main(argv) == 0
     printed = capsys.readouterr().out
     assert "2 runs, 1 reused, 1 to train" in printed and "2 of 2 runs finished, 0 failed" in printed
     md, data = (out / "study.md").read_text(), json.loads((out / "study.json").read_text())
@@ -216,6 +217,6 @@ def test_tiny_study_fails_resumes_and_reports(tmp_path, capsys):
 
     results["config"]["train"]["steps"] = 999  # as if made by another configuration: trained again
     naive.write_text(json.dumps(results))
-    assert ev.main(argv) == 0
+    assert study.main(argv) == 0
     assert "2 runs, 1 reused, 1 to train" in capsys.readouterr().out
     assert json.loads(naive.read_text())["config"]["train"]["steps"] == 2

@@ -1,0 +1,37 @@
+"""The layout: imports flow one way, each file using only the files above it (README, tour of the files).
+
+Run: python -m pytest tests/test_layout.py -q   (a second: it only parses the files)
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDER = ["data", "llava", "model", "strategies", "eval", "train", "study"]  # top to bottom
+ALLOWED = {  # which of our files each may import; every one lies above it in ORDER
+    "data": set(), "llava": {"data"}, "model": set(), "strategies": {"data", "model"}, "eval": {"data"},
+    "train": {"data", "llava", "model", "strategies", "eval"}, "study": {"train", "eval", "strategies"},
+}
+
+
+def our_imports(name):
+    """The project files that ROOT/<name>.py imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse((ROOT / f"{name}.py").read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(ORDER)
+
+
+def test_every_project_file_is_in_the_layout():
+    assert {p.stem for p in ROOT.glob("*.py")} == set(ORDER)
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_imports_flow_one_way(name):
+    assert all(ORDER.index(dep) < ORDER.index(name) for dep in ALLOWED[name])  # the table itself is one-way
+    extra = our_imports(name) - ALLOWED[name]
+    assert not extra, f"{name}.py imports {sorted(extra)}, which it may not (allowed: {sorted(ALLOWED[name])})"
