@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import types
 import warnings
 from pathlib import Path
 
@@ -22,7 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import model  # noqa: E402
+import strategies  # noqa: E402
 from model import FlashAttention, attention, flash_attention_reference, flash_attention_reference_backward  # noqa: E402
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -79,7 +82,7 @@ def test_twin_gradients_match_exact_attention(N, causal, Br, Bc):
     q, k, v = qkv(2, 3, N, 16)
     dO = torch.randn(2, 3, N, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     want = torch.autograd.grad(attention(q, k, v, causal, "manual"), (q, k, v), dO)
-    got = torch.autograd.grad(FlashAttention.apply(q, k, v, causal, *twin(Br, Bc)), (q, k, v), dO)
+    got = torch.autograd.grad(FlashAttention.apply(q, k, v, causal, *twin(Br, Bc))[0], (q, k, v), dO)
     for name, g, w in zip(("dQ", "dK", "dV"), got, want):
         assert_close(name, g, w, atol=1e-12)
 
@@ -87,7 +90,10 @@ def test_twin_gradients_match_exact_attention(N, causal, Br, Bc):
 @pytest.mark.parametrize("causal", [True, False])
 def test_twin_gradcheck(causal):
     q, k, v = qkv(1, 2, 5, 4)
-    assert torch.autograd.gradcheck(lambda q, k, v: FlashAttention.apply(q, k, v, causal, *twin(2, 3)), (q, k, v))
+
+    def attend(q, k, v):
+        return FlashAttention.apply(q, k, v, causal, *twin(2, 3))[0]
+    assert torch.autograd.gradcheck(attend, (q, k, v))
 
 
 def test_twin_bfloat16_accumulates_in_float32():
@@ -117,6 +123,43 @@ def test_twin_visits_only_the_tiles_it_needs(causal, monkeypatch):
     assert all(rows <= 8 and cols <= 8 for _, _, rows, cols in seen)
     if causal:
         assert all(j <= i for i, j, _, _ in seen)
+
+
+def reads_raw_memory(fn):
+    """fn, after touching each tensor's memory as attention.cu does: a tensor inside vmap or grad has none."""
+    def kernel(*args):
+        for t in args:
+            if isinstance(t, torch.Tensor):
+                t.data_ptr()  # raises "Cannot access data pointer of Tensor that doesn't have storage"
+        return fn(*args)
+    return kernel
+
+
+@pytest.mark.parametrize("measure", ["ewc", "mas"])
+def test_importance_through_the_kernel_path_matches_manual_attention(measure, monkeypatch):
+    """EWC, MAS and TIR take per-sample gradients with vmap(grad(...)) (strategies.importance). Sent down the
+    kernel's path, with the twin standing in for attention.cu, attention gives the importances that manual
+    attention gives, and the kernels see plain tensors: each call holds every row of the chunk at once."""
+    tok = data.train_tokenizer([data.TASKS["classify"]], seed=0)
+    rows = data.make_task(data.TASKS["classify"], 8, 4, 0, tok, 48, 40)[0]
+    cfg = dict(vocab_size=tok.get_vocab_size(), vit_dim=64, d_model=64, n_head=2, vit_layers=1, n_layer=1)  # hs 32
+    want = strategies.importance(model.VLM(model.ModelConfig(attn="manual", **cfg)), rows, measure, 6,
+                                 torch.Generator().manual_seed(0))
+    batch_sizes = []
+
+    def forward(q, k, v, causal):
+        batch_sizes.append(q.size(0))
+        return flash_attention_reference(q, k, v, causal)
+    kernels = types.SimpleNamespace(forward=reads_raw_memory(forward),
+                                    backward=reads_raw_memory(flash_attention_reference_backward))
+    monkeypatch.setattr(model, "load_cuda_attention", lambda: kernels)
+    monkeypatch.setattr(model, "kernel_fits", lambda q, k: q.size(-2) == k.size(-2))  # all but q.is_cuda
+    got = strategies.importance(model.VLM(model.ModelConfig(attn="cuda", **cfg)), rows, measure, 6,
+                                torch.Generator().manual_seed(0))
+    assert batch_sizes == [6, 6]  # one call per layer (ViT, decoder), all six rows of the chunk in it
+    assert got.keys() == want.keys()
+    for name in want:
+        assert_close(name, got[name], want[name], atol=1e-6 * want[name].abs().max().item(), rtol=1e-4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the 'cuda' path builds instead of falling back")
@@ -178,7 +221,7 @@ def test_gpu_kernel_matches_sdpa(N, d, causal, dtype):
     kernels = cuda_kernels()
     q, k, v = qkv(2, 3, N, d, dtype=dtype, device="cuda")
     dO = torch.randn(2, 3, N, d, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(dtype)
-    O = FlashAttention.apply(q, k, v, causal, kernels.forward, kernels.backward)
+    O, _ = FlashAttention.apply(q, k, v, causal, kernels.forward, kernels.backward)
     grads = torch.autograd.grad(O, (q, k, v), dO)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     O64 = attention(q64, k64, v64, causal, "sdpa")
