@@ -4,7 +4,8 @@
     python -m pytest tests/test_attention.py -k gpu -v       # GPU: the kernel itself against SDPA
 
 The twin (model.flash_attention_reference*) is attention.cu written in PyTorch, loop for loop, so the CPU
-tests check the algorithm the kernel runs; the GPU tests check the kernel's translation of it.
+tests check the algorithm the kernel runs; the GPU tests check the kernel's translation of it. Both also
+run strategies.importance() down the kernel's path: vmap(grad(...)) over it, as EWC, MAS and TIR use it.
 """
 import functools
 import json
@@ -135,27 +136,38 @@ def reads_raw_memory(fn):
     return kernel
 
 
+def recording(forward, backward, monkeypatch):
+    """Make load_cuda_attention return these kernels -> the list of the batch sizes their forward gets."""
+    batch_sizes = []
+
+    def recorded_forward(q, k, v, causal):
+        batch_sizes.append(q.size(0))
+        return forward(q, k, v, causal)
+    kernels = types.SimpleNamespace(forward=recorded_forward, backward=backward)
+    monkeypatch.setattr(model, "load_cuda_attention", lambda: kernels)
+    return batch_sizes
+
+
+def importances(attn, measure, device):
+    """strategies.importance() of a tiny seeded VLM with head size 32 (one the kernel covers), over 6 rows."""
+    tok = data.train_tokenizer([data.TASKS["classify"]], seed=0)
+    rows = data.make_task(data.TASKS["classify"], 8, 4, 0, tok, 48, 40)[0]
+    cfg = model.ModelConfig(vocab_size=tok.get_vocab_size(), vit_dim=64, d_model=64, n_head=2, vit_layers=1,
+                            n_layer=1, attn=attn)
+    vlm = model.VLM(cfg).to(device)
+    return strategies.importance(vlm, rows, measure, 6, torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("measure", ["ewc", "mas"])
 def test_importance_through_the_kernel_path_matches_manual_attention(measure, monkeypatch):
     """EWC, MAS and TIR take per-sample gradients with vmap(grad(...)) (strategies.importance). Sent down the
     kernel's path, with the twin standing in for attention.cu, attention gives the importances that manual
     attention gives, and the kernels see plain tensors: each call holds every row of the chunk at once."""
-    tok = data.train_tokenizer([data.TASKS["classify"]], seed=0)
-    rows = data.make_task(data.TASKS["classify"], 8, 4, 0, tok, 48, 40)[0]
-    cfg = dict(vocab_size=tok.get_vocab_size(), vit_dim=64, d_model=64, n_head=2, vit_layers=1, n_layer=1)  # hs 32
-    want = strategies.importance(model.VLM(model.ModelConfig(attn="manual", **cfg)), rows, measure, 6,
-                                 torch.Generator().manual_seed(0))
-    batch_sizes = []
-
-    def forward(q, k, v, causal):
-        batch_sizes.append(q.size(0))
-        return flash_attention_reference(q, k, v, causal)
-    kernels = types.SimpleNamespace(forward=reads_raw_memory(forward),
-                                    backward=reads_raw_memory(flash_attention_reference_backward))
-    monkeypatch.setattr(model, "load_cuda_attention", lambda: kernels)
+    want = importances("manual", measure, "cpu")
+    batch_sizes = recording(reads_raw_memory(flash_attention_reference),
+                            reads_raw_memory(flash_attention_reference_backward), monkeypatch)
     monkeypatch.setattr(model, "kernel_fits", lambda q, k: q.size(-2) == k.size(-2))  # all but q.is_cuda
-    got = strategies.importance(model.VLM(model.ModelConfig(attn="cuda", **cfg)), rows, measure, 6,
-                                torch.Generator().manual_seed(0))
+    got = importances("cuda", measure, "cpu")
     assert batch_sizes == [6, 6]  # one call per layer (ViT, decoder), all six rows of the chunk in it
     assert got.keys() == want.keys()
     for name in want:
@@ -255,6 +267,19 @@ def test_gpu_attention_picks_the_kernel_and_leaves_decoding_to_sdpa():
     assert torch.equal(attention(q, k, v, True, "cuda"), O)
     q_last = q[:, :, -1:]  # one new query against the whole cache: Tq != Tk
     assert_close("decoding", attention(q_last, k, v, True, "cuda"), O[:, :, -1:], atol=1e-4)
+
+
+@gpu
+@pytest.mark.parametrize("measure", ["ewc", "mas"])
+def test_gpu_importance_through_the_kernel_matches_manual_attention(measure, monkeypatch):
+    """The CPU test above with attention.cu itself: vmap(grad(...)) over the kernels, as EWC runs it."""
+    kernels = cuda_kernels()
+    want = importances("manual", measure, "cuda")
+    batch_sizes = recording(kernels.forward, kernels.backward, monkeypatch)
+    got = importances("cuda", measure, "cuda")
+    assert batch_sizes == [6, 6]  # the kernel ran, once per layer, on all six rows together
+    for name in want:
+        assert_close(name, got[name], want[name], atol=1e-4 * want[name].abs().max().item(), rtol=1e-3)
 
 
 @gpu
