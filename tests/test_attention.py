@@ -175,7 +175,7 @@ def test_importance_through_the_kernel_path_matches_manual_attention(measure, mo
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the 'cuda' path builds instead of falling back")
-def test_cuda_path_without_a_gpu_warns_once_and_uses_sdpa():
+def test_cuda_path_without_cuda_warns_once_and_uses_sdpa():
     model.load_cuda_attention.cache_clear()
     q, k, v = qkv(2, 2, 9, 32, dtype=torch.float32)
     try:
