@@ -67,9 +67,6 @@ kernels = model.load_cuda_attention()
 if kernels is None:
     sys.exit("attention.cu: not built (the warning above says why)")
 print(f"attention.cu: built and loaded in {time.time() - start:.1f} s")'
-  local rc=$?
-  rm -f build/attention/lock  # left by a killed build, it would make every later process wait for it
-  return $rc
 }
 
 gpu_tests() {  # STEP_LOG: this step's log, so far
@@ -111,6 +108,7 @@ echo "gpu_check: logs and summary in $OUT"
 start=$SECONDS
 step cuda 15 cuda
 step build 90 build
+rm -f build/attention/lock  # a build killed by its timeout leaves it, and later loads would wait on it
 step bench 30 bench
 step replay-kernel 85 replay_kernel & step replay-sdpa 85 replay_sdpa & step ewc 85 ewc & wait
 step tests 255 gpu_tests & step study 255 study & wait
