@@ -57,6 +57,12 @@ ATTENTION_PATHS = ("auto", "manual", "sdpa", "cuda")
 CUDA_HEAD_DIMS = (32, 64, 128)  # the head sizes attention.cu is compiled for
 
 
+def kernel_fits(q, k):
+    """Whether attention.cu covers q, k (see `attention`). A CPU test replaces it to route the twin here."""
+    return (q.is_cuda and q.size(-2) == k.size(-2) and q.size(-1) in CUDA_HEAD_DIMS
+            and q.dtype in (torch.float32, torch.bfloat16))
+
+
 def attention(q, k, v, causal, path="auto"):
     """softmax(q kᵀ / √hs) v for q (B, nh, Tq, hs) and k, v (B, nh, Tk, hs) -> (B, nh, Tq, hs).
 
@@ -66,13 +72,12 @@ def attention(q, k, v, causal, path="auto"):
     size in CUDA_HEAD_DIMS, float32 or bfloat16. Elsewhere, e.g. decoding with a cache, it uses SDPA.
     """
     Tq, Tk = q.size(-2), k.size(-2)
-    kernel_fits = (q.is_cuda and Tq == Tk and q.size(-1) in CUDA_HEAD_DIMS
-                   and q.dtype in (torch.float32, torch.bfloat16))
-    if path == "cuda" or (path == "auto" and kernel_fits):
+    fits = kernel_fits(q, k)
+    if path == "cuda" or (path == "auto" and fits):
         kernels = load_cuda_attention()  # (end of file) None, after one warning, where it cannot be built
-        if kernels is not None and kernel_fits:
+        if kernels is not None and fits:
             q, k, v = (t.contiguous() for t in (q, k, v))  # the kernel reads rows at stride hs
-            return FlashAttention.apply(q, k, v, causal, kernels.forward, kernels.backward)
+            return FlashAttention.apply(q, k, v, causal, kernels.forward, kernels.backward)[0]  # O, not L
         path = "sdpa"  # a shape or dtype the kernel was not written for, or no kernel at all
     if path in ("auto", "sdpa"):
         if causal and Tq == Tk:
@@ -391,21 +396,65 @@ def flash_attention_reference_backward(q, k, v, O, L, dO, causal, Br=32, Bc=32):
     return dQ, dK, dV
 
 
+def fold_vmapped(t, dim, size):
+    """A vmapped tensor as vmap rules see it, its vmapped dim at `dim` (None: shared by every call), ->
+    one contiguous batch (size·B, ...): the kernels then run once over all the calls' rows together."""
+    t = t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)  # (size, B, ...)
+    return t.reshape(size * t.size(1), *t.shape[2:]).contiguous()
+
+
 class FlashAttention(torch.autograd.Function):
-    """Autograd over a tiled forward/backward pair: attention.cu's kernels, or their PyTorch twin."""
+    """Autograd over a tiled forward/backward pair (attention.cu's kernels or their twin) -> O, L.
+
+    Written in torch.func's form (a forward without ctx, setup_context, a vmap rule), because EWC, MAS
+    and TIR take per-sample gradients with vmap(grad(...)). The kernels read raw memory, which a tensor
+    inside vmap does not have, so the vmap rule folds the vmapped dim into the batch and calls them once.
+    The backward is itself a Function with such a rule: under vmap(grad(...)) it gets vmapped tensors too.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, forward, backward):
-        O, L = forward(q, k, v, causal)
-        ctx.save_for_backward(q, k, v, O, L)  # L: all the softmax the backward needs, N numbers a row
+    def forward(q, k, v, causal, forward, backward):
+        return forward(q, k, v, causal)  # O, and L: all the softmax the backward needs, N numbers a row
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, causal, _, backward = inputs
+        ctx.save_for_backward(q, k, v, *output)
+        ctx.mark_non_differentiable(output[1])  # L is bookkeeping: no gradient flows back through it
         ctx.causal, ctx.tiled_backward = causal, backward
-        return O
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels have no backward of their own
-    def backward(ctx, dO):
-        dQ, dK, dV = ctx.tiled_backward(*ctx.saved_tensors, dO.contiguous(), ctx.causal)
+    def backward(ctx, dO, dL):
+        dQ, dK, dV = FlashAttentionBackward.apply(*ctx.saved_tensors, dO, ctx.causal, ctx.tiled_backward)
         return dQ, dK, dV, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, causal, forward, backward):
+        q, k, v = (fold_vmapped(t, dim, info.batch_size) for t, dim in zip((q, k, v), in_dims))
+        O, L = FlashAttention.apply(q, k, v, causal, forward, backward)  # (size·B, nh, N, d), (size·B, nh, N)
+        return (O.view(info.batch_size, -1, *O.shape[1:]), L.view(info.batch_size, -1, *L.shape[1:])), (0, 0)
+
+
+class FlashAttentionBackward(torch.autograd.Function):
+    """The tiled backward as a Function of its own, for its vmap rule; it has no derivative itself."""
+
+    @staticmethod
+    def forward(q, k, v, O, L, dO, causal, backward):
+        return tuple(backward(q, k, v, O, L, dO.contiguous(), causal))  # dQ, dK, dV
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass  # nothing to save: a second derivative is refused below
+
+    @staticmethod
+    def backward(ctx, dQ, dK, dV):
+        raise RuntimeError("the tiled attention backward has no derivative of its own (no double backward)")
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, O, L, dO, causal, backward):
+        tensors = [fold_vmapped(t, dim, info.batch_size) for t, dim in zip((q, k, v, O, L, dO), in_dims)]
+        grads = FlashAttentionBackward.apply(*tensors, causal, backward)
+        return tuple(g.view(info.batch_size, -1, *g.shape[1:]) for g in grads), (0, 0, 0)
 
 
 @functools.cache  # once per process: a failed build warns once and is not retried on every call

@@ -1,10 +1,12 @@
-"""Time attention.cu against manual attention and SDPA on one GPU, side by side.
+"""Time attention.cu against SDPA and manual attention on one GPU, forward and forward+backward.
 
     python tests/bench_attention.py
 
-Causal attention, fp32, batch 4 × 8 heads, head size 64, T from 128 to 4096. Each path is warmed up,
-then timed with CUDA events. TFLOP/s counts useful work in the FlashAttention papers' convention:
-4·T²·d per head for the forward, halved by the causal mask, and 2.5 times that for the backward.
+Causal, batch 4 × 8 heads, head size 64, T = 128, 512, 2048, in fp32 and bf16. Each path is warmed up, then
+timed with CUDA events. One row per (dtype, T) holds the three paths' times and the kernel's time over each
+of the others' (below 1: the kernel is faster). TFLOP/s counts useful work in the FlashAttention papers'
+convention: 4·T²·d per head for the forward, halved by the causal mask, and 2.5 times that for the backward.
+The last line checks the issue's bar: fp32 forward+backward at T ≥ 512 at least as fast as manual attention.
 Without a CUDA device it prints one line and exits 0 (the CPU tests cover the twin instead).
 """
 import sys
@@ -16,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import FlashAttention, attention, load_cuda_attention  # noqa: E402
 
 BATCH, HEADS, HEAD_DIM = 4, 8, 64
-LENGTHS = (128, 256, 512, 1024, 2048, 4096)
+LENGTHS = (128, 512, 2048)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def milliseconds(fn, warmup=3, reps=10):
@@ -32,39 +35,57 @@ def milliseconds(fn, warmup=3, reps=10):
     return start.elapsed_time(end) / reps
 
 
+def time_paths(paths, T, dtype):
+    """{path: (forward ms, forward+backward ms)} at sequence length T; NaN where a path runs out of memory."""
+    q, k, v = (torch.randn(BATCH, HEADS, T, HEAD_DIM, device="cuda", dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    dO = torch.randn_like(q)
+    times = {}
+    for name, fn in paths.items():
+        try:
+            with torch.no_grad():
+                forward = milliseconds(lambda: fn(q, k, v))
+            both = milliseconds(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dO))
+        except torch.cuda.OutOfMemoryError:  # the manual path holds T×T scores, several times over
+            forward = both = float("nan")
+            torch.cuda.empty_cache()
+        times[name] = forward, both
+    return times
+
+
 def main():
     if not torch.cuda.is_available():
-        print("bench_attention: no CUDA device, nothing to time (tests/test_attention.py checks the twin on CPU)")
+        print("bench_attention: no CUDA device, nothing to time (tests/test_attention.py checks the twin)")
         return 0
     kernels = load_cuda_attention()
     if kernels is None:
         print("bench_attention: attention.cu did not build; see the warning above")
         return 1
-    paths = {"kernel": lambda q, k, v: FlashAttention.apply(q, k, v, True, kernels.forward, kernels.backward),
+    paths = {"kernel": lambda q, k, v: FlashAttention.apply(q, k, v, True, kernels.forward,
+                                                          kernels.backward)[0],  # O, not L
              "sdpa": lambda q, k, v: attention(q, k, v, True, "sdpa"),
              "manual": lambda q, k, v: attention(q, k, v, True, "manual")}
-    print(f"{torch.cuda.get_device_name()} | causal, fp32, B={BATCH}, nh={HEADS}, d={HEAD_DIM} | "
-          f"'× sdpa' = time / SDPA's time at the same T")
-    print(f"{'T':>5} {'path':>7} | {'fwd ms':>8} {'TFLOP/s':>7} {'× sdpa':>7} | "
-          f"{'fwd+bwd ms':>10} {'TFLOP/s':>7} {'× sdpa':>7}")
-    for T in LENGTHS:
-        q, k, v = (torch.randn(BATCH, HEADS, T, HEAD_DIM, device="cuda", requires_grad=True) for _ in range(3))
-        dO = torch.randn_like(q)
-        forward_flop = 4 * BATCH * HEADS * T * T * HEAD_DIM / 2  # two matmuls over half the T×T scores
-        times = {}
-        for name, fn in paths.items():
-            try:
-                with torch.no_grad():
-                    forward = milliseconds(lambda: fn(q, k, v))
-                both = milliseconds(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dO))
-            except torch.cuda.OutOfMemoryError:  # the manual path holds T×T scores, several times over
-                forward = both = float("nan")
-                torch.cuda.empty_cache()
-            times[name] = forward, both
-        for name, (forward, both) in times.items():
-            print(f"{T:>5} {name:>7} | {forward:>8.3f} {forward_flop / forward / 1e9:>7.2f} "
-                  f"{forward / times['sdpa'][0]:>7.2f} | {both:>10.3f} {3.5 * forward_flop / both / 1e9:>7.2f} "
-                  f"{both / times['sdpa'][1]:>7.2f}")
+    print(f"{torch.cuda.get_device_name()} | causal, B={BATCH}, nh={HEADS}, d={HEAD_DIM} | times in ms; "
+          "'k/sdpa', 'k/man' = the kernel's time over SDPA's, manual's (below 1: the kernel is faster)")
+    print(f"{'':12}| {'forward':^46} | {'forward + backward':^46}")
+    columns = f"{'kernel':>7} {'sdpa':>7} {'manual':>7} {'k/sdpa':>6} {'k/man':>6} {'TFLOP/s':>7}"
+    print(f"{'dtype':>5} {'T':>5} | {columns} | {columns}")
+    bar = []  # the kernel's fp32 forward+backward time over manual's, at each T >= 512
+    for label, dtype in DTYPES.items():
+        for T in LENGTHS:
+            times = time_paths(paths, T, dtype)
+            forward_flop = 4 * BATCH * HEADS * T * T * HEAD_DIM / 2  # two matmuls over half the T×T scores
+            cells = []
+            for i, flop in ((0, forward_flop), (1, 3.5 * forward_flop)):  # forward, then forward + backward
+                kernel, sdpa, manual = (times[name][i] for name in paths)
+                cells.append(f"{kernel:>7.3f} {sdpa:>7.3f} {manual:>7.3f} {kernel / sdpa:>6.2f} "
+                             f"{kernel / manual:>6.2f} {flop / kernel / 1e9:>7.2f}")
+            print(f"{label:>5} {T:>5} | {cells[0]} | {cells[1]}")
+            if label == "fp32" and T >= 512:
+                bar.append(times["kernel"][1] / times["manual"][1])
+    verdict = "yes" if all(r <= 1 for r in bar) else "NO"  # a NaN (out of memory) is not a yes
+    print(f"fp32 forward+backward, T >= 512: kernel at least as fast as manual attention: {verdict} "
+          f"(kernel/manual {', '.join(f'{r:.2f}' for r in bar)})")
     return 0
 
 

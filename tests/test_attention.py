@@ -4,7 +4,8 @@
     python -m pytest tests/test_attention.py -k gpu -v       # GPU: the kernel itself against SDPA
 
 The twin (model.flash_attention_reference*) is attention.cu written in PyTorch, loop for loop, so the CPU
-tests check the algorithm the kernel runs; the GPU tests check the kernel's translation of it.
+tests check the algorithm the kernel runs; the GPU tests check the kernel's translation of it. Both also
+run strategies.importance() down the kernel's path: vmap(grad(...)) over it, as EWC, MAS and TIR use it.
 """
 import functools
 import json
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import types
 import warnings
 from pathlib import Path
 
@@ -22,7 +24,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import model  # noqa: E402
+import strategies  # noqa: E402
 from model import FlashAttention, attention, flash_attention_reference, flash_attention_reference_backward  # noqa: E402
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -79,7 +83,7 @@ def test_twin_gradients_match_exact_attention(N, causal, Br, Bc):
     q, k, v = qkv(2, 3, N, 16)
     dO = torch.randn(2, 3, N, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     want = torch.autograd.grad(attention(q, k, v, causal, "manual"), (q, k, v), dO)
-    got = torch.autograd.grad(FlashAttention.apply(q, k, v, causal, *twin(Br, Bc)), (q, k, v), dO)
+    got = torch.autograd.grad(FlashAttention.apply(q, k, v, causal, *twin(Br, Bc))[0], (q, k, v), dO)
     for name, g, w in zip(("dQ", "dK", "dV"), got, want):
         assert_close(name, g, w, atol=1e-12)
 
@@ -87,7 +91,10 @@ def test_twin_gradients_match_exact_attention(N, causal, Br, Bc):
 @pytest.mark.parametrize("causal", [True, False])
 def test_twin_gradcheck(causal):
     q, k, v = qkv(1, 2, 5, 4)
-    assert torch.autograd.gradcheck(lambda q, k, v: FlashAttention.apply(q, k, v, causal, *twin(2, 3)), (q, k, v))
+
+    def attend(q, k, v):
+        return FlashAttention.apply(q, k, v, causal, *twin(2, 3))[0]
+    assert torch.autograd.gradcheck(attend, (q, k, v))
 
 
 def test_twin_bfloat16_accumulates_in_float32():
@@ -119,8 +126,56 @@ def test_twin_visits_only_the_tiles_it_needs(causal, monkeypatch):
         assert all(j <= i for i, j, _, _ in seen)
 
 
+def reads_raw_memory(fn):
+    """fn, after touching each tensor's memory as attention.cu does: a tensor inside vmap or grad has none."""
+    def kernel(*args):
+        for t in args:
+            if isinstance(t, torch.Tensor):
+                t.data_ptr()  # raises "Cannot access data pointer of Tensor that doesn't have storage"
+        return fn(*args)
+    return kernel
+
+
+def recording(forward, backward, monkeypatch):
+    """Make load_cuda_attention return these kernels -> the list of the batch sizes their forward gets."""
+    batch_sizes = []
+
+    def recorded_forward(q, k, v, causal):
+        batch_sizes.append(q.size(0))
+        return forward(q, k, v, causal)
+    kernels = types.SimpleNamespace(forward=recorded_forward, backward=backward)
+    monkeypatch.setattr(model, "load_cuda_attention", lambda: kernels)
+    return batch_sizes
+
+
+def importances(attn, measure, device):
+    """strategies.importance() of a tiny seeded VLM with head size 32 (one the kernel covers), over 6 rows."""
+    tok = data.train_tokenizer([data.TASKS["classify"]], seed=0)
+    rows = data.make_task(data.TASKS["classify"], 8, 4, 0, tok, 48, 40)[0]
+    cfg = model.ModelConfig(vocab_size=tok.get_vocab_size(), vit_dim=64, d_model=64, n_head=2, vit_layers=1,
+                            n_layer=1, attn=attn)
+    vlm = model.VLM(cfg).to(device)
+    return strategies.importance(vlm, rows, measure, 6, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("measure", ["ewc", "mas"])
+def test_importance_through_the_kernel_path_matches_manual_attention(measure, monkeypatch):
+    """EWC, MAS and TIR take per-sample gradients with vmap(grad(...)) (strategies.importance). Sent down the
+    kernel's path, with the twin standing in for attention.cu, attention gives the importances that manual
+    attention gives, and the kernels see plain tensors: each call holds every row of the chunk at once."""
+    want = importances("manual", measure, "cpu")
+    batch_sizes = recording(reads_raw_memory(flash_attention_reference),
+                            reads_raw_memory(flash_attention_reference_backward), monkeypatch)
+    monkeypatch.setattr(model, "kernel_fits", lambda q, k: q.size(-2) == k.size(-2))  # CPU tensors too
+    got = importances("cuda", measure, "cpu")
+    assert batch_sizes == [6, 6]  # one call per layer (ViT, decoder), all six rows of the chunk in it
+    assert got.keys() == want.keys()
+    for name in want:
+        assert_close(name, got[name], want[name], atol=1e-6 * want[name].abs().max().item(), rtol=1e-4)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the 'cuda' path builds instead of falling back")
-def test_cuda_path_without_a_gpu_warns_once_and_uses_sdpa():
+def test_cuda_path_without_cuda_warns_once_and_uses_sdpa():
     model.load_cuda_attention.cache_clear()
     q, k, v = qkv(2, 2, 9, 32, dtype=torch.float32)
     try:
@@ -178,7 +233,7 @@ def test_gpu_kernel_matches_sdpa(N, d, causal, dtype):
     kernels = cuda_kernels()
     q, k, v = qkv(2, 3, N, d, dtype=dtype, device="cuda")
     dO = torch.randn(2, 3, N, d, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(dtype)
-    O = FlashAttention.apply(q, k, v, causal, kernels.forward, kernels.backward)
+    O, _ = FlashAttention.apply(q, k, v, causal, kernels.forward, kernels.backward)
     grads = torch.autograd.grad(O, (q, k, v), dO)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     O64 = attention(q64, k64, v64, causal, "sdpa")
@@ -212,6 +267,19 @@ def test_gpu_attention_picks_the_kernel_and_leaves_decoding_to_sdpa():
     assert torch.equal(attention(q, k, v, True, "cuda"), O)
     q_last = q[:, :, -1:]  # one new query against the whole cache: Tq != Tk
     assert_close("decoding", attention(q_last, k, v, True, "cuda"), O[:, :, -1:], atol=1e-4)
+
+
+@gpu
+@pytest.mark.parametrize("measure", ["ewc", "mas"])
+def test_gpu_importance_through_the_kernel_matches_manual_attention(measure, monkeypatch):
+    """The CPU test above with attention.cu itself: vmap(grad(...)) over the kernels, as EWC runs it."""
+    kernels = cuda_kernels()
+    want = importances("manual", measure, "cuda")
+    batch_sizes = recording(kernels.forward, kernels.backward, monkeypatch)
+    got = importances("cuda", measure, "cuda")
+    assert batch_sizes == [6, 6]  # the kernel ran, once per layer, on all six rows together
+    for name in want:
+        assert_close(name, got[name], want[name], atol=1e-4 * want[name].abs().max().item(), rtol=1e-3)
 
 
 @gpu
