@@ -31,15 +31,17 @@ class ModelConfig:
     n_head: int = arg(4, "heads of 24 dims each")
     vocab_size: int = arg(128, "overwritten by the tokenizer's size at run time")
     max_text_len: int = arg(40, "longest [BOS] instruction [SEP] answer [EOS] row, in tokens")
-    attn: str = arg("auto", "attention path: auto | manual | sdpa | cuda (auto: cuda kernel on a GPU, else sdpa)")
+    attn: str = arg("auto", "attention path: auto | manual | sdpa | cuda (auto: cuda on a GPU, else sdpa)")
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ValueError(f"image_size {self.image_size} is no multiple of patch_size {self.patch_size}")
         if self.d_model % self.n_head or self.vit_dim % self.n_head:
-            raise ValueError(f"d_model {self.d_model} and vit_dim {self.vit_dim} must divide by n_head {self.n_head}")
+            raise ValueError(f"d_model {self.d_model} and vit_dim {self.vit_dim} must divide by n_head "
+                             f"{self.n_head}")
         if self.attn not in ATTENTION_PATHS:
-            raise ValueError(f"unknown attention path {self.attn!r}; choose from {', '.join(ATTENTION_PATHS)}")
+            raise ValueError(f"unknown attention path {self.attn!r}; choose from "
+                             f"{', '.join(ATTENTION_PATHS)}")
         self.n_patches = (self.image_size // self.patch_size) ** 2  # derived: image tokens per example
 
 
@@ -106,7 +108,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, cache=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:  # decoding: keys and values of earlier positions are reused, not recomputed
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
@@ -137,7 +140,8 @@ class VisionEncoder(nn.Module):
         self.p = cfg.patch_size
         self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, cfg.vit_dim)
         self.pos = nn.Parameter(torch.zeros(1, cfg.n_patches, cfg.vit_dim))
-        self.blocks = nn.ModuleList(Block(cfg.vit_dim, cfg.n_head, False, cfg.attn) for _ in range(cfg.vit_layers))
+        blocks = (Block(cfg.vit_dim, cfg.n_head, False, cfg.attn) for _ in range(cfg.vit_layers))
+        self.blocks = nn.ModuleList(blocks)
         self.ln = nn.LayerNorm(cfg.vit_dim)
 
     def forward(self, images):
@@ -161,7 +165,8 @@ class VLM(nn.Module):
                                        nn.Linear(cfg.d_model, cfg.d_model))  # LLaVA 1.5's two-layer MLP
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.n_patches + cfg.max_text_len, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, True, cfg.attn) for _ in range(cfg.n_layer))
+        blocks = (Block(cfg.d_model, cfg.n_head, True, cfg.attn) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2: fewer parameters
@@ -174,7 +179,8 @@ class VLM(nn.Module):
             # which, tied to the output head, gives small logits at init -> loss ≈ ln(vocab).
             std = 0.02 if name in ("tok_emb.weight", "pos_emb.weight", "vision.pos") else p.size(1) ** -0.5
             if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):  # GPT-2: residual branches
-                std /= math.sqrt(2 * (cfg.vit_layers if name.startswith("vision") else cfg.n_layer))  # by depth
+                depth = cfg.vit_layers if name.startswith("vision") else cfg.n_layer
+                std /= math.sqrt(2 * depth)  # by depth
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
         for m in self.modules():
@@ -198,7 +204,8 @@ class VLM(nn.Module):
         logits = self.decode(x)[:, self.cfg.n_patches:]  # slice off the image prefix: (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            flat = logits.reshape(-1, logits.size(-1))  # (B·T, V)
+            loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     @torch.no_grad()
@@ -247,7 +254,8 @@ class LoRALinear(nn.Module):
         for p in (self.weight, self.bias):
             if p is not None:
                 p.requires_grad_(False)
-        A = torch.randn(rank, base.in_features, generator=gen) / math.sqrt(base.in_features)  # unit-scale x Aᵀ
+        # unit-scale x Aᵀ
+        A = torch.randn(rank, base.in_features, generator=gen) / math.sqrt(base.in_features)
         self.lora_A = nn.Parameter(A.to(base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         self.scaling, self.merged = alpha / rank, False  # α/r: changing r keeps the update's size
@@ -260,7 +268,7 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:  # W already holds the update
             return y
-        return y + self.scaling * (x @ self.lora_A.t()) @ self.lora_B.t()  # two thin products, never (out, in)
+        return y + self.scaling * (x @ self.lora_A.t()) @ self.lora_B.t()  # two thin products, no (out, in)
 
     @torch.no_grad()
     def merge(self):
@@ -472,11 +480,12 @@ def load_cuda_attention():
         reason = "ninja not found; pip install ninja"
     else:
         major, minor = torch.cuda.get_device_capability()
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")  # this GPU only; a user's choice wins
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")  # this GPU only; a user's wins
         here = os.path.dirname(os.path.abspath(__file__))
         folder = os.path.join(here, "build", "attention")  # fixed, so later runs reuse the build
         os.makedirs(folder, exist_ok=True)
-        print(f"compiling attention.cu for sm_{major}{minor} in {folder} (a minute the first time, then cached)")
+        print(f"compiling attention.cu for sm_{major}{minor} in {folder} (a minute the first time, then "
+              "cached)")
         try:
             return cpp_extension.load("nanocit_attention", [os.path.join(here, "attention.cu")],
                                       build_directory=folder, extra_cuda_cflags=["-O3"])
