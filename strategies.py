@@ -29,6 +29,8 @@ class StrategyConfig:
     importance_decay: float = arg(1.0, "online EWC/MAS: γ in F ← γF + F_new; 1 keeps every task in full")
     importance_samples: int = arg(256, "rows whose per-sample gradients estimate the importances")
     tir_importance: str = arg("ewc", "TIR: importance measure, ewc (Fisher) or mas")
+    tir_temperature: float = arg(0.5, "TIR: τ of similarity exp(-Σ(1-cos)/τ); on the tiny base 0.5 gives >0.9 "
+                                 "for one task's two splits, ~0.1 for most pairs of tasks")
     lwf_alpha: float = arg(1.0, "LwF: weight of distillation beside the task loss; 3 already stops new tasks")
     lwf_temperature: float = arg(2.0, "LwF: softens both distributions so small logits still teach")
     lora_rank: int = arg(8, "LoRA: rank r of each adapter: ~4 % of the tiny model per adapter set")
@@ -74,6 +76,11 @@ class Strategy:
     def extra_results(self, model, tests):
         """Numbers for results.json beyond the accuracy matrix, given every task's test rows."""
         return {}
+
+    def oracle(self, task_id):
+        """A strategy told that every question is of task `task_id`, or None where knowing it changes nothing.
+        Expansion's oracle uses that task's expert: the bound its routing could reach."""
+        return None
 
     def state_dict(self):
         """Tensors, lists, numbers and strings only: checkpoints load with weights_only=True."""
@@ -232,9 +239,10 @@ class EWC(Strategy):
         self.merge(importance(model, train, self.measure, self.cfg.importance_samples, gen), task_id)
         self.anchor = copy_params((n, p) for n, p in model.named_parameters() if n in self.importance)
 
-    def merge(self, new, task_id):
+    def merge(self, new, task_id):  # a parameter frozen in this task keeps its old importance, decayed
         decay = self.cfg.importance_decay
-        self.importance = {n: decay * self.importance.get(n, 0) + f for n, f in new.items()}
+        old = {n: decay * f for n, f in self.importance.items()}
+        self.importance = {**old, **{n: old.get(n, 0) + f for n, f in new.items()}}
 
     def penalty(self, model, batch, logits):
         if not self.anchor:
@@ -273,18 +281,18 @@ def examples_features(model, base, rows):
                         rows.prompt_len.long().to(device))
 
 
-def task_similarity(prototypes):
-    """[(image, instruction, answer) mean features] of T tasks -> (T, T) similarities in (0, 1). For each of
-    the three: cosine similarity between tasks, z-scored by the mean and std of the off-diagonal entries (the
-    diagonal, all ones, would swamp them), then a sigmoid. The product is high only for tasks alike in all
-    three. A lone task has nothing to compare with: its similarity is 1."""
-    similarity = torch.ones(len(prototypes), len(prototypes))
-    for kind in zip(*prototypes) if len(prototypes) > 1 else ():  # every task's image mean, then ...
+def task_similarity(prototypes, temperature):
+    """[(image, instruction, answer) mean features] of T tasks -> (T, T) similarities in (0, 1]:
+    exp(-Σ (1 - cos) / temperature), the sum over the three kinds of the cosine gap between two tasks' means.
+    It is 1 for equal means and falls as any of the three parts differ. The scale is fixed, not fitted to the
+    tasks at hand, so the similarity of two tasks is the same whichever tasks came before or after them.
+    On the trained tiny base the image and instruction means differ little (cos > 0.84), the answer means
+    a lot (cos ~0.1 for most pairs of tasks)."""
+    gap = torch.zeros(len(prototypes), len(prototypes))
+    for kind in zip(*prototypes):  # every task's image mean, then every task's instruction mean, then ...
         unit = F.normalize(torch.stack(kind).float().cpu(), dim=1)
-        cos = unit @ unit.T
-        off = cos[~torch.eye(len(cos), dtype=torch.bool)]
-        similarity *= torch.sigmoid((cos - off.mean()) / off.std(unbiased=False).clamp_min(1e-6))
-    return similarity
+        gap += 1 - unit @ unit.T
+    return torch.exp(-gap.clamp_min(0) / temperature)
 
 
 def tir_weights(importance, owner, similarity, task_id):
@@ -298,9 +306,11 @@ class TIR(EWC):
     importances (Fisher, or MAS by option) are scaled to mean 1 and merged element-wise by max, remembering
     which task set each entry. Before a new task, its similarity to each earlier one is measured on the frozen
     base model (task_similarity), and each entry is weighted by 1 − similarity(new task, its owner): an old
-    task much like the new one needs little protection, since learning the new task also serves it."""
-    name, options = "tir", ("tir_lambda", "tir_importance", "importance_samples")
-    state = {**EWC.state, "owner": {}, "base": None, "prototypes": [], "scaled": {}}  # scaled: weights in use
+    task much like the new one needs little protection, since learning the new task also serves it. The
+    similarities used before each task are kept (`used`) and reported."""
+    name, options = "tir", ("tir_lambda", "tir_importance", "importance_samples", "tir_temperature")
+    # scaled: the weights in use; used: per task, its similarity to every task up to it, as used then
+    state = {**EWC.state, "owner": {}, "base": None, "prototypes": [], "scaled": {}, "used": []}
     strength = "tir_lambda"
 
     def __init__(self, cfg, seed=0):
@@ -317,7 +327,9 @@ class TIR(EWC):
             frozen = [(n, p) for n, p in model.named_parameters() if n.startswith(("vision", "tok_emb"))]
             self.base = copy_params(frozen)
         self.prototypes.append([f.mean(0) for f in examples_features(model, self.base, train)])
-        self.scaled = tir_weights(self.importance, self.owner, task_similarity(self.prototypes), task_id)
+        similarity = task_similarity(self.prototypes, self.cfg.tir_temperature)
+        self.used.append(similarity[task_id].tolist())
+        self.scaled = tir_weights(self.importance, self.owner, similarity, task_id)
 
     def merge(self, new, task_id):
         mean = sum(f.sum() for f in new.values()) / sum(f.numel() for f in new.values())
@@ -328,7 +340,8 @@ class TIR(EWC):
             self.importance[n] = torch.maximum(f, old)
 
     def extra_results(self, model, tests):
-        return {"task_similarity": task_similarity(self.prototypes).tolist()}
+        return {"task_similarity": task_similarity(self.prototypes, self.cfg.tir_temperature).tolist(),
+                "task_similarity_used": self.used}
 
 
 class LwF(Strategy):
@@ -419,6 +432,10 @@ class Expansion(LoRA):
             return model.generate(images, ids, max_new_tokens, eos_id)
         prompt_len = torch.full((len(ids),), ids.size(1), device=ids.device)
         chosen = self.route(row_features(model, dict(model.named_parameters()), images, ids, prompt_len)[:2])
+        return self.generate_with(model, images, ids, max_new_tokens, eos_id, chosen)
+
+    def generate_with(self, model, images, ids, max_new_tokens, eos_id, chosen):
+        """Answer each row with the expert chosen for it (a tensor of expert indices, one per row)."""
         in_place = copy_params(self.live(model).items())
         out = ids.new_full((len(ids), max_new_tokens), eos_id)
         for k in chosen.unique().tolist():  # one batch per expert; rows that stop early stay EOS-padded
@@ -435,6 +452,22 @@ class Expansion(LoRA):
         hits = [100 * (self.route(examples_features(model, frozen, t)[:2]) == j).float().mean().item()
                 for j, t in enumerate(tests)]
         return {"task_id_accuracy": sum(hits) / len(hits), "task_id_accuracy_per_task": hits}
+
+    def oracle(self, task_id):
+        return ExpertOracle(self, task_id)
+
+
+class ExpertOracle(Strategy):
+    """Expansion with the task id given: every row goes to expert `task_id`. An upper bound, not a method."""
+    name = "oracle"
+
+    def __init__(self, expansion, task_id):
+        super().__init__(None)
+        self.expansion, self.task_id = expansion, task_id
+
+    def generate(self, model, images, ids, max_new_tokens, eos_id):
+        chosen = torch.full((len(ids),), self.task_id, device=ids.device)
+        return self.expansion.generate_with(model, images, ids, max_new_tokens, eos_id, chosen)
 
 
 class Compose(Strategy):
@@ -478,6 +511,9 @@ class Compose(Strategy):
 
     def extra_results(self, model, tests):
         return {k: v for results in self.each("extra_results", model, tests) for k, v in results.items()}
+
+    def oracle(self, task_id):
+        return self.router.oracle(task_id)
 
     def state_dict(self):
         return {p.name: p.state_dict() for p in self.parts}

@@ -282,8 +282,8 @@ def test_identical_tasks_are_the_most_similar(tok, tasks):
     count = data.make_task(data.TASKS["count"], 48, 1, 0, tok, 48, 40)[0]
     rows = [tasks[0][0], tasks[1][0], count, tasks[0][0]]  # classify, read, count, classify again
     prototypes = [[f.mean(0) for f in strategies.examples_features(model, base, r)] for r in rows]
-    similarity = task_similarity(prototypes)
-    assert torch.allclose(similarity, similarity.T) and bool(((similarity > 0) & (similarity < 1)).all())
+    similarity = task_similarity(prototypes, 0.5)
+    assert torch.allclose(similarity, similarity.T) and bool(((similarity > 0) & (similarity <= 1)).all())
     off = similarity[0].clone()
     off[0] = -1
     assert int(off.argmax()) == 3  # classify's nearest task is classify
@@ -295,7 +295,7 @@ def test_tir_end_to_end_on_two_tasks(tok, tasks):
     tir = strategies.build("tir", StrategyConfig(importance_samples=8))
     run_task(model, tir, 0, tasks[0][0])
     tir.before_task(model, 1, tasks[1][0])
-    keep = 1 - task_similarity(tir.prototypes)[1, 0]
+    keep = 1 - task_similarity(tir.prototypes, 0.5)[1, 0]
     for n, f in tir.importance.items():  # every entry belongs to task 0 so far
         assert torch.allclose(tir.weights()[n], f * keep)
     total, count = sum(f.sum() for f in tir.importance.values()), sum(f.numel() for f in tir.importance.values())
