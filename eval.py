@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+import data
+
 
 # ----------------------------------------------------------------------------------------------
 # metrics: pure functions of the matrix
@@ -39,7 +41,9 @@ def forgetting(A):
 
 
 def forward_transfer(A, base):
-    """FWT: mean over tasks 2..T of (zero-shot accuracy just before training it - the base model's)."""
+    """FWT: mean over tasks 2..T of (zero-shot accuracy just before training it - the reference row's). The
+    reference is the base model's row (FWT), or a randomly initialised model's (FWT_random, as in Lopez-Paz &
+    Ranzato), which is the same for both bases."""
     T = len(A)
     return sum(A[j - 1][j] - base[j] for j in range(1, T)) / (T - 1) if T > 1 else 0.0
 
@@ -57,9 +61,12 @@ def worst_drop_bwt(A):
     return sum(min(A[i][j] - A[j][j] for i in range(j + 1, T)) for j in range(T - 1)) / (T - 1)
 
 
-def all_metrics(A, base):
-    return dict(AA=average_accuracy(A), BWT=backward_transfer(A), forgetting=forgetting(A),
-                FWT=forward_transfer(A, base), MAA=mean_average_accuracy(A), BWT_worst=worst_drop_bwt(A))
+def all_metrics(A, base, random_row=None):
+    metrics = dict(AA=average_accuracy(A), BWT=backward_transfer(A), forgetting=forgetting(A),
+                   FWT=forward_transfer(A, base), MAA=mean_average_accuracy(A), BWT_worst=worst_drop_bwt(A))
+    if random_row:
+        metrics["FWT_random"] = forward_transfer(A, random_row)
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,12 +94,13 @@ SCORERS = {"exact": exact_match, "f1": token_f1}
 
 
 def score_tests(answer, tests, tok, batch_size):
-    """Every test row answered -> per task (accuracy in %, [(question, predicted, reference), ...]).
+    """Every test row answered -> per task (accuracy in %, [(question, predicted, reference), ...],
+    [(predicted, score) of each row, in row order]).
     answer(images, prompt ids) gives the answers' texts: the model (and the strategy's routing) at work.
     Prompts of equal length go together, so a batch needs no padding."""
     results = []
     for test in tests:
-        score, total, mistakes = SCORERS[test.metric], 0.0, []
+        score, total, mistakes, answered = SCORERS[test.metric], 0.0, [], [None] * len(test)
         lengths = test.prompt_len.tolist()
         for p in sorted(set(lengths)):
             rows = [i for i, n in enumerate(lengths) if n == p]
@@ -100,10 +108,40 @@ def score_tests(answer, tests, tok, batch_size):
                 idx = rows[k:k + batch_size]
                 for i, pred in zip(idx, answer(test.images[idx], test.tokens[idx, :p])):
                     total += (s := score(pred, test.answers[i]))
+                    answered[i] = (pred, s)
                     if s < 1:  # the question without [BOS] and [SEP]
                         mistakes.append((tok.decode(test.tokens[i, 1:p - 1].tolist()), pred, test.answers[i]))
-        results.append((100.0 * total / len(test), mistakes))
+        results.append((100.0 * total / len(test), mistakes, answered))
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# forgetting taken apart: format (the answer is of the right kind) and content (it is right)
+
+def answer_space(name, train_answers):
+    """A task's answer space as a predicate on an answer's text: data.ANSWER_SPACES, else (a task file, or
+    a task whose answers may change) the answers its train split contains."""
+    seen = frozenset(map(normalize, train_answers))
+    return data.ANSWER_SPACES.get(name) or (lambda text: normalize(text) in seen)
+
+
+def format_content(answered, in_space):
+    """[(predicted, score)] of one task -> (format: % of answers in its space, content: % score of those
+    answers; None when no answer is)."""
+    scores = [s for pred, s in answered if in_space(pred.strip())]
+    return 100 * len(scores) / len(answered), 100 * sum(scores) / len(scores) if scores else None
+
+
+def space_shares(answered_by_task, spaces):
+    """Every task's answers after one stage -> per answer space, the % of all answers that lie in it."""
+    preds = [pred.strip() for answered in answered_by_task for pred, _ in answered]
+    return [100 * sum(map(in_space, preds)) / len(preds) for in_space in spaces]
+
+
+def format_story(tasks, shares):
+    """What a student sees: after which stages most answers to every question take that task's form."""
+    return [f"after {t}, {shares[i][i]:.0f} % of all answers (to every task's questions) are of {t}'s kind"
+            for i, t in enumerate(tasks) if shares[i][i] >= 50]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,12 +170,24 @@ def format_matrix(tasks, A, base=None):
 
 def format_report(results):
     tasks, A, base = results["tasks"], results["matrix"], results.get("base_row")
-    m = results.get("metrics") or all_metrics(A, base)
+    m = results.get("metrics") or all_metrics(A, base, results.get("random_row"))
     strategy = results["config"]["train"]["strategy"]
     lines = [f"strategy {strategy}: accuracy (%) on each task (columns) after each stage (rows)",
              format_matrix(tasks, A, base), "",
-             "  ".join(f"{k} {v:+.1f}" if k in ("BWT", "FWT", "BWT_worst") else f"{k} {v:.1f}"
+             "  ".join(f"{k} {v:+.1f}" if k.startswith(("BWT", "FWT")) else f"{k} {v:.1f}"
                        for k, v in m.items())]
+    if "FWT_random" in m:
+        lines.append("FWT: zero-shot accuracy over the base model's; FWT_random: over a random model's")
+    if "oracle_row" in results:  # expansion: router errors against expert quality
+        oracle = sum(results["oracle_row"]) / len(results["oracle_row"])
+        lines.append(f"routed AA {m['AA']:.1f}, with oracle routing (each task's own expert) "
+                     f"{oracle:.1f}; task-ID accuracy {results['task_id_accuracy']:.1f} %")
+    if "format_matrix" in results:
+        F, C = results["format_matrix"], results["content_matrix"]
+        content = [c for c in C[-1] if c is not None]
+        lines.append(f"after the last task: format {sum(F[-1]) / len(F[-1]):.1f} % of answers in their "
+                     f"task's space; content {sum(content) / max(len(content), 1):.1f} % of those right")
+        lines += format_story(tasks, results["space_shares"])
     if "wall_seconds" in results:
         lines.append(f"wall time {results['wall_seconds']:.0f} s")
     return "\n".join(lines)
@@ -153,6 +203,9 @@ def heatmap(tasks, A, title="", rows="after {}", note="columns: task evaluated")
         draw.text((left - 6, top + i * cell + cell / 2), rows.format(tasks[i])[:16], fill="black", font=font,
                   anchor="rm")
         for j, a in enumerate(row):
+            if a is None:  # undefined, e.g. content where no answer had the right format
+                draw.text((left + j * cell + cell / 2, top + i * cell + cell / 2), "-", fill="gray", anchor="mm")
+                continue
             g = a / 100
             color = (int(255 - 215 * g), int(255 - 110 * g), int(255 - 195 * g))
             x, y = left + j * cell, top + i * cell

@@ -30,7 +30,8 @@ import data
 import llava
 import strategies
 from data import atomic_write
-from eval import all_metrics, format_header, format_matrix, format_report, format_row, heatmap, score_tests
+from eval import (all_metrics, answer_space, format_content, format_header, format_matrix, format_report,
+                  format_row, heatmap, score_tests, space_shares)
 from model import PRESETS, VLM, ModelConfig, arg
 
 
@@ -224,6 +225,12 @@ def evaluate(model, strategy, tests, tok, device, cfg):
     return score_tests(answer, tests, tok, cfg.eval_batch_size)
 
 
+def random_row(mcfg, tests, tok, device, cfg):
+    """Every task's accuracy of the untrained model (the run's seed): the reference of FWT_random."""
+    model = VLM(mcfg, seed=cfg.seed).to(device)
+    return [acc for acc, *_ in evaluate(model, strategies.Strategy(None), tests, tok, device, cfg)]
+
+
 def load_checkpoint(path):
     """torch.load with weights_only=True, and a clear refusal of a damaged file or one carrying objects."""
     try:
@@ -386,10 +393,11 @@ def run(cfg, mcfg, scfg):
         done, where = saved["task"] == len(names), f"task {saved['task'] + 1}, step {saved['step']}"
         print(f"resuming from {run_dir}/checkpoint.pt: "
               + ("finished, nothing left to train" if done else where))
-    keys = ("task", "step", "base_row", "matrix", "timings", "losses")  # what a run has done so far
-    progress = {k: saved[k] for k in keys} if saved else dict(
-        task=0, step=0, base_row=[acc for acc, _ in evaluate(model, strategy, tests, tok, device, cfg)],
-        matrix=[], timings=[], losses=[])
+    stages = ("matrix", "format_matrix", "content_matrix", "space_shares", "timings", "losses")  # a row each
+    progress = {k: saved[k] for k in ("task", "step", "base_row", "random_row", *stages)} if saved else dict(
+        task=0, step=0, base_row=[acc for acc, *_ in evaluate(model, strategy, tests, tok, device, cfg)],
+        random_row=random_row(mcfg, tests, tok, device, cfg), **{k: [] for k in stages})
+    spaces = [answer_space(name, rows.answers) for name, rows in zip(names, trains)]
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; accuracy (%) on each task "
           "after each stage:\n" + format_matrix(names, progress["matrix"], progress["base_row"]))
 
@@ -402,7 +410,11 @@ def run(cfg, mcfg, scfg):
         loss, trainable = tune(t, model, strategy, trains[t], cfg, device, desc, saved, save)
         t1 = time.time()
         results = evaluate(model, strategy, tests, tok, device, cfg)
-        progress["matrix"].append([acc for acc, _ in results])
+        progress["matrix"].append([acc for acc, *_ in results])
+        split = [format_content(answered, in_space) for (*_, answered), in_space in zip(results, spaces)]
+        progress["format_matrix"].append([f for f, _ in split])
+        progress["content_matrix"].append([c for _, c in split])
+        progress["space_shares"].append(space_shares([answered for *_, answered in results], spaces))
         progress["timings"].append(dict(task=names[t], train_seconds=t1 - t0, eval_seconds=time.time() - t1,
                                         trainable=trainable))
         progress["losses"].append(loss)
@@ -411,12 +423,17 @@ def run(cfg, mcfg, scfg):
         state = checkpoint(run_dir / "checkpoint.pt", progress, config, model, strategy)
         atomic_write(run_dir / f"task{t + 1}-{names[t]}.pt", lambda p: torch.save({**state, "task": t}, p))
     matrix, base_row = progress["matrix"], progress["base_row"]
-    out = dict(config=config, tasks=names, base_row=base_row, matrix=matrix,
-               metrics=all_metrics(matrix, base_row), final_loss=progress["losses"],  # each task's last loss
+    out = dict(config=config, tasks=names, base_row=base_row, random_row=progress["random_row"], matrix=matrix,
+               **{k: progress[k] for k in ("format_matrix", "content_matrix", "space_shares")},
+               metrics=all_metrics(matrix, base_row, progress["random_row"]),
+               final_loss=progress["losses"],  # each task's last loss
                timings=progress["timings"], extra_bytes=strategy.extra_bytes(),
                n_params=sum(p.numel() for p in model.parameters()), device=str(device),
                torch=torch.__version__, wall_seconds=time.time() - t_start, world_size=WORLD)
     out.update(strategy.extra_results(model, tests))  # e.g. expansion's task-ID accuracy, TIR's similarity
+    if strategy.oracle(0) is not None:  # told each task: what the strategy could reach with perfect routing
+        out["oracle_row"] = [evaluate(model, strategy.oracle(j), [test], tok, device, cfg)[0][0]
+                             for j, test in enumerate(tests)]
     report(run_dir, out, results, cfg.show_mistakes)
     return out
 
@@ -429,7 +446,7 @@ def report(run_dir, out, results, show_mistakes):
         heatmap(out["tasks"], out["matrix"], title).save(path, format="PNG")
     atomic_write(run_dir / "accuracy.png", draw)
     print("\n" + format_report(out))
-    for (acc, mistakes), name in zip(results, out["tasks"]):
+    for (acc, mistakes, _), name in zip(results, out["tasks"]):
         for q, pred, ref in mistakes[:show_mistakes]:
             print(f"  {name}: {q!r} -> {pred!r} (expected {ref!r})")
     print(f"wrote {run_dir}/results.json and accuracy.png")
@@ -451,7 +468,7 @@ def reevaluate(run_dir, path):
     tok = Tokenizer.from_file(str(Path(run_dir) / "tokenizer.json"))
     tasks = llava.read_tasks(task_names(cfg.tasks), cfg.image_root, cfg.truncate, Path(run_dir) / "cache")
     tests = task_rows(tasks, cfg, mcfg, tok, 1)[1]  # one train row: only the tests are needed
-    accs = [acc for acc, _ in evaluate(model, strategy, tests, tok, torch.device("cpu"), cfg)]
+    accs = [acc for acc, *_ in evaluate(model, strategy, tests, tok, torch.device("cpu"), cfg)]
     names = list(tasks)
     print(f"re-evaluated {path}:\n{format_header(names)}\n{format_row(Path(path).stem, accs, names)}")
     return accs
