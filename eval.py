@@ -61,6 +61,14 @@ def worst_drop_bwt(A):
     return sum(min(A[i][j] - A[j][j] for i in range(j + 1, T)) for j in range(T - 1)) / (T - 1)
 
 
+def format_drop(A, F, C):
+    """The part of -BWT that format explains: the mean over earlier tasks j of (F[j][j] - F[T][j]) ·
+    C[j][j] / 100, what task j would lose if only the share of its answers in its task's space changed, and
+    those answers stayed as often right. F, C: the format and content matrices (format_content)."""
+    T = len(A)
+    return sum((F[j][j] - F[-1][j]) * (C[j][j] or 0) / 100 for j in range(T - 1)) / (T - 1) if T > 1 else 0.0
+
+
 def all_metrics(A, base, random_row=None):
     metrics = dict(AA=average_accuracy(A), BWT=backward_transfer(A), forgetting=forgetting(A),
                    FWT=forward_transfer(A, base), MAA=mean_average_accuracy(A), BWT_worst=worst_drop_bwt(A))

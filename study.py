@@ -1,17 +1,19 @@
-"""The paper's study: every strategy from both bases (and several seeds), its table, findings and charts.
+"""The paper's study: every strategy from both bases, seeds and task orders; its table, findings and charts.
 
-    python study.py                                    # every strategy x both bases, seed 0, 2 jobs
-    python study.py --seeds 3 --strategies naive,replay,ewc -- --steps 200    # flags after -- go to train.py
+    python study.py                      # every strategy (and replay+tir) x both bases x 3 seeds x 2 orders
+    python study.py --seeds 2 --strategies naive,replay,ewc --orders paper -- --steps 200   # -- to train.py
 
 Each run is one train.py process with one thread; a run folder already holding results.json from the same
 configuration is reused, so a killed study resumes. The report (study.md, study.json, pictures) goes to
---out (runs/study). The findings checked are those of He et al. (arXiv 2311.16206); the task-pair
-analysis ranks naive's forgetting against TIR's task similarity (Spearman).
+--out (runs/study). The findings checked are those of He et al. (arXiv 2311.16206), each with its verdict
+on every seed and whether it survives the other task order; finding 6 ranks naive's interference against
+TIR's task similarity (Spearman, with a seeded permutation test). Forgetting is split into format and content.
 """
 import argparse
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -25,15 +27,18 @@ from tqdm import tqdm
 
 import strategies
 import train
+import eval as ev
 from eval import format_table, heatmap, human_bytes, markdown_table
 
 BASES = ("pretrained", "multitask")  # alignment only, and that base tuned jointly on the held-in tasks
 COLORS = dict(zip(BASES, [(31, 119, 180), (214, 39, 40)]))  # one colour per base in every chart
 RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks")  # the study sets these for each run
 UNCOMPARED = ("vocab_size", "run_dir", "cache_dir")  # set at run time, or paths: not what a run computes
+LEARNT = 90  # finding 6 uses task i only if it reached this accuracy (%) right after its own training
 # the table's (column, format); None: bytes, the same each seed
 COLUMNS = [("AA", "{:.1f}"), ("BWT", "{:+.1f}"), ("forgetting", "{:.1f}"), ("FWT", "{:+.1f}"),
-           ("task ID", "{:.1f}"), ("gain", "{:+.1f}"), ("extra memory", None), ("extra time", "{:+.0f} s")]
+           ("FWT_random", "{:+.1f}"), ("format drop", "{:.1f}"), ("task ID", "{:.1f}"), ("oracle AA", "{:.1f}"),
+           ("gain", "{:+.1f}"), ("extra memory", None), ("extra time", "{:+.0f} s")]
 
 
 def ranks(xs):
@@ -51,20 +56,56 @@ def spearman(xs, ys):
 
 
 def task_pairs(A, similarity):
-    """Each pair of tasks i < j -> (similarity of j to i, the drop in task i's accuracy while j trained)."""
-    return [(similarity[j][i], A[j - 1][i] - A[j][i]) for j in range(1, len(A)) for i in range(j)]
+    """Naive's interference where it tells something -> {i: (similarity of task i+1 to i, the drop in task i
+    while task i+1 trains relative to A[i][i])} for each task i learnt (A[i][i] >= LEARNT). Later drops are
+    mostly tied zeros (naive has forgotten by then), and an unlearnt task has nothing to lose."""
+    return {i: (similarity[i + 1][i], (A[i][i] - A[i + 1][i]) / A[i][i])
+            for i in range(len(A) - 1) if A[i][i] >= LEARNT}
+
+
+def interference(runs, seed=None):
+    """Each adjacent task pair's (similarity, relative drop), averaged over bases and seeds (or on one seed):
+    points that are independent of each other, one per task pair -> [(similarity, drop)]."""
+    cells = {}  # task index i -> [(similarity, drop)] over bases and seeds
+    for (base, s, sd), r in runs.items():
+        if s == "naive" and (base, "tir", sd) in runs and seed in (None, sd):
+            for i, pair in task_pairs(r["matrix"], runs[base, "tir", sd]["task_similarity"]).items():
+                cells.setdefault(i, []).append(pair)
+    return [tuple(map(statistics.fmean, zip(*cells[i]))) for i in sorted(cells)]
+
+
+def permutation_p(xs, ys, seed=0, n=10000):
+    """One-sided p-value of Spearman ρ < 0: the share of n seeded shuffles of ys (and the data) whose ρ is
+    at most the observed one. NaN where ρ is undefined."""
+    rho, shuffled, rng = spearman(xs, ys), list(ys), random.Random(seed)
+    if math.isnan(rho):
+        return math.nan
+    low = 0
+    for _ in range(n):
+        rng.shuffle(shuffled)
+        low += spearman(xs, shuffled) <= rho + 1e-12
+    return (low + 1) / (n + 1)
 
 
 def run_numbers(r, naive):
     """One run's results.json -> what the study reports; gain and extra time are over naive's run, if any."""
     seconds = sum(t["train_seconds"] for t in r["timings"])
-    numbers = {k: r["metrics"][k] for k in ("AA", "BWT", "forgetting", "FWT")}
+    numbers = {k: r["metrics"].get(k) for k in ("AA", "BWT", "forgetting", "FWT", "FWT_random")}
     numbers.update({"task ID": r.get("task_id_accuracy"), "extra memory": r["extra_bytes"],
-                    "matrix": r["matrix"], "similarity": r.get("task_similarity")})
+                    "matrix": r["matrix"], "similarity": r.get("task_similarity"),
+                    "format": r.get("format_matrix"), "content": r.get("content_matrix"),
+                    "space shares": r.get("space_shares"), "oracle AA": mean_or_none(r.get("oracle_row"))})
+    if "format_matrix" in r:
+        numbers["format drop"] = ev.format_drop(r["matrix"], r["format_matrix"], r["content_matrix"])
     if naive and naive is not r:
         numbers["gain"] = r["metrics"]["AA"] - naive["metrics"]["AA"]
         numbers["extra time"] = seconds - sum(t["train_seconds"] for t in naive["timings"])
     return numbers
+
+
+def mean_or_none(values):
+    values = [v for v in values or () if v is not None]
+    return statistics.fmean(values) if values else None
 
 
 def summarize(runs):
@@ -78,7 +119,8 @@ def summarize(runs):
 
 
 def mean_matrix(matrices):
-    return [[statistics.fmean(cells) for cells in zip(*rows)] for rows in zip(*matrices)]
+    """The cell-wise mean over seeds; a cell undefined (None) in every seed stays None."""
+    return [[mean_or_none(cells) for cells in zip(*rows)] for rows in zip(*matrices)]
 
 
 def cell(values, fmt):
@@ -90,8 +132,8 @@ def cell(values, fmt):
 
 
 def study_rows(summary, strategies, bases):
-    """The study's table: one row per (strategy, base), header first; 'task ID' only if a strategy routes."""
-    columns = [c for c in COLUMNS if c[0] != "task ID" or any("task ID" in n for n in summary.values())]
+    """The study's table: one row per (strategy, base), header first; the columns some run has."""
+    columns = [c for c in COLUMNS if any(c[0] in n for n in summary.values())]  # e.g. 'task ID' if one routes
     return [["strategy", "base"] + [name for name, _ in columns]] + [
         [s, b] + [cell(summary[b, s].get(name), fmt) for name, fmt in columns]
         for s in strategies for b in bases if (b, s) in summary]
@@ -101,40 +143,79 @@ def rho_text(rho):
     return "ρ undefined (too few pairs, or a constant side)" if math.isnan(rho) else f"ρ = {rho:+.2f}"
 
 
-def findings(summary, rho, n_pairs):
-    """The paper's six findings, checked -> [(claim, True | False | None (not measured), numbers)]."""
-    def per_base(strategy, key):  # {base: mean over seeds}, for the bases that have the number
-        return {b: statistics.fmean(summary[b, strategy][key]) for b in BASES
-                if summary.get((b, strategy), {}).get(key)}
+def minus(x, y):
+    return None if x is None or y is None else x - y
 
-    def show(strategy, key, values):
-        sign = "+" if key in ("BWT", "gain") else ""
-        return f"{strategy} {key} " + (", ".join(f"{v:{sign}.1f} ({b})" for b, v in values.items()) or "-")
 
-    bwt, forget = per_base("naive", "BWT"), per_base("naive", "forgetting")
-    gain = {s: per_base(s, "gain") for s in ("replay", "expansion", "ewc", "mas")}
-    aa = {s: per_base(s, "AA") for s in ("tir", "ewc")}
-    both = [g for g in (gain["ewc"], gain["mas"]) if len(g) == 2]  # a regulariser's gain from each base
-    common = aa["tir"].keys() & aa["ewc"].keys()
-    beat_naive = all(v > 0 for s in ("replay", "expansion") for v in gain[s].values())
-    return [
-        ("1. Sequential (naive) tuning forgets: BWT < 0", all(v < 0 for v in bwt.values()) if bwt else None,
-         show("naive", "BWT", bwt)),
-        ("2. The multitask base forgets less than the pretrained one (naive's forgetting)",
-         forget["multitask"] < forget["pretrained"] if len(forget) == 2 else None,
-         show("naive", "forgetting", forget)),
-        ("3. Replay and expansion beat naive's AA from every base",
-         beat_naive if gain["replay"] and gain["expansion"] else None,
-         show("replay", "gain", gain["replay"]) + "; " + show("expansion", "gain", gain["expansion"])),
-        ("4. Regularisation (EWC, MAS) gains more over naive from the multitask base "
-         "than from the pretrained one",
-         all(g["multitask"] > g["pretrained"] for g in both) if both else None,
-         show("ewc", "gain", gain["ewc"]) + "; " + show("mas", "gain", gain["mas"])),
-        ("5. TIR's AA ≥ EWC's", all(aa["tir"][b] >= aa["ewc"][b] for b in common) if common else None,
-         show("tir", "AA", aa["tir"]) + "; " + show("ewc", "AA", aa["ewc"])),
-        ("6. Similar tasks interfere less: Spearman ρ(similarity, forgetting) < 0",
-         None if math.isnan(rho) else rho < 0, f"{rho_text(rho)} over {n_pairs} task pairs"),
-    ]
+def finding_numbers(runs, seed, bases):
+    """One seed's runs -> per finding, {label: the number its verdict tests on that seed (None: not run)}."""
+    def m(base, strategy, key):
+        r = runs.get((base, strategy, seed))
+        return r and r["metrics"][key]
+
+    def gain(s, b):
+        return minus(m(b, s, "AA"), m(b, "naive", "AA"))
+    pairs, P, M = interference(runs, seed), "pretrained", "multitask"
+    return [{f"naive BWT ({b})": m(b, "naive", "BWT") for b in bases},
+            {"naive forgetting, pretrained - multitask": minus(m(P, "naive", "forgetting"),
+                                                               m(M, "naive", "forgetting"))},
+            {f"{s} gain ({b})": gain(s, b) for s in ("replay", "expansion") for b in bases},
+            {f"{s} gain, multitask - pretrained": minus(gain(s, M), gain(s, P)) for s in ("ewc", "mas")},
+            {f"tir - ewc AA ({b})": minus(m(b, "tir", "AA"), m(b, "ewc", "AA")) for b in bases},
+            {"ρ": None if len(pairs) < 2 or math.isnan(r := spearman(*zip(*pairs))) else r}]
+
+
+CLAIMS = [  # each finding, and the test its numbers must pass on a seed for it to hold there
+    ("1. Sequential (naive) tuning forgets: BWT < 0", lambda v: v < 0),
+    ("2. The multitask base forgets less than the pretrained one (naive's forgetting)", lambda v: v > 0),
+    ("3. Replay and expansion beat naive's AA from every base", lambda v: v > 0),
+    ("4. Regularisation (EWC, MAS) gains more over naive from the multitask base than from the pretrained "
+     "one", lambda v: v > 0),
+    ("5. TIR's AA ≥ EWC's", lambda v: v >= 0),
+    ("6. Similar tasks interfere less: Spearman ρ(similarity, naive's relative drop) < 0", lambda v: v < 0),
+]
+
+
+def verdict(per_seed):
+    """holds on every seed: holds; fails on every seed: fails; else mixed (seeds not measured left out)."""
+    measured = [h for h in per_seed if h is not None]
+    return "not measured" if not measured else "holds" if all(measured) else "fails" if not any(
+        measured) else "mixed"
+
+
+def findings(runs, bases):
+    """The paper's six findings on one task order's runs -> [dict(claim, verdict, per_seed, differences)]:
+    per seed True, False or None (not measured); differences {label: [value per seed]} (paired by seed).
+    Finding 6 holds only if its seed-averaged permutation test is significant too (p < 0.05)."""
+    seeds = sorted({seed for _, _, seed in runs})
+    numbers = [finding_numbers(runs, seed, bases) for seed in seeds]  # [seed][finding] -> {label: value}
+    checks = []
+    for k, (claim, test) in enumerate(CLAIMS):
+        per_seed = [None if None in n[k].values() else all(map(test, n[k].values())) for n in numbers]
+        differences = {label: [n[k][label] for n in numbers if n[k][label] is not None]
+                       for label in numbers[0][k]}
+        checks.append(dict(claim=claim, verdict=verdict(per_seed), per_seed=per_seed, differences=differences))
+    pairs = interference(runs)
+    rho = spearman(*zip(*pairs)) if len(pairs) > 1 else math.nan
+    p = permutation_p(*zip(*pairs)) if len(pairs) > 1 else math.nan
+    checks[5].update(rho=None if math.isnan(rho) else rho, p=None if math.isnan(p) else p, n_pairs=len(pairs),
+                     pairs=pairs)
+    if checks[5]["verdict"] == "holds" and not p < 0.05:
+        checks[5]["verdict"] = "not significant"
+    return checks
+
+
+def finding_text(check):
+    """'per seed: holds, fails; naive BWT (pretrained) -40.0 ± 1.0, ...' (+ the test of finding 6)."""
+    seeds = ", ".join({True: "holds", False: "fails", None: "-"}[h] for h in check["per_seed"])
+    text = f"per seed: {seeds}; " + ", ".join(f"{label} {cell(v, '{:+.2f}' if label == 'ρ' else '{:+.1f}')}"
+                                              for label, v in check["differences"].items())
+    if "n_pairs" in check:
+        rho, p = check["rho"], check["p"]
+        text += (f"; seed-averaged {rho_text(math.nan if rho is None else rho)} over {check['n_pairs']} "
+                 f"independent task pairs (i, i+1) with task i learnt (≥ {LEARNT} %), one-sided permutation "
+                 + ("p undefined" if p is None else f"p = {p:.3f}" + (", not significant" if p >= 0.05 else "")))
+    return text
 
 
 # pictures: a frame with a y axis, then bars or points in it
@@ -201,10 +282,10 @@ def bar_chart(values, groups, title, ylabel):
     return img
 
 
-def scatter(points, title, xlabel, ylabel, bytes_x=False):
+def scatter(points, title, xlabel, ylabel, bytes_x=False, legend=True):
     """[(x, y, label, base)] -> labelled points, a colour per base; bytes_x puts x (bytes) on a log scale."""
     xs = [math.log10(max(x, 1)) if bytes_x else x for x, *_ in points]
-    bases = [b for b in BASES if b in {base for *_, base in points}]
+    bases = [b for b in BASES if b in {base for *_, base in points} and legend]
     img, draw, to_y = frame(title, ylabel, [y for _, y, *_ in points], legend=bases)
     (x0, x1), font = span(xs, zero=not bytes_x), ImageFont.load_default(size=11)
 
@@ -236,7 +317,7 @@ def tile(images, columns):
 
 
 def study_pictures(summary, pairs, rho, tasks, strategies, bases):
-    """The study's charts -> {file name: image}."""
+    """The study's charts -> {file name: image}. pairs: finding 6's [(similarity, relative drop)]."""
     def metric(key):
         return {(s, b): numbers[key] for (b, s), numbers in summary.items()}
 
@@ -253,72 +334,107 @@ def study_pictures(summary, pairs, rho, tasks, strategies, bases):
         compute = scatter(cost("extra time"), "does compute pay for itself?", "extra training time (s)", gain)
         pictures["cost_benefit.png"] = tile([memory, compute], 2)
     for b in bases:
-        matrices = [heatmap(tasks, mean_matrix(summary[b, s]["matrix"]), f"{s}, {b} base")
-                    for s in strategies if (b, s) in summary]
-        pictures[f"matrices-{b}.png"] = tile(matrices, 3)
+        for key, name, what in (("matrix", "matrices", ""), ("format", "format", "format: % in the task's space"),
+                                ("content", "content", "content: % right of those")):
+            matrices = [heatmap(tasks, mean_matrix(summary[b, s][key]), f"{s}, {b} base", note=what or
+                                "columns: task evaluated") for s in strategies if key in summary.get((b, s), {})]
+            if matrices:
+                pictures[f"{name}-{b}.png"] = tile(matrices, 3)
         if "similarity" in summary.get((b, "tir"), {}):
             percent = [[100 * v for v in row] for row in mean_matrix(summary[b, "tir"]["similarity"])]
             pictures[f"similarity-{b}.png"] = heatmap(tasks, percent, f"task similarity x 100, {b} base",
                                                       rows="{}", note="measured by TIR")
     if pairs:
         title = "Spearman " + rho_text(rho).replace("ρ", "rho")  # the bundled font has no ρ
-        points = [(x, y, "", b) for x, y, b in pairs]
-        pictures["task_pairs.png"] = scatter(points, title, "similarity of task j to task i",
-                                             "drop in task i while task j trains (naive)")
+        points = [(x, y, "", BASES[0]) for x, y in pairs]
+        pictures["task_pairs.png"] = scatter(points, title, "similarity of task i+1 to task i",
+                                             "naive: drop in task i while i+1 trains / A[i][i]", legend=False)
     return pictures
 
 
-def study_markdown(tasks, rows, checks, rho, n_pairs, pictures, notes):
-    verdict = {True: "holds", False: "does not hold", None: "not measured"}
-    checked = [f"- [{'x' if holds else ' '}] {claim}: **{verdict[holds]}** ({numbers})"
-               for claim, holds, numbers in checks]
-    if n_pairs:
-        similarity = (f"Spearman {rho_text(rho)} over {n_pairs} task pairs: naive's drop in task i while "
-                      "task j trains (A[j-1][i] - A[j][i]) against TIR's similarity of j to i, pooled over "
-                      "bases and seeds.")
-    else:
-        similarity = ("The study ran no tir (or no naive) run: no task similarity, so no similarity heatmap "
-                      "and no task-pair analysis.")
+def format_section(summary, tasks, bases):
+    """How much of naive's forgetting is format forgetting, and what a student sees."""
+    lines = []
+    for b in bases:
+        n = summary.get((b, "naive"), {})
+        if "format drop" in n:
+            drop, fmt = [-v for v in n["BWT"]], n["format drop"]
+            share = 100 * statistics.fmean(fmt) / statistics.fmean(drop) if statistics.fmean(drop) else math.nan
+            lines.append(f"- {b} base: naive's earlier tasks end {cell(drop, '{:.1f}')} points below where "
+                         f"they were learnt (-BWT); format explains {cell(fmt, '{:.1f}')} points ({share:.0f} %): "
+                         "answers of the wrong kind. The rest is content: the right kind, wrongly.")
+            lines += [f"  - {line}" for line in ev.format_story(tasks, mean_matrix(n["space shares"]))]
+    return lines or ["No naive run holds format and content matrices."]
+
+
+def study_markdown(tasks, rows, checks, pictures, notes, others=(), format_lines=()):
+    """study.md. others: [(order, its checks)] of the other task orders, each finding's verdict there."""
+    lines = []
+    for k, check in enumerate(checks):
+        elsewhere = "".join(f"; {order} order: **{c[k]['verdict']}** ("
+                            f"{'survives' if c[k]['verdict'] == check['verdict'] else 'does not survive'})"
+                            for order, c in others)
+        lines.append(f"- [{'x' if check['verdict'] == 'holds' else ' '}] {check['claim']}: "
+                     f"**{check['verdict']}**{elsewhere} ({finding_text(check)})")
+    six = checks[5]
+    similarity = ("The study ran no tir (or no naive) run, or no task was learnt: no task-pair analysis."
+                  if not six["n_pairs"] else
+                  f"Finding 6 uses naive's drop in task i while task i+1 trains, relative to A[i][i], only where "
+                  f"task i was learnt (≥ {LEARNT} %), against TIR's similarity of i+1 to i; each pair averaged "
+                  f"over seeds and bases: {six['n_pairs']} independent pairs.")
     return "\n".join(
         ["# nanoCIT study", "", f"Tasks in order: {' -> '.join(tasks)}. " + " ".join(notes), "",
          markdown_table(rows),
-         "AA, BWT, forgetting, FWT as in eval.py; *task ID*: how often routing found the task; *gain*: AA "
-         "minus naive's from the same base and seed; *extra memory*: what the strategy keeps beyond the "
-         "model; *extra time*: training seconds beyond naive's. Several seeds: mean ± std.", "",
-         "## The paper's findings", ""]
-        + checked + ["", "## Task similarity and forgetting", "", similarity, "", "## Pictures", ""]
-        + [f"![{name}]({name})" for name in pictures]) + "\n"
+         "AA, BWT, forgetting as in eval.py; *FWT*: zero-shot accuracy over the base model's (so the two bases "
+         "have different references); *FWT_random*: over a randomly initialised model's, the same reference "
+         "for both; *format drop*: the points of -BWT that answers of the wrong kind explain; *task ID*: how "
+         "often routing found the task; *oracle AA*: AA with each task's own expert (no routing errors); "
+         "*gain*: AA minus naive's from the same base and seed; *extra memory*: what the strategy keeps beyond "
+         "the model; *extra time*: training seconds beyond naive's. Several seeds: mean ± std.", "",
+         "## The paper's findings", "",
+         "A finding *holds* when it holds on every seed, *fails* when it fails on every seed, and is *mixed* "
+         "otherwise; the numbers are the paired differences it tests, mean ± std over seeds.", ""]
+        + lines + ["", "## Task similarity and forgetting", "", similarity, "",
+                   "## Forgetting taken apart: format and content", ""] + list(format_lines)
+        + ["", "## Pictures", ""] + [f"![{name}]({name})" for name in pictures]) + "\n"
 
 
-def write_report(out, runs, strategies, bases, notes=()):
-    """{(base, strategy, seed): finished results} -> study.md, study.json, pictures in out -> table rows."""
+def write_report(out, runs, strategies, bases, notes=(), others=None):
+    """{(base, strategy, seed): finished results} of the first task order, and {order: such runs} of the
+    others -> study.md, study.json, pictures in out -> table rows."""
     out, summary, tasks = Path(out), summarize(runs), next(iter(runs.values()))["tasks"]
     strategies = [s for s in strategies if any((b, s) in summary for b in bases)]
     bases = [b for b in bases if any((b, s) in summary for s in strategies)]
-    pairs = []  # (similarity, forgetting, base): each task pair of each naive run that has a tir twin
-    for (base, s, seed), r in runs.items():
-        if s == "naive" and (base, "tir", seed) in runs:
-            similarity = runs[base, "tir", seed]["task_similarity"]
-            pairs += [(x, y, base) for x, y in task_pairs(r["matrix"], similarity)]
-    rho = spearman([x for x, _, _ in pairs], [y for _, y, _ in pairs]) if len(pairs) > 1 else math.nan
-    checks, rows = findings(summary, rho, len(pairs)), study_rows(summary, strategies, bases)
-    pictures = study_pictures(summary, pairs, rho, tasks, strategies, bases)
+    checks, rows = findings(runs, bases), study_rows(summary, strategies, bases)
+    other_checks = [(order, findings(r, bases)) for order, r in (others or {}).items() if r]
+    six = checks[5]
+    pictures = study_pictures(summary, six["pairs"], math.nan if six["rho"] is None else six["rho"], tasks,
+                              strategies, bases)
     out.mkdir(parents=True, exist_ok=True)
     for name, img in pictures.items():
         img.save(out / name)
-    (out / "study.md").write_text(study_markdown(tasks, rows, checks, rho, len(pairs), pictures, notes))
+    format_lines = format_section(summary, tasks, bases)
+    (out / "study.md").write_text(study_markdown(tasks, rows, checks, pictures, notes, other_checks,
+                                                 format_lines))
     report = dict(tasks=tasks, summary={f"{b}/{s}": numbers for (b, s), numbers in summary.items()},
-                  task_pairs=[dict(similarity=x, forgetting=y, base=b) for x, y, b in pairs],
-                  spearman=None if math.isnan(rho) else rho,
-                  findings=[dict(claim=c, holds=h, numbers=n) for c, h, n in checks])
+                  task_pairs=[dict(similarity=x, relative_drop=y) for x, y in six["pairs"]],
+                  spearman=six["rho"], permutation_p=six["p"], findings=checks,
+                  orders={order: c for order, c in other_checks})
     (out / "study.json").write_text(json.dumps(report, indent=1))
     return rows
 
 
 # the runner
 
+def orders_of(args):
+    """The task orders the study runs -> {folder name: train.py --tasks}: --tasks alone, else --orders."""
+    if args.tasks:
+        return {args.tasks if args.tasks in args.orders.split(",") else "tasks": args.tasks}
+    return {order: order for order in args.orders.split(",")}
+
+
 def study_plan(args, names, bases, extra):
-    """Every run of the study -> {(base, strategy, seed): (train.py flags, run folder, resolved config)}.
+    """Every run of the study -> {(order, base, strategy, seed): (train.py flags, run folder, resolved config)}.
     Raises train.CLIError on bad input, before anything is written."""
     for b in bases:
         if b not in BASES:
@@ -331,15 +447,16 @@ def study_plan(args, names, bases, extra):
             raise train.CLIError(f"{flag} after -- is set by the study for each run; "
                                  "use --strategies, --bases, --seeds or --tasks")
     plan = {}
-    for seed in range(args.seeds):
-        for base in bases:
-            for s in names:
-                run_dir = Path(args.out) / "runs" / base / s / f"seed{seed}"
-                flags = ["--threads", "1", *extra, *(["--tasks", args.tasks] if args.tasks else []),
-                         "--strategy", s, "--base", base, "--seed", str(seed), "--run-dir", str(run_dir)]
-                cfg, mcfg, scfg = train.parse(flags)  # train.py checks the strategy, tasks and flags after --
-                config = dict(train=asdict(cfg), model=asdict(mcfg), strategy=asdict(scfg))
-                plan[base, s, seed] = flags, run_dir, config
+    for order, tasks in orders_of(args).items():
+        for seed in range(args.seeds):
+            for base in bases:
+                for s in names:
+                    run_dir = Path(args.out) / "runs" / order / base / s / f"seed{seed}"
+                    flags = ["--threads", "1", *extra, "--tasks", tasks, "--strategy", s, "--base", base,
+                             "--seed", str(seed), "--run-dir", str(run_dir)]
+                    cfg, mcfg, scfg = train.parse(flags)  # train.py checks strategy, tasks and flags after --
+                    config = dict(train=asdict(cfg), model=asdict(mcfg), strategy=asdict(scfg))
+                    plan[order, base, s, seed] = flags, run_dir, config
     return plan
 
 
@@ -362,8 +479,8 @@ def train_run(flags):
 
 def study(args, names, bases, extra):
     """Train every (base, strategy, seed) not already finished, args.jobs at a time, then write the report ->
-    exit code. The first run of each (base, seed) goes ahead of the rest: it trains the base they reuse, so
-    they start when it ends (not when every base is trained). The two bases' first runs both train the
+    exit code. The first run of each (base, seed) goes ahead of the rest: it trains the base they reuse (in
+    every task order), so they start when it ends (not when every base is trained). The two bases' first runs both train the
     pretrained stage, side by side: a minute of one core, which would otherwise wait."""
     t0, out = time.time(), Path(args.out)
     try:
@@ -373,8 +490,8 @@ def study(args, names, bases, extra):
         return 2
     runs = {k: r for k, (_, run_dir, config) in plan.items() if (r := finished(run_dir, config))}
     todo, first, failed = [k for k in plan if k not in runs], {}, []
-    for b, s, seed in todo:
-        first.setdefault((b, seed), (b, s, seed))
+    for key in todo:
+        first.setdefault((key[1], key[3]), key)  # by (base, seed)
     print(f"study: {len(plan)} runs, {len(runs)} reused, {len(todo)} to train with {args.jobs} jobs, "
           f"in {out}")
     bar = tqdm(total=len(plan), initial=len(runs), desc="study", unit="run")
@@ -382,17 +499,18 @@ def study(args, names, bases, extra):
         jobs = {pool.submit(train_run, plan[k][0]): k for k in first.values()}
         while jobs:
             for job in wait(jobs, return_when=FIRST_COMPLETED).done:
-                (b, s, seed), proc = jobs.pop(job), job.result()
-                if first[b, seed] == (b, s, seed):  # its base is cached now: the rest of (b, seed) may start
+                key, proc = jobs.pop(job), job.result()
+                (order, b, s, seed), name = key, f"{key[1]}/{key[2]}/seed{key[3]}"
+                if first[b, seed] == key:  # its base is cached now: the rest of (b, seed) may start
                     jobs.update({pool.submit(train_run, plan[k][0]): k for k in todo
-                                 if (k[0], k[2]) == (b, seed) and k != (b, s, seed)})
+                                 if (k[1], k[3]) == (b, seed) and k != key})
                 if proc.returncode == 0:
-                    runs[b, s, seed] = json.loads((plan[b, s, seed][1] / "results.json").read_text())
+                    runs[key] = json.loads((plan[key][1] / "results.json").read_text())
                 else:
-                    failed.append(f"{b}/{s}/seed{seed}")
-                    tqdm.write(f"FAILED {failed[-1]} (exit {proc.returncode}); its stderr ends:\n  "
+                    failed.append(f"{name} ({order} order)")
+                    tqdm.write(f"FAILED {name} (exit {proc.returncode}) in the {order} order; its stderr ends:\n  "
                                + "\n  ".join(proc.stderr.strip().splitlines()[-12:]), file=sys.stderr)
-                bar.set_postfix_str(f"{b}/{s}/seed{seed}")
+                bar.set_postfix_str(name)
                 bar.update()
     if runs:
         notes = ["Seed 0." if args.seeds == 1 else f"Seeds 0..{args.seeds - 1}.",
@@ -401,7 +519,10 @@ def study(args, names, bases, extra):
                  f"({len(todo)} runs trained, {len(plan) - len(todo)} reused)."]
         if failed:
             notes.append(f"Failed: {', '.join(failed)}.")
-        rows = write_report(out, runs, names, bases, notes)
+        by_order = {order: {k[1:]: r for k, r in runs.items() if k[0] == order} for order in orders_of(args)}
+        first_order, *others = [order for order, r in by_order.items() if r]
+        rows = write_report(out, by_order[first_order], names, bases, notes,
+                            {order: by_order[order] for order in others})
         print(format_table(rows) + f"\nwrote {out}/study.md, study.json and pictures")
     print(f"study: {len(runs)} of {len(plan)} runs finished, {len(failed)} failed, "
           f"wall time {time.time() - t0:.0f} s")
@@ -418,12 +539,14 @@ def main(argv=None):
         "  python study.py --strategies naive,replay --tasks classify,count -- --steps 20 --base-steps 20\n"
         "a run folder already holding results.json from the same configuration is reused, so a killed study "
         "resumes")
-    ap.add_argument("--strategies", default=",".join(strategies.STRATEGIES),
-                    help="a comma list (default: all)")
+    ap.add_argument("--strategies", default=",".join([*strategies.STRATEGIES, "replay+tir"]),
+                    help="a comma list (default: all, and replay+tir)")
     ap.add_argument("--bases", default=",".join(BASES), help="a comma list of train.py --base values")
-    ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; cells are then mean ± std")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; cells are mean ± std, verdicts per seed")
     ap.add_argument("--jobs", type=int, default=2, help="train.py runs at once, one CPU thread each")
-    ap.add_argument("--tasks", help="train.py's --tasks for every run (default: train.py's)")
+    ap.add_argument("--orders", default="paper,easy-first",
+                    help="task orders (data.ORDERS names); the first gives the table, the others test the verdicts")
+    ap.add_argument("--tasks", help="one train.py --tasks for every run instead of --orders")
     ap.add_argument("--out", default="runs/study",
                     help="where the runs, study.md, study.json and pictures go")
     args = ap.parse_args(argv)
