@@ -9,6 +9,7 @@ model: `python train.py --evaluate FILE`. The whole study is study.py.
 """
 import argparse
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -128,7 +129,7 @@ def score_tests(answer, tests, tok, batch_size):
 
 def answer_space(name, train_answers):
     """A task's answer space as a predicate on an answer's text: data.ANSWER_SPACES, else (a task file, or
-    a task whose answers may change) the answers its train split contains."""
+    a task whose answers may change, like spatial) the answers its train split contains, as normalize()d."""
     seen = frozenset(map(normalize, train_answers))
     return data.ANSWER_SPACES.get(name) or (lambda text: normalize(text) in seen)
 
@@ -136,6 +137,8 @@ def answer_space(name, train_answers):
 def format_content(answered, in_space):
     """[(predicted, score)] of one task -> (format: % of answers in its space, content: % score of those
     answers; None when no answer is)."""
+    if not answered:  # under DDP a rank other than 0 answers nothing
+        return math.nan, None
     scores = [s for pred, s in answered if in_space(pred.strip())]
     return 100 * len(scores) / len(answered), 100 * sum(scores) / len(scores) if scores else None
 
@@ -143,7 +146,7 @@ def format_content(answered, in_space):
 def space_shares(answered_by_task, spaces):
     """Every task's answers after one stage -> per answer space, the % of all answers that lie in it."""
     preds = [pred.strip() for answered in answered_by_task for pred, _ in answered]
-    return [100 * sum(map(in_space, preds)) / len(preds) for in_space in spaces]
+    return [100 * sum(map(in_space, preds)) / max(len(preds), 1) for in_space in spaces]
 
 
 def format_story(tasks, shares):
@@ -193,8 +196,9 @@ def format_report(results):
     if "format_matrix" in results:
         F, C = results["format_matrix"], results["content_matrix"]
         content = [c for c in C[-1] if c is not None]
-        lines.append(f"after the last task: format {sum(F[-1]) / len(F[-1]):.1f} % of answers in their "
-                     f"task's space; content {sum(content) / max(len(content), 1):.1f} % of those right")
+        lines.append(f"after the last task {sum(F[-1]) / len(F[-1]):.1f} % of answers lie in their task's "
+                     f"space (format), {sum(content) / max(len(content), 1):.1f} % of those are right (content); "
+                     f"format explains {format_drop(A, F, C):.1f} of the {-m['BWT']:.1f} points of -BWT")
         lines += format_story(tasks, results["space_shares"])
     if "wall_seconds" in results:
         lines.append(f"wall time {results['wall_seconds']:.0f} s")

@@ -215,7 +215,7 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
 def evaluate(model, strategy, tests, tok, device, cfg):
     """Greedy answers for every test row, through the strategy (which may route) -> score_tests' results."""
     if RANK > 0:  # under DDP rank 0 alone evaluates, and alone writes
-        return [(float("nan"), [])] * len(tests)
+        return [(float("nan"), [], [])] * len(tests)
     model.eval()
 
     def answer(images, ids):  # uint8 pixels and int16 prompts -> the answers' texts

@@ -100,7 +100,7 @@ def test_tiny_run_writes_every_artefact(runs):
     assert results["tasks"] == TASKS and len(results["base_row"]) == 2
     assert len(results["matrix"]) == 2 and all(len(row) == 2 for row in results["matrix"])
     assert all(0 <= a <= 100 for row in results["matrix"] for a in row)
-    assert results["metrics"] == pytest.approx(ev.all_metrics(results["matrix"], results["base_row"]))
+    assert results["metrics"] == pytest.approx(ev.all_metrics(results["matrix"], results["base_row"], results["random_row"]))
     assert results["extra_bytes"] > 0  # the replay buffer
     with Image.open(run_dir / "accuracy.png") as img:
         assert img.format == "PNG" and img.size[0] > 100
