@@ -262,9 +262,9 @@ HELD_IN = {t.name: t for t in [
 ]}
 
 
-# Answer spaces: for a task, is this answer text of the right kind, right or wrong? eval.py splits accuracy into
-# format (the answer lies in its task's space) and content (right, given the format). A task without an entry,
-# such as spatial (whose answers may change) or a task file, falls back on the answers of its train split.
+# Answer spaces: for a task, is this answer text of the right kind, right or wrong? eval.py splits accuracy
+# into format (the answer lies in its task's space) and content (right, given the format). A task without an
+# entry, such as spatial (whose answers may change) or a task file, falls back on its train split's answers.
 _PLACES = tuple(where(c) for c in range(9))
 _DESCRIPTIONS = {describe(Obj(shape, color, size, cell))  # every object a caption can mention: 450 phrases
                  for shape in SHAPES for color in COLORS for size in SIZES for cell in range(9)}

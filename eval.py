@@ -197,7 +197,8 @@ def format_report(results):
         F, C = results["format_matrix"], results["content_matrix"]
         content = [c for c in C[-1] if c is not None]
         lines.append(f"after the last task {sum(F[-1]) / len(F[-1]):.1f} % of answers lie in their task's "
-                     f"space (format), {sum(content) / max(len(content), 1):.1f} % of those are right (content); "
+                     f"space (format), {sum(content) / max(len(content), 1):.1f} % of those are right "
+                     "(content); "
                      f"format explains {format_drop(A, F, C):.1f} of the {-m['BWT']:.1f} points of -BWT")
         lines += format_story(tasks, results["space_shares"])
     if "wall_seconds" in results:
@@ -216,7 +217,8 @@ def heatmap(tasks, A, title="", rows="after {}", note="columns: task evaluated")
                   anchor="rm")
         for j, a in enumerate(row):
             if a is None:  # undefined, e.g. content where no answer had the right format
-                draw.text((left + j * cell + cell / 2, top + i * cell + cell / 2), "-", fill="gray", anchor="mm")
+                x, y = left + j * cell + cell / 2, top + i * cell + cell / 2
+                draw.text((x, y), "-", fill="gray", font=font, anchor="mm")
                 continue
             g = a / 100
             color = (int(255 - 215 * g), int(255 - 110 * g), int(255 - 195 * g))

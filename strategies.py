@@ -29,8 +29,8 @@ class StrategyConfig:
     importance_decay: float = arg(1.0, "online EWC/MAS: γ in F ← γF + F_new; 1 keeps every task in full")
     importance_samples: int = arg(256, "rows whose per-sample gradients estimate the importances")
     tir_importance: str = arg("ewc", "TIR: importance measure, ewc (Fisher) or mas")
-    tir_temperature: float = arg(0.5, "TIR: τ of similarity exp(-Σ(1-cos)/τ); on the tiny base 0.5 gives >0.9 "
-                                 "for one task's two splits, ~0.1 for most pairs of tasks")
+    tir_temperature: float = arg(0.5, "TIR: τ of similarity exp(-Σ(1-cos)/τ); on the tiny base 0.5 gives "
+                                 ">0.9 to one task's two splits, ~0.1 to most pairs of tasks")
     lwf_alpha: float = arg(1.0, "LwF: weight of distillation beside the task loss; 3 already stops new tasks")
     lwf_temperature: float = arg(2.0, "LwF: softens both distributions so small logits still teach")
     lora_rank: int = arg(8, "LoRA: rank r of each adapter: ~4 % of the tiny model per adapter set")

@@ -37,8 +37,8 @@ UNCOMPARED = ("vocab_size", "run_dir", "cache_dir")  # set at run time, or paths
 LEARNT = 90  # finding 6 uses task i only if it reached this accuracy (%) right after its own training
 # the table's (column, format); None: bytes, the same each seed
 COLUMNS = [("AA", "{:.1f}"), ("BWT", "{:+.1f}"), ("forgetting", "{:.1f}"), ("FWT", "{:+.1f}"),
-           ("FWT_random", "{:+.1f}"), ("format drop", "{:.1f}"), ("task ID", "{:.1f}"), ("oracle AA", "{:.1f}"),
-           ("gain", "{:+.1f}"), ("extra memory", None), ("extra time", "{:+.0f} s")]
+           ("FWT_random", "{:+.1f}"), ("format drop", "{:.1f}"), ("task ID", "{:.1f}"),
+           ("oracle AA", "{:.1f}"), ("gain", "{:+.1f}"), ("extra memory", None), ("extra time", "{:+.0f} s")]
 
 
 def ranks(xs):
@@ -194,7 +194,8 @@ def findings(runs, bases):
         per_seed = [None if None in n[k].values() else all(map(test, n[k].values())) for n in numbers]
         differences = {label: [n[k][label] for n in numbers if n[k][label] is not None]
                        for label in numbers[0][k]}
-        checks.append(dict(claim=claim, verdict=verdict(per_seed), per_seed=per_seed, differences=differences))
+        checks.append(dict(claim=claim, verdict=verdict(per_seed), per_seed=per_seed,
+                           differences=differences))
     pairs = interference(runs)
     rho = spearman(*zip(*pairs)) if len(pairs) > 1 else math.nan
     p = permutation_p(*zip(*pairs)) if len(pairs) > 1 else math.nan
@@ -214,7 +215,8 @@ def finding_text(check):
         rho, p = check["rho"], check["p"]
         text += (f"; seed-averaged {rho_text(math.nan if rho is None else rho)} over {check['n_pairs']} "
                  f"independent task pairs (i, i+1) with task i learnt (≥ {LEARNT} %), one-sided permutation "
-                 + ("p undefined" if p is None else f"p = {p:.3f}" + (", not significant" if p >= 0.05 else "")))
+                 + ("p undefined" if p is None else f"p = {p:.3f}")
+                 + (", not significant" if p is not None and p >= 0.05 else ""))
     return text
 
 
@@ -334,10 +336,11 @@ def study_pictures(summary, pairs, rho, tasks, strategies, bases):
         compute = scatter(cost("extra time"), "does compute pay for itself?", "extra training time (s)", gain)
         pictures["cost_benefit.png"] = tile([memory, compute], 2)
     for b in bases:
-        for key, name, what in (("matrix", "matrices", ""), ("format", "format", "format: % in the task's space"),
+        for key, name, note in (("matrix", "matrices", "columns: task evaluated"),
+                                ("format", "format", "format: % in the task's space"),
                                 ("content", "content", "content: % right of those")):
-            matrices = [heatmap(tasks, mean_matrix(summary[b, s][key]), f"{s}, {b} base", note=what or
-                                "columns: task evaluated") for s in strategies if key in summary.get((b, s), {})]
+            matrices = [heatmap(tasks, mean_matrix(summary[b, s][key]), f"{s}, {b} base", note=note)
+                        for s in strategies if key in summary.get((b, s), {})]
             if matrices:
                 pictures[f"{name}-{b}.png"] = tile(matrices, 3)
         if "similarity" in summary.get((b, "tir"), {}):
@@ -359,10 +362,12 @@ def format_section(summary, tasks, bases):
         n = summary.get((b, "naive"), {})
         if "format drop" in n:
             drop, fmt = [-v for v in n["BWT"]], n["format drop"]
-            share = 100 * statistics.fmean(fmt) / statistics.fmean(drop) if statistics.fmean(drop) else math.nan
+            mean_drop = statistics.fmean(drop)
+            share = 100 * statistics.fmean(fmt) / mean_drop if mean_drop else math.nan
             lines.append(f"- {b} base: naive's earlier tasks end {cell(drop, '{:.1f}')} points below where "
-                         f"they were learnt (-BWT); format explains {cell(fmt, '{:.1f}')} points ({share:.0f} %): "
-                         "answers of the wrong kind. The rest is content: the right kind, wrongly.")
+                         f"they were learnt (-BWT); format explains {cell(fmt, '{:.1f}')} points "
+                         f"({share:.0f} %): answers of the wrong kind. The rest is content: the right kind, "
+                         "wrongly.")
             lines += [f"  - {line}" for line in ev.format_story(tasks, mean_matrix(n["space shares"]))]
     return lines or ["No naive run holds format and content matrices."]
 
@@ -379,18 +384,19 @@ def study_markdown(tasks, rows, checks, pictures, notes, others=(), format_lines
     six = checks[5]
     similarity = ("The study ran no tir (or no naive) run, or no task was learnt: no task-pair analysis."
                   if not six["n_pairs"] else
-                  f"Finding 6 uses naive's drop in task i while task i+1 trains, relative to A[i][i], only where "
-                  f"task i was learnt (≥ {LEARNT} %), against TIR's similarity of i+1 to i; each pair averaged "
-                  f"over seeds and bases: {six['n_pairs']} independent pairs.")
+                  "Finding 6 uses naive's drop in task i while task i+1 trains, relative to A[i][i], only "
+                  f"where task i was learnt (≥ {LEARNT} %), against TIR's similarity of i+1 to i; each pair "
+                  f"averaged over seeds and bases: {six['n_pairs']} independent pairs.")
     return "\n".join(
         ["# nanoCIT study", "", f"Tasks in order: {' -> '.join(tasks)}. " + " ".join(notes), "",
          markdown_table(rows),
-         "AA, BWT, forgetting as in eval.py; *FWT*: zero-shot accuracy over the base model's (so the two bases "
-         "have different references); *FWT_random*: over a randomly initialised model's, the same reference "
-         "for both; *format drop*: the points of -BWT that answers of the wrong kind explain; *task ID*: how "
-         "often routing found the task; *oracle AA*: AA with each task's own expert (no routing errors); "
-         "*gain*: AA minus naive's from the same base and seed; *extra memory*: what the strategy keeps beyond "
-         "the model; *extra time*: training seconds beyond naive's. Several seeds: mean ± std.", "",
+         "AA, BWT, forgetting as in eval.py; *FWT*: zero-shot accuracy over the base model's (so the two "
+         "bases have different references); *FWT_random*: over a randomly initialised model's, the same "
+         "reference for both; *format drop*: the points of -BWT that answers of the wrong kind explain; "
+         "*task ID*: how often routing found the task; *oracle AA*: AA with each task's own expert (no "
+         "routing errors); "
+         "*gain*: AA minus naive's from the same base and seed; *extra memory*: what the strategy keeps "
+         "beyond the model; *extra time*: training seconds beyond naive's. Several seeds: mean ± std.", "",
          "## The paper's findings", "",
          "A finding *holds* when it holds on every seed, *fails* when it fails on every seed, and is *mixed* "
          "otherwise; the numbers are the paired differences it tests, mean ± std over seeds.", ""]
@@ -434,7 +440,7 @@ def orders_of(args):
 
 
 def study_plan(args, names, bases, extra):
-    """Every run of the study -> {(order, base, strategy, seed): (train.py flags, run folder, resolved config)}.
+    """Every run of the study -> {(order, base, strategy, seed): (train.py flags, run folder, config)}.
     Raises train.CLIError on bad input, before anything is written."""
     for b in bases:
         if b not in BASES:
@@ -445,7 +451,7 @@ def study_plan(args, names, bases, extra):
     for flag in extra:
         if flag.split("=")[0] in RESERVED:
             raise train.CLIError(f"{flag} after -- is set by the study for each run; "
-                                 "use --strategies, --bases, --seeds or --tasks")
+                                 "use --strategies, --bases, --seeds, --orders or --tasks")
     plan = {}
     for order, tasks in orders_of(args).items():
         for seed in range(args.seeds):
@@ -478,10 +484,11 @@ def train_run(flags):
 
 
 def study(args, names, bases, extra):
-    """Train every (base, strategy, seed) not already finished, args.jobs at a time, then write the report ->
-    exit code. The first run of each (base, seed) goes ahead of the rest: it trains the base they reuse (in
-    every task order), so they start when it ends (not when every base is trained). The two bases' first runs both train the
-    pretrained stage, side by side: a minute of one core, which would otherwise wait."""
+    """Train every (order, base, strategy, seed) not already finished, args.jobs at a time, then write the
+    report -> exit code. The first run of each (base, seed) goes ahead of the rest: it trains the base they
+    reuse (in every task order), so they start when it ends (not when every base is trained). The two bases'
+    first runs both train the pretrained stage, side by side: a minute of one core, which would otherwise
+    wait."""
     t0, out = time.time(), Path(args.out)
     try:
         plan = study_plan(args, names, bases, extra)
@@ -499,8 +506,9 @@ def study(args, names, bases, extra):
         jobs = {pool.submit(train_run, plan[k][0]): k for k in first.values()}
         while jobs:
             for job in wait(jobs, return_when=FIRST_COMPLETED).done:
-                key, proc = jobs.pop(job), job.result()
-                (order, b, s, seed), name = key, f"{key[1]}/{key[2]}/seed{key[3]}"
+                key = jobs.pop(job)
+                (order, b, s, seed), proc = key, job.result()
+                name = f"{b}/{s}/seed{seed}"
                 if first[b, seed] == key:  # its base is cached now: the rest of (b, seed) may start
                     jobs.update({pool.submit(train_run, plan[k][0]): k for k in todo
                                  if (k[1], k[3]) == (b, seed) and k != key})
@@ -508,7 +516,8 @@ def study(args, names, bases, extra):
                     runs[key] = json.loads((plan[key][1] / "results.json").read_text())
                 else:
                     failed.append(f"{name} ({order} order)")
-                    tqdm.write(f"FAILED {name} (exit {proc.returncode}) in the {order} order; its stderr ends:\n  "
+                    tqdm.write(f"FAILED {name} (exit {proc.returncode}) in the {order} order; its stderr "
+                               "ends:\n  "
                                + "\n  ".join(proc.stderr.strip().splitlines()[-12:]), file=sys.stderr)
                 bar.set_postfix_str(name)
                 bar.update()
@@ -542,10 +551,11 @@ def main(argv=None):
     ap.add_argument("--strategies", default=",".join([*strategies.STRATEGIES, "replay+tir"]),
                     help="a comma list (default: all, and replay+tir)")
     ap.add_argument("--bases", default=",".join(BASES), help="a comma list of train.py --base values")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; cells are mean ± std, verdicts per seed")
+    ap.add_argument("--seeds", type=int, default=3,
+                    help="seeds 0..N-1; cells are mean ± std, verdicts per seed")
     ap.add_argument("--jobs", type=int, default=2, help="train.py runs at once, one CPU thread each")
     ap.add_argument("--orders", default="paper,easy-first",
-                    help="task orders (data.ORDERS names); the first gives the table, the others test the verdicts")
+                    help="task orders (data.ORDERS names): the first makes the table, the others test it")
     ap.add_argument("--tasks", help="one train.py --tasks for every run instead of --orders")
     ap.add_argument("--out", default="runs/study",
                     help="where the runs, study.md, study.json and pictures go")

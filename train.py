@@ -423,7 +423,8 @@ def run(cfg, mcfg, scfg):
         state = checkpoint(run_dir / "checkpoint.pt", progress, config, model, strategy)
         atomic_write(run_dir / f"task{t + 1}-{names[t]}.pt", lambda p: torch.save({**state, "task": t}, p))
     matrix, base_row = progress["matrix"], progress["base_row"]
-    out = dict(config=config, tasks=names, base_row=base_row, random_row=progress["random_row"], matrix=matrix,
+    out = dict(config=config, tasks=names, base_row=base_row, random_row=progress["random_row"],
+               matrix=matrix,
                **{k: progress[k] for k in ("format_matrix", "content_matrix", "space_shares")},
                metrics=all_metrics(matrix, base_row, progress["random_row"]),
                final_loss=progress["losses"],  # each task's last loss
