@@ -440,17 +440,20 @@ def run(cfg, mcfg, scfg):
 
 
 def report(run_dir, out, results, show_mistakes):
-    """results.json and accuracy.png into the run folder; the report and the first mistakes printed."""
+    """results.json, accuracy.png, format.png and content.png into the run folder; the report and the first
+    mistakes printed."""
     atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(out, indent=1)))
-    def draw(path):  # called by rank 0 alone: the other ranks have no scores to draw
-        title = f"{out['config']['train']['strategy']}: accuracy (%)"
-        heatmap(out["tasks"], out["matrix"], title).save(path, format="PNG")
-    atomic_write(run_dir / "accuracy.png", draw)
+    for name, key, what in (("accuracy", "matrix", "accuracy (%)"), ("format", "format_matrix",
+                            "format (% in the task's space)"), ("content", "content_matrix", "content (% right)")):
+        def draw(path):  # called by rank 0 alone: the other ranks have no scores to draw
+            title = f"{out['config']['train']['strategy']}: {what}"
+            heatmap(out["tasks"], out[key], title).save(path, format="PNG")
+        atomic_write(run_dir / f"{name}.png", draw)
     print("\n" + format_report(out))
     for (acc, mistakes, _), name in zip(results, out["tasks"]):
         for q, pred, ref in mistakes[:show_mistakes]:
             print(f"  {name}: {q!r} -> {pred!r} (expected {ref!r})")
-    print(f"wrote {run_dir}/results.json and accuracy.png")
+    print(f"wrote {run_dir}/results.json, accuracy.png, format.png and content.png")
 
 
 def reevaluate(run_dir, path):
