@@ -1,6 +1,7 @@
-"""Runs that survive: a run killed with SIGKILL resumes to the same bits, damaged or foreign checkpoints
-are refused in one line, a changed command is refused with the fields that differ, a NaN stops the run
-and keeps the last checkpoint, and the same seed gives the same results.json.
+"""Runs that survive: a run killed with SIGKILL resumes to the same bits (replay+expansion at a random
+moment; EWC, TIR, LwF and expansion at a set step; TIR inside after_task), a half-written file is never
+seen, damaged or foreign checkpoints are refused in one line, a changed command is refused with the fields
+that differ, a NaN stops the run and keeps the last checkpoint, and the same seed gives the same results.json.
 
 Run: python -m pytest tests/test_resume.py -q   (about a minute: each case starts a Python)
 """
@@ -84,7 +85,7 @@ def test_atomic_write_never_shows_half_a_file(tmp_path):
     assert seen == [{"step": 10}] and load(path) == {"step": 10}
     atomic_write(path, lambda tmp: torch.save({"step": 20}, tmp))
     assert load(path) == {"step": 20}
-    assert all(p == path or p.suffix == ".tmp" for p in tmp_path.iterdir())  # the dead writer's leftover aside
+    assert all(p == path or p.suffix == ".tmp" for p in tmp_path.iterdir())  # and the dead writer's .tmp
 
 
 def same_nest(a, b):
@@ -120,18 +121,19 @@ def test_a_changed_command_is_refused_with_the_fields_that_differ(uninterrupted)
     assert (tmp / "whole" / "checkpoint.pt").read_bytes() == before
 
 
-def test_force_new_starts_a_fresh_folder_and_leaves_the_old_one(uninterrupted, tmp_path):
+def test_force_new_starts_a_fresh_folder_and_leaves_the_old_one(uninterrupted, tmp_path, capsys):
     tmp = uninterrupted
     args = ["--tasks", "classify", "--steps", "2", "--base-steps", "5", "--n-train", "4", "--n-test", "2",
-            "--n-base", "40", "--device", "cpu", "--cache-dir", tmp / "cache"]
-    assert run("train.py", *args, "--run-dir", tmp_path / "r").returncode == 0
+            "--n-base", "40", "--device", "cpu", "--cache-dir", str(tmp / "cache")]
+    assert train.main([*args, "--run-dir", str(tmp_path / "r")]) == 0  # in this process: no start-up
     first = (tmp_path / "r" / "checkpoint.pt").read_bytes()
-    proc = run("train.py", *args, "--lr", "1e-3", "--force-new", "--run-dir", tmp_path / "r")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert train.main([*args, "--lr", "1e-3", "--force-new", "--run-dir", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r-2" / "results.json").is_file() and (tmp_path / "r" / "checkpoint.pt").read_bytes() == first
     assert json.loads((tmp_path / "r-2" / "config.json").read_text())["train"]["lr"] == 1e-3
-    again = run("train.py", "--resume", "--run-dir", tmp_path / "r-2", "--cache-dir", tmp / "cache")
-    assert again.returncode == 0 and "finished, nothing left to train" in again.stdout, again.stderr[-2000:]
+    capsys.readouterr()
+    again = ["--resume", "--run-dir", str(tmp_path / "r-2"), "--cache-dir", str(tmp / "cache")]
+    assert train.main(again) == 0
+    assert "finished, nothing left to train" in capsys.readouterr().out
     assert not (tmp_path / "r-2-2").exists() and not (tmp_path / "r-3").exists()  # resumed, not started afresh
 
 
@@ -179,11 +181,11 @@ def test_a_nan_loss_stops_the_run_naming_task_and_step_and_keeps_the_last_checkp
     assert not (tmp_path / "r" / "results.json").exists()
 
 
-def test_same_seed_same_results_and_another_seed_differs(uninterrupted, tmp_path):
-    args = [a if a != "150" else "20" for a in ARGS] + ["--cache-dir", uninterrupted / "cache"]
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        proc = run("train.py", *args, "--seed", seed, "--run-dir", tmp_path / name)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+def test_same_seed_same_results_and_another_seed_differs(uninterrupted, tmp_path, capsys):
+    args = [a if a != "150" else "20" for a in ARGS] + ["--cache-dir", str(uninterrupted / "cache")]
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):  # train.main in this process: no start-up
+        code = train.main([*args, "--seed", str(seed), "--run-dir", str(tmp_path / name)])
+        assert code == 0, capsys.readouterr().err
     a, b, c = (results_without_timings(tmp_path / n) for n in "abc")
     assert a == b
     assert a["final_loss"] != c["final_loss"]
@@ -245,7 +247,7 @@ def references(tmp_path_factory):
 
 
 def killed_and_resumed(argv, run_dir, where, at, capsys):
-    """train.py killed by its trap, then the same command again (in this process) -> what the resume printed."""
+    """train.py killed by its trap, then the same command again (in this process) -> what the resume says."""
     cmd = [sys.executable, "-c", KILLER, str(ROOT), where, str(at), *argv, "--run-dir", str(run_dir)]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
