@@ -26,28 +26,28 @@ N_COLOURS, QUESTIONS = 4, (5, 6)  # token 5 asks task 0's question, 6 task 1's
 ANSWERS = (8, 12)  # task t answers with tokens ANSWERS[t] .. ANSWERS[t] + 3
 CONFIG = ModelConfig(vocab_size=16, image_size=16, patch_size=8, vit_dim=32, vit_layers=1, d_model=32,
                      n_layer=2, n_head=2, max_text_len=6)  # one layer: some seeds never read the question
-STEPS = 150  # each task is learnt to 100 % in this many steps (test_the_benchmark_is_learnt_and_naive_forgets)
+STEPS = 150  # each task is learnt to 100 % in this many (test_the_benchmark_is_learnt_and_naive_forgets)
 PALETTE = torch.tensor([[220, 40, 40], [40, 200, 60], [50, 60, 230], [230, 220, 50]])
 
 
 def swatches(task, n, seed):
-    """n rows of task `task`: a swatch of colour c with seeded noise; answer ANSWERS[task] + (c + task) % 4."""
+    """n rows of a task: a swatch of colour c with seeded noise; the answer ANSWERS[task] + (c + task) % 4."""
     gen = torch.Generator().manual_seed(1000 * task + seed)
     colour = torch.randint(N_COLOURS, (n,), generator=gen)
     noise = torch.randint(-30, 31, (n, 3, CONFIG.image_size, CONFIG.image_size), generator=gen)
     images = (PALETTE[colour][:, :, None, None] + noise).clamp(0, 255).to(torch.uint8)
     answer = ANSWERS[task] + (colour + task) % N_COLOURS
     tokens = torch.zeros(n, CONFIG.max_text_len, dtype=torch.int16)  # [BOS] q [SEP] answer [EOS] [PAD]
-    tokens[:, :5] = torch.stack([torch.full_like(answer, data.BOS), torch.full_like(answer, QUESTIONS[task]),
-                                 torch.full_like(answer, data.SEP), answer, torch.full_like(answer, data.EOS)], 1)
+    columns = [data.BOS, QUESTIONS[task], data.SEP, answer, data.EOS]
+    tokens[:, :5] = torch.stack([c if torch.is_tensor(c) else torch.full_like(answer, c) for c in columns], 1)
     return data.Examples(f"task{task}", images, tokens, torch.full((n,), 3, dtype=torch.int16),
                          [str(a) for a in answer.tolist()])
 
 
 TRAIN = [swatches(t, 256, seed=0) for t in (0, 1)]
 TEST = [swatches(t, 64, seed=1) for t in (0, 1)]
-LOOP = SimpleNamespace(seed=0, freeze_vision=True, steps=STEPS, lr=3e-3, batch_size=16, compile=False, bf16=False,
-                       checkpoint_every=10 ** 9)  # the train.py settings tune() reads; no checkpoints
+LOOP = SimpleNamespace(seed=0, freeze_vision=True, steps=STEPS, lr=3e-3, batch_size=16, compile=False,
+                       bf16=False, checkpoint_every=10 ** 9)  # what tune() reads of train.py's config
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +69,7 @@ def learn(spec, n_tasks=2, **options):
 
 @torch.no_grad()
 def accuracy(model, strategy, rows):
-    """% of rows whose first generated token is the answer, answered through the strategy (which may route)."""
+    """% of rows whose first generated token is the answer, through the strategy (which may route)."""
     model.eval()
     out = strategy.generate(model, data.pixels(rows.images), rows.tokens[:, :3].long(), 1, data.EOS)
     return 100 * (out[:, 0] == rows.tokens[:, 3].long()).float().mean().item()

@@ -200,8 +200,10 @@ def bad_file(folder, case):
 
 
 BAD_JSON = {  # case: (file name, text, fragments), as in test_invalid_json_names_the_line
-    "json: syntax": ("bad.json", '[\n{"id": 1, "image": "a.png",\n "conversations": [}\n]', ["invalid JSON at line 3"]),
-    "jsonl: syntax": ("bad.jsonl", json.dumps(record(0)) + "\n\n" + '{"id": "q1", "image": }\n', ["record 1", "line 3"]),
+    "json: syntax": ("bad.json", '[\n{"id": 1, "image": "a.png",\n "conversations": [}\n]',
+                     ["invalid JSON at line 3"]),
+    "jsonl: syntax": ("bad.jsonl", json.dumps(record(0)) + "\n\n" + '{"id": "q1", "image": }\n',
+                      ["record 1", "line 3"]),
     "json: not a list": ("dict.json", json.dumps(record(0)), ["expected a non-empty list of records"]),
     "jsonl: empty": ("empty.jsonl", "\n", ["expected a non-empty list"]),
     "json: not UTF-8": ("latin1.json", b"[\xe9]", ["not UTF-8 text"]),
@@ -215,8 +217,8 @@ def test_every_bad_input_through_the_cli_is_one_line_exit_2_and_writes_nothing(t
     after it is trained and saved: then config.json and tokenizer.json alone are there."""
     path, fragments = bad_file(tmp_path / "files", case)
     code = train.main(["--tasks", f"classify,{path}", "--steps", "1", "--base-steps", "1", "--n-train", "4",
-                       "--n-test", "2", "--n-base", "4", "--device", "cpu", "--run-dir", str(tmp_path / "run"),
-                       "--cache-dir", str(tmp_path / "cache")])
+                       "--n-test", "2", "--n-base", "4", "--device", "cpu", "--run-dir",
+                       str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {path}"), captured.err

@@ -148,8 +148,8 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_positive_after_a_step(tok, tasks)
 
 @pytest.mark.parametrize("spec,option", [("ewc", "ewc_lambda"), ("mas", "mas_lambda"), ("tir", "tir_lambda")])
 def test_regulariser_penalty_and_its_gradient_match_a_hand_computation(tok, tasks, spec, option):
-    """penalty = λ·Σ w·(θ - θ*)² and its gradient 2λ·w·(θ - θ*), in float64 by hand, where w is the importance
-    (EWC's Fisher, MAS's Ω) or, for TIR, the importance times 1 - similarity(new task, the entry's owner)."""
+    """penalty = λ·Σ w·(θ - θ*)² and its gradient 2λ·w·(θ - θ*), in float64 by hand, where w is the
+    importance (EWC's Fisher, MAS's Ω) or, for TIR, the importance times 1 - similarity(new task, owner)."""
     lam = 3.0  # not any option's default, and not 1: a penalty that ignores λ cannot match
     model = tiny_vlm(tok)
     strategy = strategies.build(spec, StrategyConfig(importance_samples=16, **{option: lam}))
@@ -205,8 +205,8 @@ def test_lwf_penalty_is_zero_against_its_own_copy_and_positive_after_a_step(tok,
 
 
 def test_lwf_penalty_and_its_gradient_match_a_hand_computation(tok, tasks):
-    """penalty = α·T²·KL(softmax(teacher/T) ‖ softmax(model/T)), averaged over the answer positions, and its
-    gradient α·T·(softmax(model/T) - softmax(teacher/T)) / n_answers on the model's logits, zero elsewhere."""
+    """penalty = α·T²·KL(softmax(teacher/T) ‖ softmax(model/T)), averaged over the answer positions, and
+    its gradient α·T·(softmax(model/T) - softmax(teacher/T)) / n_answers on the logits, zero elsewhere."""
     alpha, T = 0.7, 2.0  # neither 1: a penalty without α or T² cannot match
     model, lwf = tiny_vlm(tok), strategies.build("lwf", StrategyConfig(lwf_alpha=alpha, lwf_temperature=T))
     run_task(model, lwf, 0, tasks[0][0])
@@ -323,7 +323,7 @@ def test_a_batch_routed_to_several_experts_is_answered_row_by_row_by_each_rows_e
         run_task(model, expansion, t, tasks[t][0], steps=3)
     p = 7  # a prompt length both tasks' test rows have: generate takes prompts of one length
     by_task = [[i for i in range(len(tasks[t][1])) if tasks[t][1].prompt_len[i] == p] for t in (0, 1)]
-    order = sorted([(k, t, i) for t in (0, 1) for k, i in enumerate(by_task[t])])  # classify, read, classify...
+    order = sorted([(k, t, i) for t in (0, 1) for k, i in enumerate(by_task[t])])  # classify, read, ...
     images = torch.cat([data.pixels(tasks[t][1].images[[i]]) for _, t, i in order])
     ids = torch.cat([tasks[t][1].tokens[[i], :p].long() for _, t, i in order])
     label = [t for _, t, _ in order]
@@ -371,13 +371,13 @@ def test_tir_merges_normalised_importances_by_max_and_remembers_the_owner():
 
 def test_identical_tasks_are_the_most_similar(tok, tasks):
     """Two halves of classify's rows (different scenes, the same kind of task) beside read and count: the
-    halves are each other's nearest task by far. Four tasks, so that the off-diagonal z-scores mean something."""
+    halves are each other's nearest task by far. Four tasks, so that off-diagonal z-scores mean something."""
     model = tiny_vlm(tok)
     base = dict(model.named_parameters())
     classify = tasks[0][0]
     count = data.make_task(data.TASKS["count"], 48, 1, 0, tok, 48, 40)[0]
     rows = [classify.subset(range(24)), tasks[1][0], count, classify.subset(range(24, 48))]
-    assert not torch.equal(rows[0].images, rows[3].images)  # other scenes: the cosine is not 1 by construction
+    assert not torch.equal(rows[0].images, rows[3].images)  # other scenes: no cosine of 1 by construction
     prototypes = [[f.mean(0) for f in strategies.examples_features(model, base, r)] for r in rows]
     similarity = task_similarity(prototypes)
     assert torch.allclose(similarity, similarity.T) and bool(((similarity > 0) & (similarity < 1)).all())
@@ -463,10 +463,12 @@ def test_tiny_end_to_end_run(spec, tmp_path_factory):
     results = json.loads((run / "results.json").read_text())
     assert len(results["matrix"]) == 2 and math.isfinite(results["metrics"]["AA"])
     assert all(0 <= a <= 100 for row in results["matrix"] for a in row)
-    base, first, last = (torch.load(run / f, weights_only=True) for f in ("base.pt", "task1-classify.pt", "task2-read.pt"))
-    state, trained = last["strategy"], [n for n in base["model"] if not torch.equal(base["model"][n], last["model"][n])]
-    assert results["extra_bytes"] == strategies.nbytes(state if spec != "lora" else
-                                                       [v for k, v in last["model"].items() if ".lora_" in k]) > 0
+    base, first, last = (torch.load(run / f, weights_only=True)
+                         for f in ("base.pt", "task1-classify.pt", "task2-read.pt"))
+    state = last["strategy"]
+    trained = [n for n in base["model"] if not torch.equal(base["model"][n], last["model"][n])]
+    adapters = [v for k, v in last["model"].items() if ".lora_" in k]
+    assert results["extra_bytes"] == strategies.nbytes(adapters if spec == "lora" else state) > 0
     if spec in ("ewc", "tir"):  # importances of the trainable parameters; anchored where each task ended
         assert set(state["importance"]) == set(last["trainable"]) == set(state["anchor"])
         for ckpt in (first, last):
@@ -474,12 +476,15 @@ def test_tiny_end_to_end_run(spec, tmp_path_factory):
         assert not any(n.startswith("vision.") for n in state["importance"])  # --freeze-vision
     if spec == "tir":
         assert len(state["prototypes"]) == 2 and set(state["owner"]) == set(state["importance"])
-        assert {int(v) for o in state["owner"].values() for v in o.unique()} == {0, 1}  # both tasks own entries
+        assert {int(v) for o in state["owner"].values() for v in o.unique()} == {0, 1}  # both own entries
         assert len(results["task_similarity"]) == 2
     if spec in ("lora", "expansion"):  # the base stays frozen: only adapters (and expansion's projector) move
-        assert (trained == []) if spec == "lora" else trained and all(n.startswith("projector.") for n in trained)
+        if spec == "lora":
+            assert trained == []
+        else:
+            assert trained and all(n.startswith("projector.") for n in trained), trained
         assert all(".lora_" in n or n.startswith("projector.") for n in last["trainable"])
-        assert any(v.abs().sum() > 0 for k, v in last["model"].items() if ".lora_B" in k)  # the adapters learnt
+        assert any(v.abs().sum() > 0 for k, v in last["model"].items() if ".lora_B" in k)  # adapters learnt
     if spec == "expansion":
         assert results["task_id_accuracy"] == 100.0 and len(state["experts"]) == 2
         for k, ckpt in enumerate((first, last)):  # expert k is what task k's checkpoint held in place

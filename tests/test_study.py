@@ -243,9 +243,9 @@ train.checkpoint = checkpoint
 study.train_run = lambda flags: subprocess.CompletedProcess(flags, train.main(flags), stderr="")
 sys.exit(study.main(sys.argv[1:]))
 """ % str(Path(study.__file__).parent)
-KILLABLE = ["--steps", "30", "--checkpoint-every", "10", "--base-steps", "2", "--n-train", "16", "--n-test", "4",
-            "--n-base", "8", "--batch-size", "4", "--device", "cpu", "--vit-dim", "32", "--d-model", "32",
-            "--n-head", "2", "--n-layer", "1", "--vit-layers", "1"]
+KILLABLE = ["--steps", "30", "--checkpoint-every", "10", "--base-steps", "2", "--n-train", "16",
+            "--n-test", "4", "--n-base", "8", "--batch-size", "4", "--device", "cpu", "--vit-dim", "32",
+            "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--vit-layers", "1"]
 
 
 def report_without_times(out):
@@ -259,15 +259,17 @@ def report_without_times(out):
 @needs_base
 def test_a_study_killed_mid_run_resumes_to_the_report_of_an_uninterrupted_one(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
-    monkeypatch.setattr(study, "train_run", lambda flags: subprocess.CompletedProcess(flags, train.main(flags),
-                                                                                      stderr=""))
+    def train_run(flags):  # train.main in this process, not a train.py process: as TRAPPED_STUDY does
+        return subprocess.CompletedProcess(flags, train.main(flags), stderr="")
+    monkeypatch.setattr(study, "train_run", train_run)
 
     def argv(out):
-        return ["--strategies", "naive,tir", "--bases", "pretrained", "--tasks", "classify,count", "--jobs", "1",
-                "--out", str(out), "--", *KILLABLE, "--cache-dir", str(tmp_path / "cache")]
+        return ["--strategies", "naive,tir", "--bases", "pretrained", "--tasks", "classify,count",
+                "--jobs", "1", "--out", str(out), "--", *KILLABLE, "--cache-dir", str(tmp_path / "cache")]
     assert study.main(argv(tmp_path / "whole")) == 0
+    env = {**os.environ, "TQDM_DISABLE": "1"}
     killed = subprocess.run([sys.executable, "-c", TRAPPED_STUDY, *argv(tmp_path / "killed")],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "TQDM_DISABLE": "1"})
+                            capture_output=True, text=True, timeout=120, env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]  # killed mid-run
     tir = tmp_path / "killed" / "runs" / "pretrained" / "tir" / "seed0"
     assert (tir / "checkpoint.pt").is_file() and not (tir / "results.json").exists()
