@@ -63,7 +63,8 @@ def test_a_run_killed_mid_task_resumes_to_the_same_bits(uninterrupted):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout and "task 2, step " in resumed.stdout
     assert (tmp / "killed" / "task1-classify.pt").stat().st_mtime_ns == first_task  # the first task was not redone
-    assert not list((tmp / "killed").glob("*.tmp"))
+    leftover = [p.name for p in (tmp / "killed").glob("*.tmp") if f".{proc.pid}.tmp" not in p.name]
+    assert leftover == []  # the killed writer may leave its own .tmp (a kill inside a write), the resume none
     assert results_without_timings(tmp / "killed") == results_without_timings(tmp / "whole")
     a, b = (load(tmp / d / "task2-attribute.pt") for d in ("whole", "killed"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
