@@ -1,8 +1,9 @@
 """The study (`python study.py`): Spearman and the task-pair analysis on hand-worked inputs, the
 findings and the report on hand-built results, bad input, the order of runs (with a stand-in for train.py),
-and one tiny real study that fails, resumes and re-trains a run whose configuration changed.
+one tiny real study that fails, resumes and re-trains a run whose configuration changed, and a study
+SIGKILLed in the middle of a run that resumes to the report of an uninterrupted one.
 
-Run: python -m pytest tests/test_study.py -q   (about 15 s: the tiny study starts train.py 4 times)
+Run: python -m pytest tests/test_study.py -q   (about 20 s: the tiny study starts train.py 4 times)
 """
 import argparse
 import json
