@@ -180,6 +180,57 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
     assert not list((tmp_path / "cache").glob("*"))  # proven writable up front, but no base trained into it
 
 
+def bad_file(folder, case):
+    """Every bad input above, as a task file in folder -> (its path, fragments its error must hold)."""
+    if case in BAD:
+        records, fragments = BAD[case]
+        return task_file(folder, records), fragments
+    if case in BAD_JSON:
+        name, text, fragments = BAD_JSON[case]
+        folder.mkdir(parents=True)
+        (folder / name).write_bytes(text) if isinstance(text, bytes) else (folder / name).write_text(text)
+        return folder / name, fragments
+    path, bad = task_file(folder, GOOD), folder / "images" / "2.png"
+    if case == "image: text":
+        bad.write_text("not a picture")
+    elif case == "image: truncated":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(bad)
+        bad.write_bytes(bad.read_bytes()[:300])
+    return path, ["record 2 (id 'q2')", "2.png"]
+
+
+BAD_JSON = {  # case: (file name, text, fragments), as in test_invalid_json_names_the_line
+    "json: syntax": ("bad.json", '[\n{"id": 1, "image": "a.png",\n "conversations": [}\n]',
+                     ["invalid JSON at line 3"]),
+    "jsonl: syntax": ("bad.jsonl", json.dumps(record(0)) + "\n\n" + '{"id": "q1", "image": }\n',
+                      ["record 1", "line 3"]),
+    "json: not a list": ("dict.json", json.dumps(record(0)), ["expected a non-empty list of records"]),
+    "jsonl: empty": ("empty.jsonl", "\n", ["expected a non-empty list"]),
+    "json: not UTF-8": ("latin1.json", b"[\xe9]", ["not UTF-8 text"]),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD, *BAD_JSON, "image: text", "image: truncated"])
+def test_every_bad_input_through_the_cli_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case):
+    """train.py's main() on each bad file: exit code 2, one line naming the file, no traceback, no run folder
+    and no cache. What only the tokenizer can find (a row too long, an image that does not decode) is found
+    after it is trained and saved: then config.json and tokenizer.json alone are there."""
+    path, fragments = bad_file(tmp_path / "files", case)
+    code = train.main(["--tasks", f"classify,{path}", "--steps", "1", "--base-steps", "1", "--n-train", "4",
+                       "--n-test", "2", "--n-base", "4", "--device", "cpu", "--run-dir",
+                       str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {path}"), captured.err
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+    written = sorted(p.name for p in (tmp_path / "run").iterdir()) if (tmp_path / "run").exists() else []
+    late = case.startswith("image") or case == "too long"
+    assert written == (["config.json", "tokenizer.json"] if late else []), written
+    assert not list((tmp_path / "run").rglob("*.pt*"))
+
+
 # ----------------------------------------------------------------------------------------------
 # what a good file becomes
 

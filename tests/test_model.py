@@ -162,14 +162,28 @@ def test_generate_equals_decoding_by_recompute(attn):
 
 
 def test_generate_stops_when_every_row_has_ended():
-    model = VLM(tiny(), seed=0).eval()
-    images, ids = inputs(8, B=2, T=5)
+    """Two rows that both emit the end marker, at different steps: decoding runs until the later one, and
+    stops there, before max_new_tokens. A row that never emits it keeps the batch going to the end."""
+    model, n = VLM(tiny(), seed=0).eval(), 8
+    images, ids = inputs(8, B=8, T=5)
     with torch.no_grad():
-        free = model.generate(images, ids, 6)
-        eos = int(free[0, 1])  # pretend row 0's second token is the end marker
-        stopped = model.generate(images, ids, 6, eos_id=eos)
-    ends = [row.index(eos) + 1 if eos in row else 6 for row in free.tolist()]
-    assert torch.equal(stopped, free[:, :max(ends)])
+        free = model.generate(images, ids, n)
+    first = {}  # token -> {row: the step it first appears at}, for steps before the last
+    for r, row in enumerate(free.tolist()):
+        for step, token in enumerate(row[:n - 1]):
+            first.setdefault(token, {}).setdefault(r, step)
+    # the end marker: a token two rows emit first at different steps (the earliest such pair)
+    eos, (early, late) = min((token, (a, b)) for token, rows in first.items()
+                             for a in rows for b in rows if rows[a] < rows[b])
+    ends = first[eos][early], first[eos][late]
+    with torch.no_grad():
+        stopped = model.generate(images[[early, late]], ids[[early, late]], n, eos_id=eos)
+    assert stopped.shape == (2, ends[1] + 1) and ends[1] + 1 < n  # stopped at the later row's end
+    assert torch.equal(stopped, free[[early, late], :ends[1] + 1])  # the early row went on (junk after it)
+    never = next(r for r in range(len(free)) if eos not in free[r].tolist())
+    with torch.no_grad():
+        unfinished = model.generate(images[[early, never]], ids[[early, never]], n, eos_id=eos)
+    assert torch.equal(unfinished, free[[early, never]])
 
 
 # ----------------------------------------------------------------------------------------------

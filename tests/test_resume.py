@@ -1,6 +1,7 @@
-"""Runs that survive: a run killed with SIGKILL resumes to the same bits, damaged or foreign checkpoints
-are refused in one line, a changed command is refused with the fields that differ, a NaN stops the run
-and keeps the last checkpoint, and the same seed gives the same results.json.
+"""Runs that survive: a run killed with SIGKILL resumes to the same bits (replay+expansion at a random
+moment; EWC, TIR, LwF and expansion at a set step; TIR inside after_task), a half-written file is never
+seen, damaged or foreign checkpoints are refused in one line, a changed command is refused with the fields
+that differ, a NaN stops the run and keeps the last checkpoint, and the same seed gives the same results.json.
 
 Run: python -m pytest tests/test_resume.py -q   (about a minute: each case starts a Python)
 """
@@ -14,6 +15,8 @@ import time
 import pytest
 import torch
 
+import train
+from data import atomic_write
 from test_train import ENV, ROOT, assert_one_line_error, load, run
 
 # 150 steps per task so that a kill lands inside a task; expansion exercises the most state on resume:
@@ -49,8 +52,8 @@ def test_a_run_killed_mid_task_resumes_to_the_same_bits(uninterrupted):
         try:  # wait for a checkpoint inside the second task, then kill without warning
             if (state := load(ckpt))["task"] == 1 and state["step"] > 0:
                 break
-        except (OSError, RuntimeError, EOFError):
-            pass  # not written yet
+        except FileNotFoundError:
+            pass  # not written yet; any other error is a reader seeing half a checkpoint, and fails the test
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -60,11 +63,30 @@ def test_a_run_killed_mid_task_resumes_to_the_same_bits(uninterrupted):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout and "task 2, step " in resumed.stdout
     assert (tmp / "killed" / "task1-classify.pt").stat().st_mtime_ns == first_task  # the first task was not redone
-    assert not list((tmp / "killed").glob("*.tmp"))
+    leftover = [p.name for p in (tmp / "killed").glob("*.tmp") if f".{proc.pid}.tmp" not in p.name]
+    assert leftover == []  # the killed writer may leave its own .tmp (a kill inside a write), the resume none
     assert results_without_timings(tmp / "killed") == results_without_timings(tmp / "whole")
     a, b = (load(tmp / d / "task2-attribute.pt") for d in ("whole", "killed"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     same_nest(a["strategy"], b["strategy"])  # replay buffer and its generator, experts, keys, the common start
+
+
+def test_atomic_write_never_shows_half_a_file(tmp_path):
+    """A writer killed half way leaves the old file whole, and a reader during the write sees the old file."""
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"step": 10}, path)
+    seen = []
+
+    def killed_half_way(tmp):
+        tmp.write_bytes(path.read_bytes()[:20])  # the first bytes of a new checkpoint
+        seen.append(load(path))  # a reader meanwhile (torch.load raises on half a file)
+        raise KeyboardInterrupt  # the writer dies here
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, killed_half_way)
+    assert seen == [{"step": 10}] and load(path) == {"step": 10}
+    atomic_write(path, lambda tmp: torch.save({"step": 20}, tmp))
+    assert load(path) == {"step": 20}
+    assert all(p == path or p.suffix == ".tmp" for p in tmp_path.iterdir())  # and the dead writer's .tmp
 
 
 def same_nest(a, b):
@@ -100,18 +122,19 @@ def test_a_changed_command_is_refused_with_the_fields_that_differ(uninterrupted)
     assert (tmp / "whole" / "checkpoint.pt").read_bytes() == before
 
 
-def test_force_new_starts_a_fresh_folder_and_leaves_the_old_one(uninterrupted, tmp_path):
+def test_force_new_starts_a_fresh_folder_and_leaves_the_old_one(uninterrupted, tmp_path, capsys):
     tmp = uninterrupted
     args = ["--tasks", "classify", "--steps", "2", "--base-steps", "5", "--n-train", "4", "--n-test", "2",
-            "--n-base", "40", "--device", "cpu", "--cache-dir", tmp / "cache"]
-    assert run("train.py", *args, "--run-dir", tmp_path / "r").returncode == 0
+            "--n-base", "40", "--device", "cpu", "--cache-dir", str(tmp / "cache")]
+    assert train.main([*args, "--run-dir", str(tmp_path / "r")]) == 0  # in this process: no start-up
     first = (tmp_path / "r" / "checkpoint.pt").read_bytes()
-    proc = run("train.py", *args, "--lr", "1e-3", "--force-new", "--run-dir", tmp_path / "r")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert train.main([*args, "--lr", "1e-3", "--force-new", "--run-dir", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r-2" / "results.json").is_file() and (tmp_path / "r" / "checkpoint.pt").read_bytes() == first
     assert json.loads((tmp_path / "r-2" / "config.json").read_text())["train"]["lr"] == 1e-3
-    again = run("train.py", "--resume", "--run-dir", tmp_path / "r-2", "--cache-dir", tmp / "cache")
-    assert again.returncode == 0 and "finished, nothing left to train" in again.stdout, again.stderr[-2000:]
+    capsys.readouterr()
+    again = ["--resume", "--run-dir", str(tmp_path / "r-2"), "--cache-dir", str(tmp / "cache")]
+    assert train.main(again) == 0
+    assert "finished, nothing left to train" in capsys.readouterr().out
     assert not (tmp_path / "r-2-2").exists() and not (tmp_path / "r-3").exists()  # resumed, not started afresh
 
 
@@ -159,11 +182,102 @@ def test_a_nan_loss_stops_the_run_naming_task_and_step_and_keeps_the_last_checkp
     assert not (tmp_path / "r" / "results.json").exists()
 
 
-def test_same_seed_same_results_and_another_seed_differs(uninterrupted, tmp_path):
-    args = [a if a != "150" else "20" for a in ARGS] + ["--cache-dir", uninterrupted / "cache"]
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        proc = run("train.py", *args, "--seed", seed, "--run-dir", tmp_path / name)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+def test_same_seed_same_results_and_another_seed_differs(uninterrupted, tmp_path, capsys):
+    args = [a if a != "150" else "20" for a in ARGS] + ["--cache-dir", str(uninterrupted / "cache")]
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):  # train.main in this process: no start-up
+        code = train.main([*args, "--seed", str(seed), "--run-dir", str(tmp_path / name)])
+        assert code == 0, capsys.readouterr().err
     a, b, c = (results_without_timings(tmp_path / n) for n in "abc")
     assert a == b
     assert a["final_loss"] != c["final_loss"]
+
+
+# ----------------------------------------------------------------------------------------------
+# every stateful strategy survives a kill: mid-task (EWC, TIR, LwF, expansion) and inside after_task
+
+TINY = ["--tasks", "classify,read", "--steps", "40", "--checkpoint-every", "10", "--base-steps", "5",
+        "--n-train", "32", "--n-test", "8", "--n-base", "32", "--batch-size", "8", "--device", "cpu",
+        "--vit-dim", "32", "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--vit-layers", "1"]
+OPTIONS = {"ewc": ["--importance-samples", "8"], "tir": ["--importance-samples", "8"], "lwf": [],
+           "expansion": ["--lora-rank", "2"]}
+# train.py with a trap: SIGKILL itself right after the checkpoint at step S of the second task, or right
+# after strategy.after_task of task T, before anything of it is saved. Deterministic, unlike a timed kill.
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import strategies, train
+where, at = sys.argv[2], int(sys.argv[3])
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+if where == "step":
+    write = train.checkpoint
+    def checkpoint(path, progress, *args, **kw):
+        state = write(path, progress, *args, **kw)
+        if progress["task"] == 1 and progress["step"] == at:
+            die()
+        return state
+    train.checkpoint = checkpoint
+else:
+    build = strategies.build
+    def build_with_trap(*args, **kw):
+        strategy = build(*args, **kw)
+        after = strategy.after_task
+        def after_task(model, task_id, rows):
+            after(model, task_id, rows)
+            if task_id == at:
+                die()
+        strategy.after_task = after_task
+        return strategy
+    strategies.build = build_with_trap
+sys.exit(train.main(sys.argv[4:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """spec -> the folder of its uninterrupted run (made in this process on first use; one cached base)."""
+    tmp, made = tmp_path_factory.mktemp("strategies"), {}
+
+    def reference(spec):
+        if spec not in made:
+            argv = [*TINY, *OPTIONS[spec], "--strategy", spec, "--cache-dir", str(tmp / "cache")]
+            assert train.main([*argv, "--run-dir", str(tmp / spec)]) == 0
+            made[spec] = (tmp / spec, argv)
+        return made[spec]
+    return reference
+
+
+def killed_and_resumed(argv, run_dir, where, at, capsys):
+    """train.py killed by its trap, then the same command again (in this process) -> what the resume says."""
+    cmd = [sys.executable, "-c", KILLER, str(ROOT), where, str(at), *argv, "--run-dir", str(run_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (run_dir / "results.json").exists()
+    capsys.readouterr()
+    assert train.main([*argv, "--run-dir", str(run_dir)]) == 0
+    return capsys.readouterr().out
+
+
+def assert_same_run(a, b):
+    assert results_without_timings(a) == results_without_timings(b)
+    x, y = (load(d / "task2-read.pt") for d in (a, b))
+    assert x["model"].keys() == y["model"].keys()
+    assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"])
+    same_nest(x["strategy"], y["strategy"])
+
+
+@pytest.mark.parametrize("spec", ["ewc", "tir", "lwf", "expansion"])
+def test_a_killed_run_of_each_stateful_strategy_resumes_to_the_same_bits(references, spec, tmp_path, capsys):
+    whole, argv = references(spec)
+    printed = killed_and_resumed(argv, tmp_path / "killed", "step", 20, capsys)
+    assert "resuming from" in printed and "task 2, step 20" in printed
+    assert_same_run(tmp_path / "killed", whole)
+
+
+def test_a_run_killed_in_after_task_resumes_to_the_same_bits(references, tmp_path, capsys):
+    """Killed at the end of task 1, inside after_task (TIR's importances made, nothing saved): the resume
+    redoes the task's last steps from the last checkpoint, then after_task, once."""
+    whole, argv = references("tir")
+    printed = killed_and_resumed(argv, tmp_path / "killed", "after_task", 0, capsys)
+    assert "resuming from" in printed and "task 1, step 30" in printed
+    assert_same_run(tmp_path / "killed", whole)

@@ -42,7 +42,7 @@ def config(**kw):
 
 def test_reservoir_keeps_each_row_with_probability_k_over_n():
     n, k, trials = 200, 20, 300
-    chunks = [7, 13, 30, 150]  # several add() calls, one of them crossing the point where the buffer fills
+    chunks = [5, 30, 15, 150]  # several add() calls; the second fills the buffer part way (15 of its 30 rows)
     kept = torch.zeros(n)
     for seed in range(trials):
         buffer, first = ReservoirBuffer(k, seed), 0
@@ -59,6 +59,10 @@ def test_reservoir_keeps_each_row_with_probability_k_over_n():
     # early and late rows are equally likely: means over 50 rows each, std of the difference ~ std * sqrt(2/50)
     early, late = freq[:50].mean(), freq[-50:].mean()
     assert abs(early - late) < 4 * std * math.sqrt(2 / 50), (early, late)
+    # the rows sampled inside the call that filled the buffer (20..34) are kept k/n too, not more: a count
+    # that left out that call's first 15 rows would keep each with probability about n/200 (~0.14)
+    straddling = freq[20:35].mean()
+    assert abs(straddling - p) < 4 * std / math.sqrt(15), straddling
 
 
 def test_reservoir_exact_probabilities_on_a_small_case():

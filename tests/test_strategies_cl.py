@@ -146,6 +146,38 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_positive_after_a_step(tok, tasks)
     assert ewc.penalty(model, batch, None).item() > 0
 
 
+@pytest.mark.parametrize("spec,option", [("ewc", "ewc_lambda"), ("mas", "mas_lambda"), ("tir", "tir_lambda")])
+def test_regulariser_penalty_and_its_gradient_match_a_hand_computation(tok, tasks, spec, option):
+    """penalty = λ·Σ w·(θ - θ*)² and its gradient 2λ·w·(θ - θ*), in float64 by hand, where w is the
+    importance (EWC's Fisher, MAS's Ω) or, for TIR, the importance times 1 - similarity(new task, owner)."""
+    lam = 3.0  # not any option's default, and not 1: a penalty that ignores λ cannot match
+    model = tiny_vlm(tok)
+    strategy = strategies.build(spec, StrategyConfig(importance_samples=16, **{option: lam}))
+    run_task(model, strategy, 0, tasks[0][0])
+    strategy.before_task(model, 1, tasks[1][0])  # TIR weighs the importances for task 1 here
+    importance, anchor = strategy.importance, strategy.anchor
+    weights = importance
+    if spec == "tir":
+        keep = 1 - task_similarity(strategy.prototypes)[1].double()  # (tasks,): 1 - similarity to each task
+        weights = {n: f.double() * keep[strategy.owner[n].long()] for n, f in importance.items()}
+    every = torch.cat([f.flatten() for f in importance.values()])
+    assert float(every.std()) > 0.1 * float(every.mean()) > 0  # uneven: dropping w changes the gradient
+    gen = torch.Generator().manual_seed(0)
+    params = dict(model.named_parameters())
+    with torch.no_grad():  # move every protected parameter off its anchor
+        for n in importance:
+            params[n].add_(0.01 * torch.randn(params[n].shape, generator=gen))
+    value = strategy.penalty(model, None, None)
+    assert value.requires_grad, "the penalty has no gradient: it cannot pull the parameters back"
+    grads = dict(zip(importance, torch.autograd.grad(value, [params[n] for n in importance])))
+    delta = {n: params[n].detach().double() - anchor[n].double() for n in importance}
+    hand = lam * sum(float((weights[n].double() * delta[n] ** 2).sum()) for n in importance)
+    assert value.item() == pytest.approx(hand, rel=1e-5)
+    for n in importance:
+        want = 2 * lam * weights[n].double() * delta[n]
+        assert torch.allclose(grads[n].double(), want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), n
+
+
 def test_ewc_covers_only_trainable_parameters_and_decays_online(tok, tasks):
     model = tiny_vlm(tok)
     for p in model.vision.parameters():
@@ -170,6 +202,32 @@ def test_lwf_penalty_is_zero_against_its_own_copy_and_positive_after_a_step(tok,
     assert abs(lwf.penalty(model, batch, model(*batch)[0]).item()) < 1e-6
     train_a_little(model, lwf, tasks[1][0], steps=2)
     assert lwf.penalty(model, batch, model(*batch)[0]).item() > 1e-6
+
+
+def test_lwf_penalty_and_its_gradient_match_a_hand_computation(tok, tasks):
+    """penalty = α·T²·KL(softmax(teacher/T) ‖ softmax(model/T)), averaged over the answer positions, and
+    its gradient α·T·(softmax(model/T) - softmax(teacher/T)) / n_answers on the logits, zero elsewhere."""
+    alpha, T = 0.7, 2.0  # neither 1: a penalty without α or T² cannot match
+    model, lwf = tiny_vlm(tok), strategies.build("lwf", StrategyConfig(lwf_alpha=alpha, lwf_temperature=T))
+    run_task(model, lwf, 0, tasks[0][0])
+    lwf.before_task(model, 1, tasks[1][0])
+    train_a_little(model, lwf, tasks[1][0], steps=2)  # the model moves away from its teacher
+    batch = data.to_batch(tasks[1][0], range(8), "cpu")
+    logits = model(*batch)[0].detach().requires_grad_(True)
+    value = lwf.penalty(model, batch, logits)
+    assert value.requires_grad, "the penalty has no gradient: it cannot pull the model towards its teacher"
+    (grad,) = torch.autograd.grad(value, logits)
+    with torch.no_grad():
+        teacher = torch.func.functional_call(model, lwf.teacher, batch[:2])[0]
+    answer = batch[2] != -100
+    p = torch.softmax(teacher[answer].double() / T, -1)  # the teacher's distribution: KL's first argument
+    q = torch.softmax(logits.detach()[answer].double() / T, -1)
+    n = int(answer.sum())
+    hand = alpha * T * T * float((p * (p.log() - q.log())).sum()) / n
+    assert value.item() == pytest.approx(hand, rel=1e-4) and hand > 1e-4
+    want = torch.zeros_like(grad, dtype=torch.float64)
+    want[answer] = alpha * T * (q - p) / n
+    assert torch.allclose(grad.double(), want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
 
 
 def test_joint_trains_on_the_union_of_the_tasks_so_far(tok, tasks):
@@ -257,6 +315,41 @@ def test_expansion_routes_each_row_to_its_own_task(tok, tasks):
     assert torch.equal(routed[:, :direct.size(1)], direct)
 
 
+def test_a_batch_routed_to_several_experts_is_answered_row_by_row_by_each_rows_expert(tok, tasks):
+    """One batch of classify and read questions, interleaved: the router splits it, each expert answers its
+    rows, and the answers are scattered back to the right rows. A group that ends early is EOS-padded."""
+    model, expansion = tiny_vlm(tok), strategies.build("expansion", StrategyConfig(lora_rank=2))
+    for t in (0, 1):
+        run_task(model, expansion, t, tasks[t][0], steps=3)
+    p = 7  # a prompt length both tasks' test rows have: generate takes prompts of one length
+    by_task = [[i for i in range(len(tasks[t][1])) if tasks[t][1].prompt_len[i] == p] for t in (0, 1)]
+    order = sorted([(k, t, i) for t in (0, 1) for k, i in enumerate(by_task[t])])  # classify, read, ...
+    images = torch.cat([data.pixels(tasks[t][1].images[[i]]) for _, t, i in order])
+    ids = torch.cat([tasks[t][1].tokens[[i], :p].long() for _, t, i in order])
+    label = [t for _, t, _ in order]
+    assert 0 < sum(label) < len(label) and label[:4] == [0, 1, 0, 1]
+    features = strategies.row_features(model, dict(model.named_parameters()), images, ids,
+                                       torch.full((len(ids),), p))[:2]
+    assert expansion.route(features).tolist() == label  # the router splits the batch by task
+    n, in_place = 6, strategies.copy_params(expansion.live(model).items())
+
+    def alone(i, eos):  # row i answered on its own by its own expert: the slow, obvious twin
+        expansion.load(model, expansion.experts[label[i]])
+        return model.generate(images[[i]], ids[[i]], n, eos)[0]
+    eos = int(alone(label.index(1), None)[0])  # the read expert's first token ends its rows at once
+    answers = [alone(i, eos).tolist() for i in range(len(label))]
+    expansion.load(model, in_place)
+    routed = expansion.generate(model, images, ids, n, eos)
+    assert torch.equal(strategies.copy_params(expansion.live(model).items())["projector.0.weight"],
+                       in_place["projector.0.weight"])  # the expert in place is put back
+    assert routed.shape == (len(label), n)
+    for i, answer in enumerate(answers):  # each row's answer, up to its end marker, is its own expert's
+        assert routed[i, :len(answer)].tolist() == answer, i
+    read = [i for i, t in enumerate(label) if t == 1]
+    ends = max(len(answers[i]) for i in read)
+    assert ends < n and (routed[read, ends:] == eos).all()  # read's group stopped early: EOS-padded
+
+
 # ----------------------------------------------------------------------------------------------
 # TIR
 
@@ -277,17 +370,19 @@ def test_tir_merges_normalised_importances_by_max_and_remembers_the_owner():
 
 
 def test_identical_tasks_are_the_most_similar(tok, tasks):
+    """Two halves of classify's rows (different scenes, the same kind of task) beside read and count: the
+    halves are each other's nearest task by far, by more than twice any other pair."""
     model = tiny_vlm(tok)
     base = dict(model.named_parameters())
+    classify = tasks[0][0]
     count = data.make_task(data.TASKS["count"], 48, 1, 0, tok, 48, 40)[0]
-    rows = [tasks[0][0], tasks[1][0], count, tasks[0][0]]  # classify, read, count, classify again
+    rows = [classify.subset(range(24)), tasks[1][0], count, classify.subset(range(24, 48))]
+    assert not torch.equal(rows[0].images, rows[3].images)  # other scenes: no cosine of 1 by construction
     prototypes = [[f.mean(0) for f in strategies.examples_features(model, base, r)] for r in rows]
     similarity = task_similarity(prototypes, 0.5)
     assert torch.allclose(similarity, similarity.T) and bool(((similarity > 0) & (similarity <= 1)).all())
-    off = similarity[0].clone()
-    off[0] = -1
-    assert int(off.argmax()) == 3  # classify's nearest task is classify
-    assert similarity[0, 3] > similarity[1, 2]
+    others = [float(similarity[i, j]) for i in range(4) for j in range(i + 1, 4) if (i, j) != (0, 3)]
+    assert similarity[0, 3] > 2 * max(others), (similarity[0, 3], others)  # classify's halves: the closest
 
 
 def test_tir_end_to_end_on_two_tasks(tok, tasks):
@@ -357,6 +452,7 @@ def test_bad_command_lines_exit_2_with_one_line(argv, says, tmp_path):
 
 @pytest.mark.parametrize("spec", ["ewc", "lora", "expansion", "tir"])
 def test_tiny_end_to_end_run(spec, tmp_path_factory):
+    """train.py with each strategy: what the strategy did shows in the checkpoints it leaves."""
     cache, run = tmp_path_factory.getbasetemp() / "cache", tmp_path_factory.mktemp(spec.replace("+", "_"))
     argv = ["--strategy", spec, "--tasks", "classify,read", "--steps", "3", "--base-steps", "3", "--n-train", "32",
             "--n-test", "8", "--n-base", "32", "--batch-size", "8", "--run-dir", str(run), "--cache-dir", str(cache),
@@ -366,11 +462,34 @@ def test_tiny_end_to_end_run(spec, tmp_path_factory):
     assert train.main(argv) == 0
     results = json.loads((run / "results.json").read_text())
     assert len(results["matrix"]) == 2 and math.isfinite(results["metrics"]["AA"])
-    if spec == "expansion":
-        assert results["task_id_accuracy"] == 100.0
+    assert all(0 <= a <= 100 for row in results["matrix"] for a in row)
+    base, first, last = (torch.load(run / f, weights_only=True)
+                         for f in ("base.pt", "task1-classify.pt", "task2-read.pt"))
+    state = last["strategy"]
+    trained = [n for n in base["model"] if not torch.equal(base["model"][n], last["model"][n])]
+    adapters = [v for k, v in last["model"].items() if ".lora_" in k]
+    assert results["extra_bytes"] == strategies.nbytes(adapters if spec == "lora" else state) > 0
+    if spec in ("ewc", "tir"):  # importances of the trainable parameters; anchored where each task ended
+        assert set(state["importance"]) == set(last["trainable"]) == set(state["anchor"])
+        for ckpt in (first, last):
+            assert all(torch.equal(a, ckpt["model"][n]) for n, a in ckpt["strategy"]["anchor"].items())
+        assert not any(n.startswith("vision.") for n in state["importance"])  # --freeze-vision
     if spec == "tir":
+        assert len(state["prototypes"]) == 2 and set(state["owner"]) == set(state["importance"])
+        assert {int(v) for o in state["owner"].values() for v in o.unique()} == {0, 1}  # both own entries
         assert len(results["task_similarity"]) == 2
-    assert results["extra_bytes"] > 0
+    if spec in ("lora", "expansion"):  # the base stays frozen: only adapters (and expansion's projector) move
+        if spec == "lora":
+            assert trained == []
+        else:
+            assert trained and all(n.startswith("projector.") for n in trained), trained
+        assert all(".lora_" in n or n.startswith("projector.") for n in last["trainable"])
+        assert any(v.abs().sum() > 0 for k, v in last["model"].items() if ".lora_B" in k)  # adapters learnt
+    if spec == "expansion":
+        assert results["task_id_accuracy"] == 100.0 and len(state["experts"]) == 2
+        for k, ckpt in enumerate((first, last)):  # expert k is what task k's checkpoint held in place
+            assert all(torch.equal(v, ckpt["model"][n]) for n, v in state["experts"][k].items())
+        assert not all(torch.equal(state["experts"][0][n], v) for n, v in state["experts"][1].items())
     # train.py --evaluate: adapters and experts load back, and the last row comes out again
     assert train.reevaluate(run, run / "task2-read.pt") == results["matrix"][1]
 

@@ -1,15 +1,20 @@
 """The study (`python study.py`): Spearman and the task-pair analysis on hand-worked inputs, the
 findings and the report on hand-built results, bad input, the order of runs (with a stand-in for train.py),
-and one tiny real study that fails, resumes and re-trains a run whose configuration changed.
+one tiny real study that fails, resumes and re-trains a run whose configuration changed, and a study
+SIGKILLed in the middle of a run that resumes to the report of an uninterrupted one.
 
-Run: python -m pytest tests/test_study.py -q   (about 15 s: the tiny study starts train.py 4 times)
+Run: python -m pytest tests/test_study.py -q   (about 20 s: the tiny study starts train.py 4 times)
 """
 import argparse
 import json
 import math
+import os
+import signal
 import subprocess
+import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -216,3 +221,62 @@ def test_tiny_study_fails_resumes_and_reports(tmp_path, capsys):
     assert study.main(argv) == 0
     assert "2 runs, 1 reused, 1 to train" in capsys.readouterr().out
     assert json.loads(naive.read_text())["config"]["train"]["steps"] == 2
+
+
+# A study killed in the middle of a run. To keep it quick, the study's runs here are train.main calls in its
+# own process, not train.py processes; the study itself is real. The trap SIGKILLs that process right after
+# the tir run's checkpoint at step 20 of its second task.
+TRAPPED_STUDY = """
+import os, signal, subprocess, sys
+sys.path.insert(0, %r)
+import study, train
+write = train.checkpoint
+def checkpoint(path, progress, *args, **kw):
+    state = write(path, progress, *args, **kw)
+    if "tir" in str(path) and progress["task"] == 1 and progress["step"] == 20:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return state
+train.checkpoint = checkpoint
+study.train_run = lambda flags: subprocess.CompletedProcess(flags, train.main(flags), stderr="")
+sys.exit(study.main(sys.argv[1:]))
+""" % str(Path(study.__file__).parent)
+KILLABLE = ["--steps", "30", "--checkpoint-every", "10", "--base-steps", "2", "--n-train", "16",
+            "--n-test", "4", "--n-base", "8", "--batch-size", "4", "--device", "cpu", "--vit-dim", "32",
+            "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--vit-layers", "1"]
+
+
+def report_without_times(out):
+    """study.json without what the clock decides (extra training time)."""
+    report = json.loads((out / "study.json").read_text())
+    for numbers in report["summary"].values():
+        numbers.pop("extra time", None)
+    return report
+
+
+@needs_base
+def test_a_study_killed_mid_run_resumes_to_the_report_of_an_uninterrupted_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    def train_run(flags):  # train.main in this process, not a train.py process: as TRAPPED_STUDY does
+        return subprocess.CompletedProcess(flags, train.main(flags), stderr="")
+    monkeypatch.setattr(study, "train_run", train_run)
+
+    def argv(out):
+        return ["--strategies", "naive,tir", "--bases", "pretrained", "--tasks", "classify,count",
+                "--jobs", "1", "--out", str(out), "--", *KILLABLE, "--cache-dir", str(tmp_path / "cache")]
+    assert study.main(argv(tmp_path / "whole")) == 0
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    killed = subprocess.run([sys.executable, "-c", TRAPPED_STUDY, *argv(tmp_path / "killed")],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]  # killed mid-run
+    tir = tmp_path / "killed" / "runs" / "pretrained" / "tir" / "seed0"
+    assert (tir / "checkpoint.pt").is_file() and not (tir / "results.json").exists()
+    assert not (tmp_path / "killed" / "study.json").exists()
+    capsys.readouterr()
+    assert study.main(argv(tmp_path / "killed")) == 0  # the same command again
+    printed = capsys.readouterr().out
+    assert "2 runs, 1 reused, 1 to train" in printed  # naive was finished; tir goes on from its checkpoint
+    assert "resuming from" in printed and "task 2, step 20" in printed
+    assert report_without_times(tmp_path / "killed") == report_without_times(tmp_path / "whole")
+    resumed, whole = (json.loads((d / "runs/pretrained/tir/seed0/results.json").read_text())
+                      for d in (tmp_path / "killed", tmp_path / "whole"))
+    assert resumed["matrix"] == whole["matrix"] and resumed["task_similarity"] == whole["task_similarity"]

@@ -136,6 +136,21 @@ def test_second_run_reuses_the_base_and_repeats_exactly(runs):
     assert torch.equal(b1["rows"]["tokens"], b2["rows"]["tokens"]) and torch.equal(b1["gen"], b2["gen"])
 
 
+def test_a_cold_cache_trains_the_same_base_again(runs, tmp_path, capsys):
+    """The base stage trained twice from nothing (two empty caches) gives the same bits, so the same run."""
+    import train
+    tmp, (first, _) = runs
+    assert first.returncode == 0, first.stderr[-2000:]
+    cold = [*ARGS, "--run-dir", str(tmp_path / "run3"), "--cache-dir", str(tmp_path / "cold")]
+    assert train.main(cold) == 0
+    assert "base model: pretrained stage" in capsys.readouterr().out  # trained, not reused
+    for name in ("base.pt", "task2-attribute.pt"):
+        a, b = load(tmp / "run1" / name)["model"], load(tmp_path / "run3" / name)["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    r1, r3 = (json.loads((d / "results.json").read_text()) for d in (tmp / "run1", tmp_path / "run3"))
+    assert all(r1[k] == r3[k] for k in ("matrix", "base_row", "final_loss"))
+
+
 def test_eval_reprints_the_report(runs):
     tmp, (first, _) = runs
     proc = run("eval.py", tmp / "run1")

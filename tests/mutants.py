@@ -1,0 +1,228 @@
+"""Break it on purpose: apply one-line mutations to the source, one at a time, and check a test catches each.
+
+    python tests/mutants.py                    # every mutant: a table of which were killed (a few minutes)
+    python tests/mutants.py ewc_fisher eos     # only these
+    python tests/mutants.py --list             # the mutants and the tests that must catch them
+
+Each mutant edits a temporary copy of the tree (the files git tracks, and new ones it does not ignore),
+never the real files, and runs only the tests that exist to catch it. A mutant is killed when those
+tests fail; one that survives is a hole in the suite. The unmutated copy runs the same tests first:
+a test that fails before any mutation proves nothing. Not collected by pytest (its name is not test_*).
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CL, ST, BEH = "tests/test_strategies_cl.py", "tests/test_strategies.py", "tests/test_behaviour.py"
+
+# name: (file, the text as it is, the text as the mutant has it, the tests that must catch it)
+MUTANTS = {
+    "ewc_fisher": ("strategies.py",
+                   "sum((w * (params[n] - self.anchor[n]) ** 2)",
+                   "sum(((params[n] - self.anchor[n]) ** 2)",
+                   [f"{CL}::test_regulariser_penalty_and_its_gradient"]),
+    "ewc_lambda": ("strategies.py",
+                   "return getattr(self.cfg, self.strength) * weighted",
+                   "return weighted",
+                   [f"{CL}::test_regulariser_penalty_and_its_gradient"]),
+    "ewc_no_gradient": ("strategies.py",
+                        "(params[n] - self.anchor[n]) ** 2",
+                        "(params[n].detach() - self.anchor[n]) ** 2",
+                        [f"{CL}::test_regulariser_penalty_and_its_gradient"]),
+    "mas_lambda": ("strategies.py",
+                   'measure, strength = "mas", "mas_lambda"',
+                   'measure, strength = "mas", "ewc_lambda"',
+                   [f"{CL}::test_regulariser_penalty_and_its_gradient"]),
+    "tir_similarity": ("strategies.py",
+                       "    def weights(self):\n        return self.scaled",
+                       "    def weights(self):\n        return self.importance",
+                       [f"{CL}::test_regulariser_penalty_and_its_gradient"]),
+    "similarity_inverted": ("strategies.py",
+                            "similarity *= torch.sigmoid((cos - off.mean())",
+                            "similarity *= torch.sigmoid((off.mean() - cos)",
+                            [f"{CL}::test_identical_tasks_are_the_most_similar"]),
+    "lwf_T2": ("strategies.py",
+               "self.cfg.lwf_alpha * T * T * F.kl_div",
+               "self.cfg.lwf_alpha * F.kl_div",
+               [f"{CL}::test_lwf_penalty_and_its_gradient"]),
+    "lwf_kl_direction": ("strategies.py",
+                         "F.kl_div(new, old, log_target=True",
+                         "F.kl_div(old, new, log_target=True",
+                         [f"{CL}::test_lwf_penalty_and_its_gradient"]),
+    "lwf_no_gradient": ("strategies.py",
+                        "for x in (teacher_logits, logits))",
+                        "for x in (teacher_logits, logits.detach()))",
+                        [f"{CL}::test_lwf_penalty_and_its_gradient"]),
+    "eos_ignored": ("model.py",
+                    "            if eos_id is not None:\n",
+                    "            if False:\n",
+                    ["tests/test_model.py::test_generate_stops_when_every_row_has_ended"]),
+    "eos_first_row": ("model.py",
+                      "if bool(done.all()):",
+                      "if bool(done.any()):",
+                      ["tests/test_model.py::test_generate_stops_when_every_row_has_ended"]),
+    "causal_mask": ("model.py",
+                    ".tril(diagonal=Tk - Tq)",
+                    ".tril(diagonal=Tk - Tq + 1)",
+                    ["tests/test_model.py::test_a_future_token_cannot_change_past_logits"]),
+    "causal_sdpa": ("model.py",
+                    "F.scaled_dot_product_attention(q, k, v, is_causal=True)",
+                    "F.scaled_dot_product_attention(q, k, v, is_causal=False)",
+                    ["tests/test_model.py::test_a_future_token_cannot_change_past_logits"]),
+    "atomic_in_place": ("data.py",
+                        'tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")',
+                        "tmp = path",
+                        ["tests/test_resume.py::test_atomic_write"]),
+    "reservoir_slot": ("strategies.py",
+                       "torch.randint(self.seen, (1,)",
+                       "torch.randint(self.seen + 1, (1,)",
+                       [f"{ST}::test_reservoir"]),
+    "reservoir_partial_fill": ("strategies.py",
+                               "torch.randint(self.seen, (1,)",
+                               "torch.randint(self.seen - n_fill, (1,)",
+                               [f"{ST}::test_reservoir_keeps_each_row_with_probability_k_over_n"]),
+    "replay_ratio": ("strategies.py",
+                     "round(self.cfg.replay_ratio * len(fresh))",
+                     "round(len(fresh) / 4)",
+                     [f"{ST}::test_replay_ratio_sets_the_number_of_old_rows"]),
+    "expansion_scatter": ("strategies.py",
+                          "out[rows, :answer.size(1)] = answer",
+                          "out[:int(rows.sum()), :answer.size(1)] = answer",
+                          [f"{CL}::test_a_batch_routed_to_several"]),
+    "expansion_padding": ("strategies.py",
+                          "out = ids.new_full((len(ids), max_new_tokens), eos_id)",
+                          "out = ids.new_zeros((len(ids), max_new_tokens))",
+                          [f"{CL}::test_a_batch_routed_to_several"]),
+    "expansion_one_expert": ("strategies.py",
+                             "self.load(model, self.experts[k])",
+                             "self.load(model, self.experts[-1])",
+                             [f"{CL}::test_a_batch_routed_to_several"]),
+    "expansion_expert_aliased": ("strategies.py",
+                                 "self.experts.append(copy_params(self.live(model).items()))",
+                                 "self.experts.append(dict(self.live(model)))",
+                                 [f"{CL}::test_tiny_end_to_end_run"]),
+    # each strategy's hook replaced by naive's: the behaviour tests must see the difference
+    "replay_hook_naive": ("strategies.py",
+                          "        if n_old == 0:\n",
+                          "        if True:\n",
+                          [f"{BEH}::test_replay_keeps_task_0"]),
+    "ewc_hook_naive": ("strategies.py",
+                       "        if not self.anchor:\n",
+                       "        if True:\n",
+                       [f"{BEH}::test_regularisers_hold_the_parameters_they_protect"]),
+    "lwf_hook_naive": ("strategies.py",
+                       "        if self.teacher is None:\n",
+                       "        if True:\n",
+                       [f"{BEH}::test_lwf_keeps_task_0_answers_near_the_teacher"]),
+    "expansion_hook_naive": ("strategies.py",
+                             "        if not self.experts:  # before",
+                             "        if True:  # before",
+                             [f"{BEH}::test_expansion_old_expert_answers_its_task_as_right_after_training"]),
+    # runs that survive, and runs that repeat
+    "lwf_teacher_unsaved": ("strategies.py",
+                            'state = {"teacher": None}',
+                            "state = {}",
+                            ["tests/test_resume.py::test_a_killed_run_of_each_stateful_strategy"]),
+    "checkpoint_at_task_end": ("train.py",
+                               "(step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps",
+                               "(step + 1) % cfg.checkpoint_every == 0 and step + 1 <= steps",
+                               ["tests/test_resume.py::test_a_run_killed_in_after_task"]),
+    "resume_ignored": ("train.py",
+                       "saved = load_checkpoint(ckpt) if ckpt.is_file() and not cfg.force_new else None",
+                       "saved = None",
+                       ["tests/test_study.py::test_a_study_killed_mid_run"]),
+    "cli_task_file_error": ("train.py",
+                            "except (Stop, llava.TaskFileError) as e:",
+                            "except Stop as e:",
+                            ["tests/test_llava.py::test_every_bad_input_through_the_cli"]),
+    "skips_unreported": ("pytest.ini",
+                         "addopts = -rs",
+                         "addopts =",
+                         ["tests/test_ci.py::test_a_green_run_lists"]),
+    "base_unseeded": ("train.py",
+                      "t0, gen = time.time(), torch.Generator().manual_seed(cfg.seed)",
+                      "t0, gen = time.time(), torch.Generator().manual_seed(time.time_ns())",
+                      ["tests/test_train.py::test_a_cold_cache_trains_the_same_base_again"]),
+}
+
+
+def tree_copy(dest):
+    """The files git tracks, and untracked ones it does not ignore, as they are now in the working tree."""
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, names):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+
+
+def run_tests(tree, tests, timeout):
+    """pytest on these test ids (or id prefixes: every test whose id starts so) -> (exit code, last line)."""
+    files = sorted({t.split("::")[0] for t in tests})
+    prefixes = [t.split("::")[1] for t in tests if "::" in t]
+    select = ["-k", " or ".join(prefixes)] if prefixes and len(prefixes) == len(tests) else []
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *files, *select]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    try:
+        done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return 124, f"timed out after {timeout} s"
+    lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
+    return done.returncode, lines[-1] if lines else done.stderr.strip()[-200:]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("names", nargs="*", help=f"mutants to run (default: all): {', '.join(MUTANTS)}")
+    ap.add_argument("--list", action="store_true", help="print the mutants and their tests, run nothing")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds for one mutant's tests")
+    args = ap.parse_args(argv)
+    unknown = [n for n in args.names if n not in MUTANTS]
+    if unknown:
+        ap.error(f"unknown mutant(s) {', '.join(unknown)}; choose from {', '.join(MUTANTS)}")
+    names = args.names or list(MUTANTS)
+    if args.list:
+        for n in names:
+            print(f"{n:26} {MUTANTS[n][0]:14} {' '.join(MUTANTS[n][3])}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="nanocit-mutants-") as tmp:
+        tree = Path(tmp)
+        tree_copy(tree)
+        tests = sorted({t for n in names for t in MUTANTS[n][3]})
+        rc, last = run_tests(tree, tests, args.timeout * 2)
+        if rc != 0:
+            print(f"the unmutated tree fails its tests ({last}): fix that first", file=sys.stderr)
+            return 2
+        rows, t_all = [], time.time()
+        for n in names:
+            file, before, after, tests = MUTANTS[n]
+            original = (tree / file).read_text()
+            if original.count(before) != 1:  # the source moved on: the mutant needs updating, not a verdict
+                rows.append((n, file, "STALE", f"{before!r} occurs {original.count(before)} times"))
+                continue
+            (tree / file).write_text(original.replace(before, after))
+            t0 = time.time()
+            try:
+                rc, last = run_tests(tree, tests, args.timeout)
+            finally:
+                (tree / file).write_text(original)
+            verdict = "killed" if rc == 1 else "SURVIVED" if rc == 0 else f"ERROR (exit {rc})"
+            rows.append((n, file, verdict, f"{last} ({time.time() - t0:.0f} s)"))
+            print(f"{n}: {verdict}", file=sys.stderr, flush=True)
+    width = max(len(n) for n, *_ in rows)
+    print(f"{'mutant':{width}}  {'file':14} {'verdict':9} tests")
+    for n, file, verdict, detail in rows:
+        print(f"{n:{width}}  {file:14} {verdict:9} {detail}")
+    killed = sum(v == "killed" for _, _, v, _ in rows)
+    print(f"{killed} of {len(rows)} mutants killed in {time.time() - t_all:.0f} s")
+    return 0 if killed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
