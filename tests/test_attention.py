@@ -97,6 +97,27 @@ def test_twin_gradcheck(causal):
     assert torch.autograd.gradcheck(attend, (q, k, v))
 
 
+def sharp_qkv(B, nh, N, d, dtype, device="cpu", scale=12.0):
+    """q, k, v whose scores q·k/√d reach the hundreds: exp() of them overflows float32, so only a softmax
+    that subtracts the running row max (m in the kernel) comes out finite and right."""
+    q, k, v = qkv(B, nh, N, d, dtype=dtype, device=device)
+    with torch.no_grad():
+        q *= scale
+        k *= scale
+    return q, k, v
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_twin_survives_scores_that_overflow_exp(causal):
+    q, k, v = sharp_qkv(2, 2, 37, 16, torch.float32)
+    S = q @ k.transpose(-2, -1) / 4
+    assert S.abs().max() > 100  # exp(100) is past float32's largest value: without the max, inf / inf
+    O, L = flash_attention_reference(q.detach(), k.detach(), v.detach(), causal, Br=8, Bc=8)
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    assert_close("O", O, attention(q64, k64, v64, causal, "manual"), atol=1e-4)
+    assert_close("L", L, exact_logsumexp(q64, k64, causal), atol=1e-3, rtol=1e-6)
+
+
 def test_twin_bfloat16_accumulates_in_float32():
     q, k, v = (t.detach().to(torch.bfloat16) for t in qkv(2, 2, 33, 32))
     O, L = flash_attention_reference(q, k, v, True)
@@ -244,6 +265,17 @@ def test_gpu_kernel_matches_sdpa(N, d, causal, dtype):
     assert_close("L", L, exact_logsumexp(q64.cpu(), k64.cpu(), causal).cuda(), atol=1e-4)  # fp32 in both cases
     for name, g, w in zip(("dQ", "dK", "dV"), grads, grads64):
         assert_close(name, g, w, atol=1e-3 if fp32 else 2e-2, rtol=0 if fp32 else 2e-2)
+
+
+@gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_kernel_survives_scores_that_overflow_exp(causal):
+    kernels = cuda_kernels()
+    q, k, v = sharp_qkv(2, 3, 200, 64, torch.float32, device="cuda", scale=6.0)  # scores in the hundreds
+    O, L = kernels.forward(q.detach(), k.detach(), v.detach(), causal)
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    assert_close("O", O, attention(q64, k64, v64, causal, "manual"), atol=1e-3)
+    assert_close("L", L, exact_logsumexp(q64.cpu(), k64.cpu(), causal).cuda(), atol=1e-2, rtol=1e-5)
 
 
 @gpu
