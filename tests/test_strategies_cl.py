@@ -158,7 +158,7 @@ def test_regulariser_penalty_and_its_gradient_match_a_hand_computation(tok, task
     importance, anchor = strategy.importance, strategy.anchor
     weights = importance
     if spec == "tir":
-        keep = 1 - task_similarity(strategy.prototypes)[1].double()  # (tasks,): 1 - similarity to each task
+        keep = 1 - task_similarity(strategy.prototypes, 0.5)[1].double()  # (tasks,): 1 - similarity to each task
         weights = {n: f.double() * keep[strategy.owner[n].long()] for n, f in importance.items()}
     every = torch.cat([f.flatten() for f in importance.values()])
     assert float(every.std()) > 0.1 * float(every.mean()) > 0  # uneven: dropping w changes the gradient

@@ -261,14 +261,14 @@ def test_a_study_killed_mid_run_resumes_to_the_report_of_an_uninterrupted_one(tm
     monkeypatch.setattr(study, "train_run", train_run)
 
     def argv(out):
-        return ["--strategies", "naive,tir", "--bases", "pretrained", "--tasks", "classify,count",
+        return ["--strategies", "naive,tir", "--bases", "pretrained", "--tasks", "classify,count", "--seeds", "1",
                 "--jobs", "1", "--out", str(out), "--", *KILLABLE, "--cache-dir", str(tmp_path / "cache")]
     assert study.main(argv(tmp_path / "whole")) == 0
     env = {**os.environ, "TQDM_DISABLE": "1"}
     killed = subprocess.run([sys.executable, "-c", TRAPPED_STUDY, *argv(tmp_path / "killed")],
                             capture_output=True, text=True, timeout=120, env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]  # killed mid-run
-    tir = tmp_path / "killed" / "runs" / "pretrained" / "tir" / "seed0"
+    tir = tmp_path / "killed" / "runs" / "tasks" / "pretrained" / "tir" / "seed0"
     assert (tir / "checkpoint.pt").is_file() and not (tir / "results.json").exists()
     assert not (tmp_path / "killed" / "study.json").exists()
     capsys.readouterr()
@@ -277,6 +277,6 @@ def test_a_study_killed_mid_run_resumes_to_the_report_of_an_uninterrupted_one(tm
     assert "2 runs, 1 reused, 1 to train" in printed  # naive was finished; tir goes on from its checkpoint
     assert "resuming from" in printed and "task 2, step 20" in printed
     assert report_without_times(tmp_path / "killed") == report_without_times(tmp_path / "whole")
-    resumed, whole = (json.loads((d / "runs/pretrained/tir/seed0/results.json").read_text())
+    resumed, whole = (json.loads((d / "runs/tasks/pretrained/tir/seed0/results.json").read_text())
                       for d in (tmp_path / "killed", tmp_path / "whole"))
     assert resumed["matrix"] == whole["matrix"] and resumed["task_similarity"] == whole["task_similarity"]
