@@ -8,6 +8,7 @@ Run `python data.py` to print a few examples of every task. Tasks can also come 
 files (read_tasks, below); `python data.py --export DIR` writes the benchmark in that format.
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -134,9 +135,11 @@ def _attribute(scene, rng):
 def _count_scene(rng):
     """1-4 objects of one colour first, then up to 2 objects of other colours."""
     color, cells = rng.choice(list(COLORS)), rng.sample(range(9), 6)
-    objs = [Obj(rng.choice(SHAPES), color, rng.choice(SIZES), c) for c in cells[:rng.randint(1, 4)]]
+    jitter = lambda: (rng.randint(-1, 1), rng.randint(-1, 1))  # ±1 px, as random_objects draws
+    objs = [Obj(rng.choice(SHAPES), color, rng.choice(SIZES), c, *jitter())
+            for c in cells[:rng.randint(1, 4)]]
     others = [c for c in COLORS if c != color]
-    objs += [Obj(rng.choice(SHAPES), rng.choice(others), rng.choice(SIZES), c)
+    objs += [Obj(rng.choice(SHAPES), rng.choice(others), rng.choice(SIZES), c, *jitter())
              for c in cells[len(objs):len(objs) + rng.randint(0, 2)]]
     return Scene(tuple(objs))
 
@@ -351,15 +354,22 @@ def encode(tok, instruction, answer, max_len):
     return row + [PAD] * (max_len - len(row)), len(prompt)
 
 
+def split_scenes(task, split, n, seed, exclude=frozenset()):
+    """n (scene, instruction, answer) of `task`, deterministic from (task, split, seed), before any drawing;
+    layouts in `exclude` are skipped."""
+    rng = random.Random(f"{task.name}-{split}-{seed}")
+    rows = []
+    while len(rows) < n:
+        scene = task.scene(rng)
+        if scene.key() not in exclude:
+            rows.append((scene, *task.make(scene, rng)))
+    return rows
+
+
 def make_split(task, split, n, seed, tok, image_size, max_len, exclude=frozenset()):
     """n examples of `task`, deterministic from (task, split, seed); layouts in `exclude` are skipped."""
-    rng = random.Random(f"{task.name}-{split}-{seed}")
     images, rows, plen, answers, keys = [], [], [], [], []
-    while len(answers) < n:
-        scene = task.scene(rng)
-        if scene.key() in exclude:
-            continue
-        instruction, answer = task.make(scene, rng)
+    for scene, instruction, answer in split_scenes(task, split, n, seed, exclude):
         row, p = encode(tok, instruction, answer, max_len)
         images.append(render(scene, image_size))
         rows.append(row), plen.append(p), answers.append(answer), keys.append(scene.key())
@@ -368,12 +378,23 @@ def make_split(task, split, n, seed, tok, image_size, max_len, exclude=frozenset
     return ex, set(keys)
 
 
+@functools.lru_cache(maxsize=4)
+def test_layouts(n_test, seed):
+    """Every layout of every test split: the eight tasks' and the held-in tasks'. Training splits of every
+    stage (alignment, multitask, each task) exclude all of them, so no stage trains on a scene that any
+    stage tests: a layout tested in one task must not be learnt in another (or in the base) either."""
+    return frozenset(scene.key() for task in (*TASKS.values(), *HELD_IN.values())
+                     for scene, _, _ in split_scenes(task, "test", n_test, seed))
+
+
 def make_task(task, n_train, n_test, seed, tok, image_size, max_len):
-    """-> (train, test) Examples; no train layout equals a test layout. A task file brings its own rows."""
+    """-> (train, test) Examples; no train layout equals any task's test layout.
+    A task file brings its own rows."""
     if isinstance(task, FileTask):
         return load_file_task(task, seed, tok, image_size, max_len)
-    test, test_keys = make_split(task, "test", n_test, seed, tok, image_size, max_len)
-    train, _ = make_split(task, "train", n_train, seed, tok, image_size, max_len, exclude=frozenset(test_keys))
+    test, _ = make_split(task, "test", n_test, seed, tok, image_size, max_len)
+    held_out = test_layouts(n_test, seed)  # every task's test layouts, not only this task's
+    train, _ = make_split(task, "train", n_train, seed, tok, image_size, max_len, exclude=held_out)
     return train, test
 
 

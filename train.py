@@ -240,9 +240,11 @@ def load_checkpoint(path):
 def base_model(cfg, mcfg, tok, device):
     """The starting model: the alignment stage, then for --base multitask joint tuning on the held-in tasks.
     Each stage is cached under a key of everything that made it, and loaded again when that matches."""
-    code = b"".join((Path(__file__).parent / n).read_bytes() for n in ("data.py", "model.py"))
+    code = b"".join((Path(__file__).parent / n).read_bytes() for n in ("data.py", "model.py", "train.py"))
     key = dict(model=asdict(mcfg), batch_size=cfg.batch_size, seed=cfg.seed, tokenizer=tok.to_str(), bf16=cfg.bf16,
-               code=hashlib.sha256(code).hexdigest())  # editing data.py or model.py must not reuse a stale base
+               n_test=cfg.n_test,  # the test layouts every stage leaves out depend on it
+               code=hashlib.sha256(code).hexdigest())  # an edit of any of the three must not reuse a base
+    held_out = data.test_layouts(cfg.n_test, cfg.seed)  # every task's test layouts: no stage trains on them
     stages = [("pretrained", [data.ALIGN], cfg.base_steps, cfg.base_lr, cfg.n_base)]
     if cfg.base == "multitask":  # with --freeze-vision the vision tower stays frozen here, as in task tuning
         stages.append(("multitask", list(data.HELD_IN.values()), cfg.multitask_steps, cfg.lr, cfg.n_train))
@@ -258,8 +260,8 @@ def base_model(cfg, mcfg, tok, device):
         print(f"base model: reused {paths[done]}")
     for (name, tasks, steps, lr, n), path in list(zip(stages, paths))[done + 1:]:
         t0 = time.time()
-        rows = data.Examples.concat([data.make_split(t, "train", n, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)[0]
-                                     for t in tasks])
+        rows = data.Examples.concat([data.make_split(t, "train", n, cfg.seed, tok, mcfg.image_size,
+                                                     mcfg.max_text_len, exclude=held_out)[0] for t in tasks])
         model.vision.requires_grad_(name == "pretrained" or not cfg.freeze_vision)
         loss = train_steps(model, rows, strategies.Strategy(None), steps, lr, cfg, torch.Generator().manual_seed(cfg.seed),
                            device, f"base: {name}")

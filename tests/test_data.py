@@ -45,11 +45,55 @@ def test_train_and_test_layouts_never_overlap(tok, name):
     train, test = data.make_task(task, n_train, n_test, 0, tok, IMAGE_SIZE, MAX_LEN)
     test_again, test_keys = data.make_split(task, "test", n_test, 0, tok, IMAGE_SIZE, MAX_LEN)
     train_again, train_keys = data.make_split(task, "train", n_train, 0, tok, IMAGE_SIZE, MAX_LEN,
-                                              exclude=frozenset(test_keys))
+                                              exclude=data.test_layouts(n_test, 0))
     # make_task's splits are exactly these two, so their keys are the ones we check
     assert torch.equal(test.images, test_again.images) and torch.equal(train.images, train_again.images)
     assert len(train) == n_train and len(test) == n_test
     assert not train_keys & test_keys
+
+
+def test_test_layouts_are_every_tasks_test_layouts(tok):
+    union = set()
+    for task in [*data.TASKS.values(), *data.HELD_IN.values()]:
+        union |= data.make_split(task, "test", 40, 1, tok, IMAGE_SIZE, MAX_LEN)[1]
+    assert data.test_layouts(40, 1) == union
+
+
+def test_no_stage_trains_on_any_test_layout(tok, tmp_path, monkeypatch):
+    """Every training split that train.py builds (alignment, multitask, each task) avoids the test layouts of
+    every task, built-in and held-in. Without the union, 142/150 classify test layouts were alignment rows."""
+    import train
+    cfg, mcfg, _ = train.parse(["--base", "multitask", "--base-steps", "1", "--multitask-steps", "1",
+                                "--n-base", "3000", "--n-train", "600", "--n-test", "150",
+                                "--cache-dir", str(tmp_path), "--device", "cpu"])
+    mcfg.vocab_size = tok.get_vocab_size()
+    made = []  # (task, split, layouts) of every split train.py makes
+    make_split = data.make_split
+
+    def spy(task, split, *args, **kw):
+        ex, keys = make_split(task, split, *args, **kw)
+        made.append((task.name, split, keys))
+        return ex, keys
+    monkeypatch.setattr(data, "make_split", spy)
+    train.base_model(cfg, mcfg, tok, torch.device("cpu"))
+    for task in data.TASKS.values():
+        data.make_task(task, cfg.n_train, cfg.n_test, cfg.seed, tok, IMAGE_SIZE, MAX_LEN)
+    tested = set().union(*(keys for _, split, keys in made if split == "test"))
+    tested |= set().union(*(data.make_split(t, "test", cfg.n_test, cfg.seed, tok, IMAGE_SIZE, MAX_LEN)[1]
+                            for t in data.HELD_IN.values()))
+    trained = {name for name, split, _ in made if split == "train"}
+    assert trained == {"align", *data.TASKS, *data.HELD_IN}
+    for name, split, keys in made:
+        if split == "train":
+            assert not keys & tested, f"{name}: {len(keys & tested)} test layouts in its training split"
+
+
+@pytest.mark.parametrize("name", list(data.TASKS))
+def test_every_task_jitters_its_shapes(name):
+    """Objects are drawn ±1 px off their cell's centre in every task (counting drew them all centred)."""
+    rng, task = random.Random(0), data.TASKS[name]
+    offsets = {(o.dx, o.dy) for _ in range(100) for o in task.scene(rng).objects}
+    assert len(offsets) == 9
 
 
 def test_exclusion_is_needed_for_a_small_task(tok):
