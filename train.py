@@ -44,7 +44,8 @@ class TrainConfig:
     steps: int = arg(400, "training steps per task: 250 left counting and grounding near 70 %")
     batch_size: int = arg(32, "rows per step; small batches keep a CPU step at a few milliseconds")
     lr: float = arg(5e-4, "peak AdamW learning rate of the task stage; at 1e-3 reading stayed at 13 %")
-    base_steps: int = arg(1500, "steps of the alignment (captioning) stage that makes the base model")
+    base_steps: int = arg(3000, "steps of the alignment stage (captions and grounded captions): 1500 answered "
+                          "71 % of grounded rows exactly, 3000 gave 97 %; cached, so paid once")
     base_lr: float = arg(2e-3, "peak learning rate of the alignment stage; 1e-2 stalls, 6e-4 is slow")
     multitask_steps: int = arg(1000, "--base multitask: steps of joint tuning on the held-in tasks, at --lr")
     n_train: int = arg(1000, "training rows per task; more than the steps use, so rows rarely repeat")
