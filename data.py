@@ -8,6 +8,7 @@ Run `python data.py` to print a few examples of every task. Tasks can also come 
 files, and the benchmark can be written out in that format: see llava.py.
 """
 import argparse
+import functools
 import os
 import random
 from dataclasses import dataclass, field
@@ -130,9 +131,11 @@ def _attribute(scene, rng):
 def _count_scene(rng):
     """1-4 objects of one colour first, then up to 2 objects of other colours."""
     color, cells = rng.choice(list(COLORS)), rng.sample(range(9), 6)
-    objs = [Obj(rng.choice(SHAPES), color, rng.choice(SIZES), c) for c in cells[:rng.randint(1, 4)]]
+    jitter = lambda: (rng.randint(-1, 1), rng.randint(-1, 1))  # ±1 px, as random_objects draws
+    objs = [Obj(rng.choice(SHAPES), color, rng.choice(SIZES), c, *jitter())
+            for c in cells[:rng.randint(1, 4)]]
     others = [c for c in COLORS if c != color]
-    objs += [Obj(rng.choice(SHAPES), rng.choice(others), rng.choice(SIZES), c)
+    objs += [Obj(rng.choice(SHAPES), rng.choice(others), rng.choice(SIZES), c, *jitter())
              for c in cells[len(objs):len(objs) + rng.randint(0, 2)]]
     return Scene(tuple(objs))
 
@@ -153,15 +156,19 @@ def _spatial_scene(rng):
 
 
 def _spatial(scene, rng):
-    """'Is the red object left of the blue object?' -> 'yes'  (asks about the first two objects)"""
+    """'Is the red object left or right of the blue one?' -> 'left'  (asks about the first two objects)
+
+    GQA's 'choose' form of a relation question: the answer names the relation. The yes/no form ('Is the red
+    object left of the blue one?') stayed at chance (50 %) even from a base that can look objects up, since
+    its answer is the comparison XOR the relation word asked; here the comparison itself is the answer."""
     a, b = scene.objects[:2]
-    rels = []  # only relations that are decidable: left/right needs different columns, etc.
+    axes = []  # only axes that are decidable: left/right needs different columns, above/below different rows
     if a.cell % 3 != b.cell % 3:
-        rels += [("left of", a.cell % 3 < b.cell % 3), ("right of", a.cell % 3 > b.cell % 3)]
+        axes.append(("left or right of", "left" if a.cell % 3 < b.cell % 3 else "right"))
     if a.cell // 3 != b.cell // 3:
-        rels += [("above", a.cell // 3 < b.cell // 3), ("below", a.cell // 3 > b.cell // 3)]
-    rel, truth = rng.choice(rels)
-    return rng.choice(TASKS["spatial"].phrasings).format(a=a.color, rel=rel, b=b.color), "yes" if truth else "no"
+        axes.append(("above or below", "above" if a.cell // 3 < b.cell // 3 else "below"))
+    rel, answer = rng.choice(axes)
+    return rng.choice(TASKS["spatial"].phrasings).format(a=a.color, rel=rel, b=b.color), answer
 
 
 def _read_scene(rng):
@@ -208,7 +215,7 @@ TASKS = {t.name: t for t in [
          "The {color} object has which shape?"), some_objects(1, 3, "color"), _attribute),
     Task("count", "TallyQA", ("How many {color} objects are there?", "Count the {color} objects.",
          "What is the number of {color} objects?"), _count_scene, _count),
-    Task("spatial", "GQA", ("Is the {a} object {rel} the {b} one?", "Answer yes or no: is the {a} object {rel} the {b} one?",
+    Task("spatial", "GQA", ("Is the {a} object {rel} the {b} one?", "Answer in one word: is the {a} object {rel} the {b} one?",
          "Would you say the {a} object is {rel} the {b} one?"), _spatial_scene, _spatial),
     Task("read", "TextVQA", ("What is written here?", "Read the text in the image.",
          "What does the text say?"), _read_scene, _read),
@@ -287,11 +294,31 @@ def _align_scene(rng):
 
 
 def _align(scene, rng):
-    """'' -> 'large red circle top left; small blue square center; text K7A'  (the alignment stage)"""
-    parts = [f"{o.size} {o.color} {o.shape} {where(o.cell)}" for o in sorted(scene.objects, key=lambda o: o.cell)]
+    """A whole-scene caption, or (GROUNDED of the rows) a caption of the objects of the colours named:
+    '' -> 'large red circle top left; small blue square center; text K7A'
+    'red' -> 'large circle top left'     'green' -> 'none'     'blue red' -> 'large circle top left; small square center'
+    Every caption lists its objects in reading order (by cell), whatever order the colours are named in."""
+    objs = sorted(scene.objects, key=lambda o: o.cell)
+    if objs and rng.random() < GROUNDED:
+        colors = []
+        while len(colors) < (2 if rng.random() < GROUNDED_TWO else 1):
+            absent = [c for c in COLORS if c not in {o.color for o in objs}]
+            color = rng.choice(absent) if rng.random() < GROUNDED_ABSENT else rng.choice(objs).color
+            if color not in colors:
+                colors.append(color)
+        found = [f"{o.size} {o.shape} {where(o.cell)}" for o in objs if o.color in colors]
+        return " ".join(colors), "; ".join(found) or "none"
+    parts = [f"{o.size} {o.color} {o.shape} {where(o.cell)}" for o in objs]
     return "", "; ".join(parts + ([f"text {scene.text}"] if scene.text else []))
 
 
+# Grounded captions (as in grounded pretraining: objects referred to by a word, then described) teach the
+# decoder to look an object up by a word of the prompt before any task asks it to. Without them the base only
+# captions the cells in a fixed order, and each colour-lookup task must first find that circuit itself.
+# Naming two colours makes it find both and put them in reading order, i.e. compare where they are.
+GROUNDED = 0.5         # share of alignment rows that name colours
+GROUNDED_TWO = 0.5     # of those, the share naming two colours
+GROUNDED_ABSENT = 0.2  # the chance that a colour named is missing from the scene: lookup can come back empty
 ALIGN = Task("align", "LLaVA-Pretrain (LCS-558K)", ("",), _align_scene, _align, metric="f1")
 ALL_TASKS = [ALIGN, *TASKS.values(), *HELD_IN.values()]  # what the tokenizer learns from
 
@@ -365,15 +392,22 @@ def encode(tok, instruction, answer, max_len):
     return row + [PAD] * (max_len - len(row)), len(prompt)
 
 
+def split_scenes(task, split, n, seed, exclude=frozenset()):
+    """n (scene, instruction, answer) of `task`, deterministic from (task, split, seed), before any drawing;
+    layouts in `exclude` are skipped."""
+    rng = random.Random(f"{task.name}-{split}-{seed}")
+    rows = []
+    while len(rows) < n:
+        scene = task.scene(rng)
+        if scene.key() not in exclude:
+            rows.append((scene, *task.make(scene, rng)))
+    return rows
+
+
 def make_split(task, split, n, seed, tok, image_size, max_len, exclude=frozenset()):
     """n examples of `task`, deterministic from (task, split, seed); layouts in `exclude` are skipped."""
-    rng = random.Random(f"{task.name}-{split}-{seed}")
     images, rows, plen, answers, keys = [], [], [], [], []
-    while len(answers) < n:
-        scene = task.scene(rng)
-        if scene.key() in exclude:
-            continue
-        instruction, answer = task.make(scene, rng)
+    for scene, instruction, answer in split_scenes(task, split, n, seed, exclude):
         row, p = encode(tok, instruction, answer, max_len)
         images.append(render(scene, image_size))
         rows.append(row), plen.append(p), answers.append(answer), keys.append(scene.key())
@@ -382,10 +416,20 @@ def make_split(task, split, n, seed, tok, image_size, max_len, exclude=frozenset
     return ex, set(keys)
 
 
+@functools.lru_cache(maxsize=4)
+def test_layouts(n_test, seed):
+    """Every layout of every test split: the eight tasks' and the held-in tasks'. Training splits of every
+    stage (alignment, multitask, each task) exclude all of them, so no stage trains on a scene that any
+    stage tests: a layout tested in one task must not be learnt in another (or in the base) either."""
+    return frozenset(scene.key() for task in (*TASKS.values(), *HELD_IN.values())
+                     for scene, _, _ in split_scenes(task, "test", n_test, seed))
+
+
 def make_task(task, n_train, n_test, seed, tok, image_size, max_len):
-    """-> (train, test) Examples of a built-in task; no train layout equals a test layout."""
-    test, test_keys = make_split(task, "test", n_test, seed, tok, image_size, max_len)
-    train, _ = make_split(task, "train", n_train, seed, tok, image_size, max_len, exclude=frozenset(test_keys))
+    """-> (train, test) Examples of a built-in task; no train layout equals any task's test layout."""
+    test, _ = make_split(task, "test", n_test, seed, tok, image_size, max_len)
+    held_out = test_layouts(n_test, seed)  # every task's test layouts, not only this task's
+    train, _ = make_split(task, "train", n_train, seed, tok, image_size, max_len, exclude=held_out)
     return train, test
 
 

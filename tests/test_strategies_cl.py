@@ -454,7 +454,7 @@ def test_bad_command_lines_exit_2_with_one_line(argv, says, tmp_path):
 def test_tiny_end_to_end_run(spec, tmp_path_factory):
     """train.py with each strategy: what the strategy did shows in the checkpoints it leaves."""
     cache, run = tmp_path_factory.getbasetemp() / "cache", tmp_path_factory.mktemp(spec.replace("+", "_"))
-    argv = ["--strategy", spec, "--tasks", "classify,read", "--steps", "3", "--base-steps", "3", "--n-train", "32",
+    argv = ["--strategy", spec, "--tasks", "classify,read", "--steps", "3", "--base-steps", "30", "--n-train", "32",
             "--n-test", "8", "--n-base", "32", "--batch-size", "8", "--run-dir", str(run), "--cache-dir", str(cache),
             "--vit-dim", "32", "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--vit-layers", "1"]
     if spec in ("ewc", "tir"):

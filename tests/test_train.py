@@ -69,7 +69,7 @@ def test_unwritable_run_folder_fails_in_one_line(tmp_path):
 
 TASKS = ["classify", "attribute"]
 # 20 steps per task, not fewer: some test answers come out right, so comparing scores means something
-ARGS = ["--strategy", "replay", "--tasks", ",".join(TASKS), "--steps", "20", "--base-steps", "5", "--n-train", "40",
+ARGS = ["--strategy", "replay", "--tasks", ",".join(TASKS), "--steps", "40", "--base-steps", "5", "--n-train", "40",
         "--n-test", "8", "--n-base", "40", "--buffer-size", "10", "--device", "cpu"]  # cpu: bitwise repeatable
 FILES = ["config.json", "tokenizer.json", "base.pt", "task1-classify.pt", "task2-attribute.pt", "results.json", "accuracy.png"]
 
@@ -94,7 +94,7 @@ def test_tiny_run_writes_every_artefact(runs):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.glob("*.tmp")) and not (run_dir / ".write-test").exists()
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["train"]["strategy"] == "replay" and config["train"]["steps"] == 20
+    assert config["train"]["strategy"] == "replay" and config["train"]["steps"] == 40
     assert config["model"]["vocab_size"] == len(json.loads((run_dir / "tokenizer.json").read_text())["model"]["vocab"])
     results = json.loads((run_dir / "results.json").read_text())
     assert results["tasks"] == TASKS and len(results["base_row"]) == 2
