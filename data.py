@@ -188,7 +188,8 @@ def _ground(scene, rng):
 
 
 def describe(o):
-    return f"a {o.size} {o.color} {o.shape} " + ("in the center" if o.cell == 4 else f"at the {where(o.cell)}")
+    place = "in the center" if o.cell == 4 else f"at the {where(o.cell)}"
+    return f"a {o.size} {o.color} {o.shape} {place}"
 
 
 def _caption(scene, rng):
@@ -215,7 +216,8 @@ TASKS = {t.name: t for t in [
          "The {color} object has which shape?"), some_objects(1, 3, "color"), _attribute),
     Task("count", "TallyQA", ("How many {color} objects are there?", "Count the {color} objects.",
          "What is the number of {color} objects?"), _count_scene, _count),
-    Task("spatial", "GQA", ("Is the {a} object {rel} the {b} one?", "Answer in one word: is the {a} object {rel} the {b} one?",
+    Task("spatial", "GQA", ("Is the {a} object {rel} the {b} one?",
+         "Answer in one word: is the {a} object {rel} the {b} one?",
          "Would you say the {a} object is {rel} the {b} one?"), _spatial_scene, _spatial),
     Task("read", "TextVQA", ("What is written here?", "Read the text in the image.",
          "What does the text say?"), _read_scene, _read),
@@ -244,7 +246,8 @@ def _about_one(name, answer):
     """make() of a held-in task: one of its phrasings about a random object o -> answer(o, scene)."""
     def make(scene, rng):
         o = rng.choice(scene.objects)
-        return rng.choice(HELD_IN[name].phrasings).format(color=o.color, where=where(o.cell)), answer(o, scene)
+        question = rng.choice(HELD_IN[name].phrasings).format(color=o.color, where=where(o.cell))
+        return question, answer(o, scene)
     return make
 
 
@@ -256,16 +259,18 @@ def _first(scene, rng):
 # The held-in tasks of the multitask base (train.py --base multitask). The paper's multitask base was tuned on
 # a mixture before the continual sequence; here the same skills are asked in other words, with other answers.
 HELD_IN = {t.name: t for t in [
-    Task("exist", "VQAv2 (yes/no)", ("Is there a {color} object in the image?", "Do you see anything {color}?"),
-         some_objects(1, 3, "color"), _exist),
+    Task("exist", "VQAv2 (yes/no)", ("Is there a {color} object in the image?",
+         "Do you see anything {color}?"), some_objects(1, 3, "color"), _exist),
     Task("colour", "GQA (attributes)", ("What colour is the object at the {where}?",
-         "Name the colour of the thing in the {where}."), some_objects(1, 3), _about_one("colour", lambda o, s: o.color)),
+         "Name the colour of the thing in the {where}."), some_objects(1, 3),
+         _about_one("colour", lambda o, s: o.color)),
     Task("size", "VQAv2 (size)", ("Is the {color} object large or small?", "How big is the {color} thing?"),
          some_objects(1, 3, "color"), _about_one("size", lambda o, s: o.size)),
-    Task("total", "TallyQA (all)", ("How many objects does the picture contain?", "Tell me the total number of things."),
-         some_objects(1, 4), _about_one("total", lambda o, s: str(len(s.objects)))),
-    Task("first", "OCR-VQA", ("What is the first character of the text?", "Which symbol comes first in the writing?"),
-         _read_scene, _first),
+    Task("total", "TallyQA (all)", ("How many objects does the picture contain?",
+         "Tell me the total number of things."), some_objects(1, 4),
+         _about_one("total", lambda o, s: str(len(s.objects)))),
+    Task("first", "OCR-VQA", ("What is the first character of the text?",
+         "Which symbol comes first in the writing?"), _read_scene, _first),
 ]}
 
 
@@ -289,14 +294,15 @@ ANSWER_SPACES = {
 def _align_scene(rng):
     text = "".join(rng.choice(GLYPHS) for _ in range(3)) if rng.random() < 0.3 else ""
     cells = (0, 1, 2, 6, 7, 8) if text else range(9)
-    n = rng.choice((1, 1, 2, 2, 3, 4)) - (1 if text else 0)  # many small scenes: each word is easier to ground
+    n = rng.choice((1, 1, 2, 2, 3, 4)) - (1 if text else 0)  # many small scenes: each word grounds easily
     return Scene(random_objects(rng, n, cells=cells), text)
 
 
 def _align(scene, rng):
     """A whole-scene caption, or (GROUNDED of the rows) a caption of the objects of the colours named:
     '' -> 'large red circle top left; small blue square center; text K7A'
-    'red' -> 'large circle top left'     'green' -> 'none'     'blue red' -> 'large circle top left; small square center'
+    'red' -> 'large circle top left'     'green' -> 'none'
+    'blue red' -> 'large circle top left; small square center'
     Every caption lists its objects in reading order (by cell), whatever order the colours are named in."""
     objs = sorted(scene.objects, key=lambda o: o.cell)
     if objs and rng.random() < GROUNDED:
@@ -388,7 +394,8 @@ def encode(tok, instruction, answer, max_len):
     prompt, reply = token_parts(tok, instruction, answer)
     row = prompt + reply
     if len(row) > max_len:
-        raise ValueError(f"{len(row)} tokens do not fit max_text_len={max_len}: {instruction!r} -> {answer!r}")
+        raise ValueError(f"{len(row)} tokens do not fit max_text_len={max_len}: {instruction!r} -> "
+                         f"{answer!r}")
     return row + [PAD] * (max_len - len(row)), len(prompt)
 
 

@@ -46,7 +46,7 @@ class TrainConfig:
     steps: int = arg(400, "training steps per task: 250 left counting and grounding near 70 %")
     batch_size: int = arg(32, "rows per step; small batches keep a CPU step at a few milliseconds")
     lr: float = arg(5e-4, "peak AdamW learning rate of the task stage; at 1e-3 reading stayed at 13 %")
-    base_steps: int = arg(3000, "steps of the alignment stage (captions and grounded captions): 1500 answered "
+    base_steps: int = arg(3000, "steps of the alignment stage (captions, grounded captions): 1500 answered "
                           "71 % of grounded rows exactly, 3000 gave 97 %; cached, so paid once")
     base_lr: float = arg(2e-3, "peak learning rate of the alignment stage; 1e-2 stalls, 6e-4 is slow")
     multitask_steps: int = arg(1000, "--base multitask: steps of joint tuning on the held-in tasks, at --lr")
@@ -446,8 +446,9 @@ def report(run_dir, out, results, show_mistakes):
     """results.json, accuracy.png, format.png and content.png into the run folder; the report and the first
     mistakes printed."""
     atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(out, indent=1)))
-    for name, key, what in (("accuracy", "matrix", "accuracy (%)"), ("format", "format_matrix",
-                            "format (% in the task's space)"), ("content", "content_matrix", "content (% right)")):
+    pictures = [("accuracy", "matrix", "accuracy (%)"), ("content", "content_matrix", "content (% right)"),
+                ("format", "format_matrix", "format (% in the task's space)")]
+    for name, key, what in pictures:
         def draw(path):  # called by rank 0 alone: the other ranks have no scores to draw
             title = f"{out['config']['train']['strategy']}: {what}"
             heatmap(out["tasks"], out[key], title).save(path, format="PNG")
