@@ -179,6 +179,17 @@ def format_matrix(tasks, A, base=None):
     return "\n".join([format_header(tasks)] + rows)
 
 
+LEARNT = 90  # % right after its own training: below it, a task was not learnt, so it cannot be forgotten
+
+
+def learnt_line(tasks, A):
+    """The worst diagonal entry (a task right after its own training), and every task below LEARNT."""
+    worst = min(range(len(A)), key=lambda i: A[i][i])
+    low = [f"{tasks[i]} {A[i][i]:.1f}" for i in range(len(A)) if A[i][i] < LEARNT]
+    verdict = f"NOT LEARNT (below {LEARNT}): {', '.join(low)}" if low else f"every task learnt (>= {LEARNT})"
+    return f"worst task right after its own training: {tasks[worst]} {A[worst][worst]:.1f}; {verdict}"
+
+
 def format_report(results):
     tasks, A, base = results["tasks"], results["matrix"], results.get("base_row")
     m = results.get("metrics") or all_metrics(A, base, results.get("random_row"))
@@ -187,6 +198,7 @@ def format_report(results):
              format_matrix(tasks, A, base), "",
              "  ".join(f"{k} {v:+.1f}" if k.startswith(("BWT", "FWT")) else f"{k} {v:.1f}"
                        for k, v in m.items())]
+    lines.append(learnt_line(tasks, A))
     if "FWT_random" in m:
         lines.append("FWT: zero-shot accuracy over the base model's; FWT_random: over a random model's")
     if "oracle_row" in results:  # expansion: router errors against expert quality

@@ -28,13 +28,12 @@ from tqdm import tqdm
 import strategies
 import train
 import eval as ev
-from eval import format_table, heatmap, human_bytes, markdown_table
+from eval import LEARNT, format_table, heatmap, human_bytes, markdown_table  # LEARNT: in finding 6
 
 BASES = ("pretrained", "multitask")  # alignment only, and that base tuned jointly on the held-in tasks
 COLORS = dict(zip(BASES, [(31, 119, 180), (214, 39, 40)]))  # one colour per base in every chart
 RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks")  # the study sets these for each run
 UNCOMPARED = ("vocab_size", "run_dir", "cache_dir")  # set at run time, or paths: not what a run computes
-LEARNT = 90  # finding 6 uses task i only if it reached this accuracy (%) right after its own training
 # the table's (column, format); None: bytes, the same each seed
 COLUMNS = [("AA", "{:.1f}"), ("BWT", "{:+.1f}"), ("forgetting", "{:.1f}"), ("FWT", "{:+.1f}"),
            ("FWT_random", "{:+.1f}"), ("format drop", "{:.1f}"), ("task ID", "{:.1f}"),

@@ -101,3 +101,11 @@ def test_eval_main_refuses_a_missing_run(tmp_path, capsys):
     assert ev.main([str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+def test_the_report_names_the_worst_diagonal_entry_and_every_task_not_learnt():
+    A = [[95, 0, 0], [40, 62, 0], [30, 20, 91]]
+    line = ev.learnt_line(["read", "spatial", "count"], A)
+    assert "worst task right after its own training: spatial 62.0" in line
+    assert "NOT LEARNT (below 90): spatial 62.0" in line and "read" not in line.split("NOT LEARNT")[1]
+    assert ev.learnt_line(["a"], [[90]]).endswith("every task learnt (>= 90)")
