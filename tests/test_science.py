@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 import data
 import eval as ev
@@ -17,6 +16,7 @@ import strategies
 import study
 from model import VLM, ModelConfig
 from strategies import StrategyConfig
+from test_strategies_cl import TwoParams, eos_rows  # a model whose gradients are known by hand
 
 SMALL = dict(vit_dim=32, d_model=32, n_head=2, vit_layers=1, n_layer=1)  # a VLM that steps in milliseconds
 
@@ -69,27 +69,6 @@ def test_tir_similarity_does_not_depend_on_the_tasks_before(tok):
 
 # ----------------------------------------------------------------------------------------------
 # EWC: the online merge keeps what is frozen now
-
-class TwoParams(nn.Module):
-    """logits = [0, 0, 0, 0, a·x, b·x] at every position, x the mean pixel."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Parameter(torch.tensor(0.7)), nn.Parameter(torch.tensor(-0.4))
-
-    def forward(self, images, ids, targets=None):
-        x = images.mean((1, 2, 3))  # (B,)
-        zero = torch.zeros_like(x)
-        return torch.stack([zero, zero, zero, zero, self.a * x, self.b * x], -1)[:, None].expand(
-            -1, ids.size(1), -1), None
-
-
-def eos_rows(pixel_values):
-    n = len(pixel_values)
-    images = torch.tensor(pixel_values, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 1, 1).contiguous()
-    tokens = torch.tensor([[data.BOS, data.SEP, data.EOS, data.PAD]] * n, dtype=torch.int16)
-    return data.Examples("toy", images, tokens, torch.full((n,), 2, dtype=torch.int16), [""] * n)
-
 
 def test_ewc_keeps_the_importance_and_anchor_of_a_parameter_frozen_in_a_later_task():
     model, train_rows = TwoParams(), eos_rows([0, 60, 200, 255])
