@@ -391,7 +391,8 @@ def flash_attention_reference_backward(q, k, v, O, L, dO, causal, Br=32, Bc=32):
         cols = slice(j * Bc, (j + 1) * Bc)
         Kj, Vj = k[..., cols, :].to(acc), v[..., cols, :].to(acc)
         dKj, dVj = torch.zeros_like(Kj), torch.zeros_like(Vj)
-        # for i:  P = exp(Qi Kjᵀ/√d - Li);  dVj += Pᵀ dOi;  dS = P ∘ (dOi Vjᵀ - Di);  dKj += dSᵀ Qi / √d
+        # for i:  P = exp(Qi Kjᵀ/√d - Li);  dVj += Pᵀ dOi;
+        #         dS = P ∘ (dOi Vjᵀ - Di);  dKj += dSᵀ Qi / √d
         for i in range(first_query_tile(j, Br, Bc, causal), Tr):
             rows = slice(i * Br, (i + 1) * Br)
             Qi, dOi = q[..., rows, :].to(acc), dO[..., rows, :].to(acc)
@@ -439,7 +440,7 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, q, k, v, causal, forward, backward):
         q, k, v = (fold_vmapped(t, dim, info.batch_size) for t, dim in zip((q, k, v), in_dims))
-        O, L = FlashAttention.apply(q, k, v, causal, forward, backward)  # (size·B, nh, N, d), (size·B, nh, N)
+        O, L = FlashAttention.apply(q, k, v, causal, forward, backward)  # (size*B, nh, N, d), (size*B, nh, N)
         return (O.view(info.batch_size, -1, *O.shape[1:]), L.view(info.batch_size, -1, *L.shape[1:])), (0, 0)
 
 

@@ -225,8 +225,8 @@ class EWC(Strategy):
     diagonal Fisher F = E[g²], over per-sample gradients g of the answer log-likelihood, says how sharply
     that task's loss rises when a parameter moves. The online variant keeps one running F ← γF + F_new and
     one anchor θ*, the parameters after the last task: two copies of the trainable parameters however many
-    tasks come. New tasks train with λ·Σ F·(θ − θ*)², which keeps important parameters where old tasks
-    need them."""
+    tasks come. New tasks train with λ·Σ F·(θ − θ*)², which keeps important parameters where old
+    tasks need them."""
     name, options = "ewc", ("ewc_lambda", "importance_decay", "importance_samples")
     state = {"importance": {}, "anchor": {}}  # name -> tensor, for the parameters that were trainable
     measure, strength = "ewc", "ewc_lambda"  # how importance is measured; the option that is λ
@@ -255,8 +255,8 @@ class EWC(Strategy):
 class MAS(EWC):
     """Memory Aware Synapses (Aljundi et al. 2018): EWC's penalty with a label-free importance. A parameter
     matters if moving it changes what the model outputs, whatever the labels: its importance is the mean
-    over rows of |∂‖logits‖²/∂θ|, the norm over the logits at a row's answer positions. It accumulates
-    like F."""
+    over rows of |∂‖logits‖²/∂θ|, the norm over the logits at a row's answer positions. It
+    accumulates like F."""
     name, options = "mas", ("mas_lambda", "importance_decay", "importance_samples")
     measure, strength = "mas", "mas_lambda"
 
@@ -347,9 +347,9 @@ class TIR(EWC):
 class LwF(Strategy):
     """Learning without Forgetting (Li & Hoiem 2016), for a model that answers in tokens. Before each task
     after the first, the parameters are copied as a frozen teacher. The teacher reads each batch too, and the
-    model is pulled towards its answer-token distributions, α·T²·KL(softmax(teacher/T) ‖ softmax(model/T))
-    at every answer position. No old data is kept: old tasks live on in how the old model answers new
-    questions."""
+    model is pulled towards its answer-token distributions,
+    α·T²·KL(softmax(teacher/T) ‖ softmax(model/T)), at every answer position. No old data is kept:
+    old tasks live on in how the old model answers new questions."""
     name, options = "lwf", ("lwf_alpha", "lwf_temperature")
     state = {"teacher": None}  # {name: tensor}, made afresh before each task
 

@@ -213,7 +213,7 @@ def finding_text(check):
     if "n_pairs" in check:
         rho, p = check["rho"], check["p"]
         text += (f"; seed-averaged {rho_text(math.nan if rho is None else rho)} over {check['n_pairs']} "
-                 f"independent task pairs (i, i+1) with task i learnt (≥ {LEARNT} %), one-sided permutation "
+                 f"independent task pairs (i, i+1) with task i learnt (>= {LEARNT} %), one-sided permutation "
                  + ("p undefined" if p is None else f"p = {p:.3f}")
                  + (", not significant" if p is not None and p >= 0.05 else ""))
     return text
@@ -264,7 +264,7 @@ def frame(title, ylabel, ys, width=PLOT_W, legend=()):
 
 
 def bar_chart(values, groups, title, ylabel):
-    """{(group, base): [values over seeds]} -> bars grouped by strategy, a colour per base, ± std whiskers."""
+    """{(group, base): [values over seeds]} -> bars grouped by strategy, a colour per base, std whiskers."""
     bases = [b for b in BASES if any((g, b) in values for g in groups)]
     width = max(PLOT_W, 64 * len(groups))
     img, draw, to_y = frame(title, ylabel, [statistics.fmean(v) for v in values.values()], width, bases)
@@ -384,7 +384,7 @@ def study_markdown(tasks, rows, checks, pictures, notes, others=(), format_lines
     similarity = ("The study ran no tir (or no naive) run, or no task was learnt: no task-pair analysis."
                   if not six["n_pairs"] else
                   "Finding 6 uses naive's drop in task i while task i+1 trains, relative to A[i][i], only "
-                  f"where task i was learnt (≥ {LEARNT} %), against TIR's similarity of i+1 to i; each pair "
+                  f"where task i was learnt (>= {LEARNT} %), against TIR's similarity of i+1 to i; each pair "
                   f"averaged over seeds and bases: {six['n_pairs']} independent pairs.")
     return "\n".join(
         ["# nanoCIT study", "", f"Tasks in order: {' -> '.join(tasks)}. " + " ".join(notes), "",
