@@ -44,7 +44,7 @@ names = args.tasks.split(",")
 splits = {n: data.make_task(data.TASKS[n], cfg.n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size,
                             mcfg.max_text_len) for n in names}
 zero = train.evaluate(base, none, [test for _, test in splits.values()], tok, device, cfg)
-print("zero-shot: " + "  ".join(f"{n} {acc:.1f}" for n, (acc, _) in zip(names, zero)))
+print("zero-shot: " + "  ".join(f"{n} {acc:.1f}" for n, (acc, *_) in zip(names, zero)))
 print(f"{'task':>13} " + " ".join(f"{s:>5}" for s in range(args.every, cfg.steps + 1, args.every)) + "  to-90")
 for t, name in enumerate(names):
     model, (rows, test), curve = copy.deepcopy(base), splits[name], []
