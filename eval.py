@@ -149,6 +149,15 @@ def space_shares(answered_by_task, spaces):
     return [100 * sum(map(in_space, preds)) / max(len(preds), 1) for in_space in spaces]
 
 
+def stage_rows(results, spaces):
+    """score_tests' results after one stage -> that stage's row of each matrix a run keeps: accuracy,
+    format, content (see format_content) and the share of all answers in each task's space."""
+    split = [format_content(answered, in_space) for (*_, answered), in_space in zip(results, spaces)]
+    return dict(matrix=[acc for acc, *_ in results], format_matrix=[f for f, _ in split],
+                content_matrix=[c for _, c in split],
+                space_shares=space_shares([answered for *_, answered in results], spaces))
+
+
 def format_story(tasks, shares):
     """What a student sees: after which stages most answers to every question take that task's form."""
     return [f"after {t}, {shares[i][i]:.0f} % of all answers (to every task's questions) are of {t}'s kind"

@@ -30,8 +30,8 @@ import data
 import llava
 import strategies
 from data import atomic_write
-from eval import (all_metrics, answer_space, format_content, format_header, format_matrix, format_report,
-                  format_row, heatmap, score_tests, space_shares)
+from eval import (all_metrics, answer_space, format_header, format_matrix, format_report, format_row, heatmap,
+                  score_tests, stage_rows)
 from model import PRESETS, VLM, ModelConfig, arg
 
 
@@ -413,11 +413,8 @@ def run(cfg, mcfg, scfg):
         loss, trainable = tune(t, model, strategy, trains[t], cfg, device, desc, saved, save)
         t1 = time.time()
         results = evaluate(model, strategy, tests, tok, device, cfg)
-        progress["matrix"].append([acc for acc, *_ in results])
-        split = [format_content(answered, in_space) for (*_, answered), in_space in zip(results, spaces)]
-        progress["format_matrix"].append([f for f, _ in split])
-        progress["content_matrix"].append([c for _, c in split])
-        progress["space_shares"].append(space_shares([answered for *_, answered in results], spaces))
+        for key, row in stage_rows(results, spaces).items():  # accuracy, format, content, answer spaces
+            progress[key].append(row)
         progress["timings"].append(dict(task=names[t], train_seconds=t1 - t0, eval_seconds=time.time() - t1,
                                         trainable=trainable))
         progress["losses"].append(loss)
