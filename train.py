@@ -333,8 +333,9 @@ def run_folder(cfg, config, run_dir):
         try:  # prove both writable before any work is done
             if RANK == 0:
                 folder.mkdir(parents=True, exist_ok=True)
-                (folder / ".write-test").write_text("ok")
-                (folder / ".write-test").unlink()
+                probe = folder / f".write-test-{os.getpid()}"  # its own name: the study's runs share a cache
+                probe.write_text("ok")
+                probe.unlink()
         except OSError as e:
             raise CLIError(f"cannot write {what} {folder}: {e.strerror or e}") from None
     return saved
