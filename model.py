@@ -187,9 +187,10 @@ class VLM(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def image_prefix(self, images):
-        """(B, 3, H, W) -> (B, n_patches, d_model) prefix tokens."""
-        return self.projector(self.vision(images))
+    def image_prefix(self, images, seen=None):
+        """(B, 3, H, W) -> (B, n_patches, d_model) prefix tokens. `seen` is the vision tower's output for these
+        images when the caller has it already (a frozen tower: train.py's train_steps)."""
+        return self.projector(self.vision(images) if seen is None else seen)
 
     def decode(self, x, start=0, caches=None):
         """Run the decoder on embeddings x (B, T, d) at positions start.. -> logits (B, T, vocab)."""
@@ -198,9 +199,10 @@ class VLM(nn.Module):
             x = block(x, None if caches is None else caches[i])
         return self.lm_head(self.ln_f(x))
 
-    def forward(self, images, ids, targets=None):
-        """images (B,3,H,W), ids (B,T), targets (B,T) with -100 where no loss -> (logits (B,T,V), loss)."""
-        x = torch.cat([self.image_prefix(images), self.tok_emb(ids)], dim=1)  # (B, P+T, d)
+    def forward(self, images, ids, targets=None, seen=None):
+        """images (B,3,H,W), ids (B,T), targets (B,T) with -100 where no loss -> (logits (B,T,V), loss).
+        seen: the vision tower's output for the images, if known (see image_prefix)."""
+        x = torch.cat([self.image_prefix(images, seen), self.tok_emb(ids)], dim=1)  # (B, P+T, d)
         logits = self.decode(x)[:, self.cfg.n_patches:]  # slice off the image prefix: (B, T, V)
         loss = None
         if targets is not None:

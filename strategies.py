@@ -43,6 +43,7 @@ class Strategy:
     name = "naive"
     options = ()  # names of the StrategyConfig fields it reads; train.py refuses the others
     state = {}  # attribute -> its value before the first task: what checkpoints keep
+    naive_first = True  # trains its first task exactly as naive does: no old rows, no penalty, no new weights
 
     def __init__(self, cfg, seed=0):
         self.cfg, self.seed = cfg, seed  # StrategyConfig; the run's seed for any generator of its own
@@ -179,6 +180,7 @@ class Joint(Replay):
     rows join a pool (a buffer too big ever to fill) before the task is trained, and every batch comes from
     the pool alone: stage t trains on the union of tasks 1..t, at the price of keeping all the data."""
     name, options = "joint", ()
+    naive_first = False  # its batches come from the pool, drawn otherwise than naive's
 
     def __init__(self, cfg, seed=0):
         super().__init__(cfg, seed, capacity=2 ** 62)  # a buffer never full keeps every row
@@ -371,6 +373,7 @@ class LoRA(Strategy):
     the first task the chosen linear layers are wrapped in LoRALinear (model.py); from then on only the
     adapters train. Far fewer parameters move than in full fine-tuning, but the same ones move for every task,
     so LoRA alone still forgets. The adapters live in the model, and so in its checkpoints."""
+    naive_first = False  # adapters from the first task on
     name, options = "lora", ("lora_rank", "lora_alpha", "lora_targets")
 
     def __init__(self, cfg, seed=0):
@@ -475,6 +478,7 @@ class Compose(Strategy):
 
     def __init__(self, parts):
         self.parts, self.name = parts, "+".join(p.name for p in parts)
+        self.naive_first = all(p.naive_first for p in parts)
         self.options = tuple(o for p in parts for o in p.options)
         routers = [p for p in parts if type(p).generate is not Strategy.generate]
         if len(routers) > 1:

@@ -32,8 +32,8 @@ from eval import LEARNT, format_table, heatmap, human_bytes, markdown_table  # L
 
 BASES = ("pretrained", "multitask")  # alignment only, and that base tuned jointly on the held-in tasks
 COLORS = dict(zip(BASES, [(31, 119, 180), (214, 39, 40)]))  # one colour per base in every chart
-RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks")  # the study sets these for each run
-UNCOMPARED = ("vocab_size", "run_dir", "cache_dir")  # set at run time, or paths: not what a run computes
+RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks", "--base-only", "--first-task-from")  # the study sets these for each run
+UNCOMPARED = ("vocab_size", "run_dir", "cache_dir", "first_task_from")  # set at run time, or paths: not what a run computes
 # the table's (column, format); None: bytes, the same each seed
 COLUMNS = [("AA", "{:.1f}"), ("BWT", "{:+.1f}"), ("forgetting", "{:.1f}"), ("FWT", "{:+.1f}"),
            ("FWT_random", "{:+.1f}"), ("format drop", "{:.1f}"), ("task ID", "{:.1f}"),
@@ -482,12 +482,24 @@ def train_run(flags):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
 
 
+def base_job(args, bases, extra, seed):
+    """train.py flags that train a seed's base (the multitask one holds the pretrained stage): all of that
+    seed's runs reuse it, in every order, so it is trained once, not by each base's first run side by side."""
+    tasks = next(iter(orders_of(args).values()))  # every order has the same tasks, so the same tokenizer
+    return ["--threads", "1", *extra, "--tasks", tasks, "--base", "multitask" if "multitask" in bases else
+            bases[0], "--seed", str(seed), "--base-only", "--run-dir", str(Path(args.out) / "runs" / "bases")]
+
+
+def naive_first(spec):
+    """Does strategy `spec` train its first task as naive does, so that it may start from naive's?"""
+    return strategies.build(spec, strategies.StrategyConfig()).naive_first
+
+
 def study(args, names, bases, extra):
     """Train every (order, base, strategy, seed) not already finished, args.jobs at a time, then write the
-    report -> exit code. The first run of each (base, seed) goes ahead of the rest: it trains the base they
-    reuse (in every task order), so they start when it ends (not when every base is trained). The two bases'
-    first runs both train the pretrained stage, side by side: a minute of one core, which would otherwise
-    wait."""
+    report -> exit code. Each seed's base is trained first, by a job of its own; that seed's runs start when
+    it is cached (not when every base is). A strategy that trains its first task as naive does starts from
+    naive's (train.py --first-task-from): the same bits, a task less to train (tests/test_speed.py)."""
     t0, out = time.time(), Path(args.out)
     try:
         plan = study_plan(args, names, bases, extra)
@@ -495,22 +507,37 @@ def study(args, names, bases, extra):
         print(f"error: {e}", file=sys.stderr)
         return 2
     runs = {k: r for k, (_, run_dir, config) in plan.items() if (r := finished(run_dir, config))}
-    todo, first, failed = [k for k in plan if k not in runs], {}, []
-    for key in todo:
-        first.setdefault((key[1], key[3]), key)  # by (base, seed)
+    todo, failed = [k for k in plan if k not in runs], []
     print(f"study: {len(plan)} runs, {len(runs)} reused, {len(todo)} to train with {args.jobs} jobs, "
           f"in {out}")
     bar = tqdm(total=len(plan), initial=len(runs), desc="study", unit="run")
+    waiting = {}  # naive's run -> the runs that start from its first task, once it has finished
+
+    def submit(key, naive=None):  # naive: the finished naive run whose first task this run takes
+        more = ["--first-task-from", str(plan[naive][1])] if naive in runs else []
+        jobs[pool.submit(train_run, plan[key][0] + more)] = key
+
+    def release(seed):  # the seed's base is cached: its runs may start, some after naive's
+        for key in [k for k in todo if k[3] == seed]:
+            naive = (*key[:2], "naive", seed)
+            if key == naive or not args.share_first_task or naive not in plan or not naive_first(key[2]):
+                submit(key)
+            elif naive in runs:
+                submit(key, naive)
+            else:
+                waiting.setdefault(naive, []).append(key)
     with bar, ThreadPoolExecutor(args.jobs) as pool:
-        jobs = {pool.submit(train_run, plan[k][0]): k for k in first.values()}
+        jobs = {pool.submit(train_run, base_job(args, bases, extra, seed)): ("base", seed)
+                for seed in sorted({k[3] for k in todo})}
         while jobs:
             for job in wait(jobs, return_when=FIRST_COMPLETED).done:
-                key = jobs.pop(job)
-                (order, b, s, seed), proc = key, job.result()
+                key, proc = jobs.pop(job), job.result()
+                if key[0] == "base":  # cached now (if it failed, each run says why when it tries again)
+                    release(key[1])
+                    bar.set_postfix_str(f"base of seed {key[1]}")
+                    continue
+                (order, b, s, seed) = key
                 name = f"{b}/{s}/seed{seed}"
-                if first[b, seed] == key:  # its base is cached now: the rest of (b, seed) may start
-                    jobs.update({pool.submit(train_run, plan[k][0]): k for k in todo
-                                 if (k[1], k[3]) == (b, seed) and k != key})
                 if proc.returncode == 0:
                     runs[key] = json.loads((plan[key][1] / "results.json").read_text())
                 else:
@@ -518,6 +545,8 @@ def study(args, names, bases, extra):
                     tqdm.write(f"FAILED {name} (exit {proc.returncode}) in the {order} order; its stderr "
                                "ends:\n  "
                                + "\n  ".join(proc.stderr.strip().splitlines()[-12:]), file=sys.stderr)
+                for other in waiting.pop(key, []):  # from naive's first task, or (if it failed) on their own
+                    submit(other, key)
                 bar.set_postfix_str(name)
                 bar.update()
     if runs:
@@ -556,6 +585,8 @@ def main(argv=None):
     ap.add_argument("--orders", default="paper,easy-first",
                     help="task orders (data.ORDERS names): the first makes the table, the others test it")
     ap.add_argument("--tasks", help="one train.py --tasks for every run instead of --orders")
+    ap.add_argument("--share-first-task", action=argparse.BooleanOptionalAction, default=True,
+                    help="strategies that train their first task as naive does start from naive's (the same bits)")
     ap.add_argument("--out", default="runs/study",
                     help="where the runs, study.md, study.json and pictures go")
     args = ap.parse_args(argv)

@@ -65,6 +65,9 @@ class TrainConfig:
     resume: bool = arg(False, "continue the run in --run-dir with its saved settings (rerunning does it too)")
     force_new: bool = arg(False, "start afresh in a new folder (<run-dir>-2, -3, ...) instead of resuming")
     evaluate: str = arg("", "only evaluate this checkpoint (e.g. runs/naive/task2-classify.pt) again")
+    base_only: bool = arg(False, "only train (or find cached) the base model of these settings, then stop")
+    first_task_from: str = arg("", "a naive run of these settings: take its first task's weights instead of "
+                               "training them (the same bits; for strategies that train it as naive does)")
     compile: bool = arg(False, "torch.compile the model for training: a one-off delay, then faster steps")
     bf16: bool = arg(False, "bfloat16 autocast on CUDA: faster matmuls; weights and optimizer stay fp32")
 
@@ -74,7 +77,7 @@ TRAIN_PRESETS = {"tiny": {}, "small": dict(batch_size=64, steps=300, base_steps=
 POSITIVE = ("steps", "batch_size", "lr", "base_lr", "n_train", "n_test", "n_base", "eval_batch_size",
             "threads", "multitask_steps", "checkpoint_every")
 SAME_RUN_ANYWAY = {"run_dir", "cache_dir", "threads", "show_mistakes", "checkpoint_every", "resume",
-                   "force_new", "evaluate"}  # flags that change where or how a run goes, not what it computes
+                   "force_new", "evaluate", "base_only", "first_task_from"}  # flags that change where or how a run goes, not what it computes
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
 
 
@@ -176,6 +179,8 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
     if opt_state:
         opt.load_state_dict(opt_state)
     forward = torch.compile(model) if cfg.compile else model
+    frozen = not cfg.bf16 and not any(p.requires_grad for p in model.vision.parameters())
+    seen = {}  # a frozen vision tower's output for each image met in this task: computed once, not each step
     model.train()
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, leave=False, dynamic_ncols=True,
                disable=RANK > 0 or "TQDM_DISABLE" in os.environ)  # the study's runs set it
@@ -186,11 +191,12 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
         fresh = rows.subset(torch.randint(len(rows), (cfg.batch_size,), generator=gen))
         batch_rows = strategy.batch(fresh, gen)
         batch = data.to_batch(batch_rows, range(len(batch_rows)), device)
+        images = batch_rows.images
         if WORLD > 1:  # each rank takes every WORLD-th row; scaled so that summed gradients average the batch
             share = (batch[2][RANK::WORLD] != -100).sum() / (batch[2] != -100).sum()
-            batch = tuple(x[RANK::WORLD] for x in batch)
+            batch, images = tuple(x[RANK::WORLD] for x in batch), images[RANK::WORLD]
         with torch.autocast(device.type, torch.bfloat16) if cfg.bf16 else contextlib.nullcontext():
-            logits, loss = forward(*batch)
+            logits, loss = forward(*batch, seen=vision_seen(model, images, seen, device) if frozen else None)
             extra = strategy.penalty(model, batch, logits)
         total = loss if extra is None else loss + extra
         if WORLD > 1:  # shares sum to 1: the summed gradients are those of the whole batch's mean loss
@@ -210,6 +216,19 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
         if save and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save(step + 1, opt)
     return loss.item()
+
+
+@torch.no_grad()
+def vision_seen(model, images, seen, device):
+    """uint8 images (B, 3, H, W) -> the frozen vision tower's output, each image's computed once and then looked
+    up in `seen` by its bytes. The same floats as computing the batch whole: a row's output does not depend on
+    the rows beside it (test_train.py checks it), so caching changes no result; it saves a tenth of a step."""
+    keys = [image.numpy().tobytes() for image in images]
+    new = list({key: i for i, key in enumerate(keys) if key not in seen}.values())  # a row drawn twice: once
+    if new:
+        for i, out in zip(new, model.vision(data.pixels(images[new]).to(device))):
+            seen[keys[i]] = out
+    return torch.stack([seen[key] for key in keys])
 
 
 @torch.no_grad()
@@ -290,7 +309,8 @@ def base_model(cfg, mcfg, tok, device):
 
 def set_up(cfg, mcfg, scfg):
     """Check all that bad input can break, before any work, and open the run folder (resuming a checkpoint)
-    -> (device, run folder, {name: task}, tokenizer, the resolved config, the checkpoint or None)."""
+    -> (device, run folder, {name: task}, tokenizer, the resolved config, the checkpoint or None, the state of
+    --first-task-from or None)."""
     names, device, run_dir = task_names(cfg.tasks), pick_device(cfg.device), Path(cfg.run_dir)
     if cfg.force_new:  # a fresh folder next to the old one, which stays as it is
         run_dir = next(p for i in range(2, 10 ** 6) if not (p := Path(f"{run_dir}-{i}")).exists())
@@ -306,6 +326,7 @@ def set_up(cfg, mcfg, scfg):
     tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed, llava.file_texts(tasks.values()))  # a second
     mcfg.vocab_size = tok.get_vocab_size()
     config = {"train": asdict(cfg), "model": asdict(mcfg), "strategy": asdict(scfg)}
+    shared = cfg.first_task_from and first_task(cfg, config, strategies.build(cfg.strategy, scfg), next(iter(tasks)))
     saved = run_folder(cfg, config, run_dir)
     config["train"]["run_dir"] = cfg.run_dir = str(run_dir)
     atomic_write(run_dir / "tokenizer.json", lambda p: tok.save(str(p)))  # what --evaluate reads back
@@ -313,7 +334,7 @@ def set_up(cfg, mcfg, scfg):
     print(f"device {device} | strategy {cfg.strategy} | base {cfg.base} | preset {cfg.preset} | run folder "
           f"{run_dir}" + (f" | {WORLD} processes" if WORLD > 1 else "") + "\ntasks in order: "
           + " -> ".join(f"{n} ({task.like})" for n, task in tasks.items()))
-    return device, run_dir, tasks, tok, config, saved
+    return device, run_dir, tasks, tok, config, saved, (shared or None) if not saved else None
 
 
 def run_folder(cfg, config, run_dir):
@@ -330,15 +351,33 @@ def run_folder(cfg, config, run_dir):
     elif cfg.resume:
         raise CLIError(f"--resume: nothing to resume in {run_dir} (no checkpoint.pt)")
     for folder, what in ((run_dir, "run folder"), (Path(cfg.cache_dir), "--cache-dir")):
-        try:  # prove both writable before any work is done
-            if RANK == 0:
-                folder.mkdir(parents=True, exist_ok=True)
-                probe = folder / f".write-test-{os.getpid()}"  # its own name: the study's runs share a cache
-                probe.write_text("ok")
-                probe.unlink()
-        except OSError as e:
-            raise CLIError(f"cannot write {what} {folder}: {e.strerror or e}") from None
+        writable(folder, what)  # before any work is done
     return saved
+
+
+def writable(folder, what):
+    """Make the folder and prove it writable, or stop with one line naming it."""
+    try:
+        if RANK == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"  # its own name: the study's runs share a cache
+            probe.write_text("ok")
+            probe.unlink()
+    except OSError as e:
+        raise CLIError(f"cannot write {what} {folder}: {e.strerror or e}") from None
+
+
+def prepare_base(cfg, mcfg):
+    """--base-only: train the base model of these settings (or find it in --cache-dir), then stop. Before a
+    class; and the study's first step for each seed, so that its runs do not each train the same base."""
+    tasks = llava.read_tasks(task_names(cfg.tasks), cfg.image_root, cfg.truncate, Path(cfg.run_dir) / "cache")
+    writable(Path(cfg.cache_dir), "--cache-dir")
+    device = pick_device(cfg.device)
+    torch.set_num_threads(cfg.threads)
+    tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed, llava.file_texts(tasks.values()))
+    mcfg.vocab_size = tok.get_vocab_size()
+    _, path = base_model(cfg, mcfg, tok, device)
+    print(f"base model ready: {path}")
 
 
 def task_rows(tasks, cfg, mcfg, tok, n_train):
@@ -359,9 +398,29 @@ def checkpoint(path, progress, config, model, strategy, gen=None, opt=None):
     return state
 
 
-def tune(t, model, strategy, rows, cfg, device, desc, saved, save):
+def first_task(cfg, config, strategy, name):
+    """--first-task-from FOLDER -> the naive run's state after its first task, if training it here would give
+    the same bits: the strategy trains its first task as naive does, and that run had these settings."""
+    path = Path(cfg.first_task_from) / f"task1-{name}.pt"
+    if not strategy.naive_first:
+        raise CLIError(f"--first-task-from: {cfg.strategy} does not train its first task as naive does")
+    if not path.is_file():
+        raise CLIError(f"--first-task-from: no {path} (the first task of a naive run)")
+    saved = load_checkpoint(path)
+    skip = SAME_RUN_ANYWAY | {"strategy"}
+    theirs, ours = ({k: v for part in ("train", "model") for k, v in c[part].items() if k not in skip}
+                    for c in (saved["config"], config))
+    diff = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+    if saved["config"]["train"]["strategy"] != "naive" or diff:
+        raise CLIError(f"--first-task-from: {path} is not of a naive run with these settings "
+                       f"({'; '.join(diff) or saved['config']['train']['strategy']})")
+    return saved
+
+
+def tune(t, model, strategy, rows, cfg, device, desc, saved, save, shared=None):
     """Train task t: strategy.before_task, the steps, strategy.after_task; from `saved` if it stopped inside
-    task t. -> (the last training loss, the number of trainable parameters)."""
+    task t; with `shared` (first_task), its weights instead of the steps.
+    -> (the last training loss, the number of trainable parameters)."""
     resumed = saved is not None and saved["task"] == t and saved["step"] > 0
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + t + 1)  # one stream per task
     if resumed:  # within the task: as it was saved
@@ -372,9 +431,13 @@ def tune(t, model, strategy, rows, cfg, device, desc, saved, save):
         model.vision.requires_grad_(not cfg.freeze_vision)
         strategy.before_task(model, t, rows)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    loss = train_steps(model, rows, strategy, cfg.steps, cfg.lr, cfg, gen, device, desc,
-                       saved["step"] if resumed else 0, saved["optimizer"] if resumed else None,
-                       save=lambda step, opt: save(step, gen, opt))
+    if shared is not None:  # naive's weights after this task: what the steps would make (test_speed.py)
+        model.load_state_dict(shared["model"])
+        loss = shared["losses"][0]
+    else:
+        loss = train_steps(model, rows, strategy, cfg.steps, cfg.lr, cfg, gen, device, desc,
+                           saved["step"] if resumed else 0, saved["optimizer"] if resumed else None,
+                           save=lambda step, opt: save(step, gen, opt))
     strategy.after_task(model, t, rows)
     return loss, trainable
 
@@ -382,14 +445,17 @@ def tune(t, model, strategy, rows, cfg, device, desc, saved, save):
 def run(cfg, mcfg, scfg):
     """The protocol of He et al.: a base model, then each task in turn, every task evaluated after each."""
     t_start = time.time()
-    device, run_dir, tasks, tok, config, saved = set_up(cfg, mcfg, scfg)
+    device, run_dir, tasks, tok, config, saved, shared = set_up(cfg, mcfg, scfg)
     names = list(tasks)  # a task file's name is its stem
     t0 = time.time()
     trains, tests = task_rows(tasks, cfg, mcfg, tok, cfg.n_train)
     print(f"data: {len(names)} tasks, {sum(map(len, trains))} train + {sum(map(len, tests))} test rows "
           f"in {time.time() - t0:.1f} s")
 
+    t_base = time.time()
     model, base_path = base_model(cfg, mcfg, tok, device)
+    t_rows = time.time()
+    base_seconds = t_rows - t_base  # trained, or loaded from the cache
     atomic_write(run_dir / "base.pt", lambda p: p.write_bytes(base_path.read_bytes()))
     strategy = strategies.build(cfg.strategy, scfg, cfg.seed)
     if saved:
@@ -401,23 +467,26 @@ def run(cfg, mcfg, scfg):
     progress = {k: saved[k] for k in ("task", "step", "base_row", "random_row", *stages)} if saved else dict(
         task=0, step=0, base_row=[acc for acc, *_ in evaluate(model, strategy, tests, tok, device, cfg)],
         random_row=random_row(mcfg, tests, tok, device, cfg), **{k: [] for k in stages})
+    t_rows = time.time() - t_rows  # the base's and the random model's rows (a resumed run has them already)
     spaces = [answer_space(name, rows.answers) for name, rows in zip(names, trains)]
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; accuracy (%) on each task "
           "after each stage:\n" + format_matrix(names, progress["matrix"], progress["base_row"]))
 
-    results = []
+    results, first = [], progress["task"]  # a resumed run trains from task `first` on
     for t in range(progress["task"], len(names)):
         t0, desc = time.time(), f"task {t + 1}/{len(names)}: {names[t]}"
         def save(step, gen, opt):  # inside task t: where it stands, to resume from
             state = {**progress, "task": t, "step": step}
             checkpoint(run_dir / "checkpoint.pt", state, config, model, strategy, gen, opt)
-        loss, trainable = tune(t, model, strategy, trains[t], cfg, device, desc, saved, save)
+        loss, trainable = tune(t, model, strategy, trains[t], cfg, device, desc, saved, save,
+                               shared if t == 0 else None)
         t1 = time.time()
         results = evaluate(model, strategy, tests, tok, device, cfg)
         for key, row in stage_rows(results, spaces).items():  # accuracy, format, content, answer spaces
             progress[key].append(row)
-        progress["timings"].append(dict(task=names[t], train_seconds=t1 - t0, eval_seconds=time.time() - t1,
-                                        trainable=trainable))
+        reused = shared["timings"][0]["train_seconds"] if shared and t == 0 else 0  # counted as if trained here
+        progress["timings"].append(dict(task=names[t], train_seconds=t1 - t0 + reused, reused_seconds=reused,
+                                        eval_seconds=time.time() - t1, trainable=trainable))
         progress["losses"].append(loss)
         progress.update(task=t + 1, step=0)
         tqdm.write(format_row(names[t], progress["matrix"][-1], names))
@@ -432,6 +501,11 @@ def run(cfg, mcfg, scfg):
                timings=progress["timings"], extra_bytes=strategy.extra_bytes(),
                n_params=sum(p.numel() for p in model.parameters()), device=str(device),
                torch=torch.__version__, wall_seconds=time.time() - t_start, world_size=WORLD)
+    tasks, evals, reused = (sum(s.get(k, 0) for s in progress["timings"][first:])  # this process's work
+                            for k in ("train_seconds", "eval_seconds", "reused_seconds"))
+    tasks -= reused  # the time spent here
+    out["breakdown"] = dict(set_up=t_base - t_start, base=base_seconds, tasks=tasks, evaluation=evals + t_rows)
+    out["breakdown"]["other"] = out["wall_seconds"] - sum(out["breakdown"].values())  # checkpoints, the report
     out.update(strategy.extra_results(model, tests))  # e.g. expansion's task-ID accuracy, TIR's similarity
     if strategy.oracle(0) is not None:  # told each task: what the strategy could reach with perfect routing
         out["oracle_row"] = [evaluate(model, strategy.oracle(j), [test], tok, device, cfg)[0][0]
@@ -491,7 +565,7 @@ def main(argv=None):
             dist.init_process_group("nccl" if cuda else "gloo")
             sys.stdout = open(os.devnull, "w") if RANK > 0 else sys.stdout
         print("config: " + json.dumps({**asdict(cfg), **asdict(mcfg), **asdict(scfg)}))
-        run(cfg, mcfg, scfg)
+        prepare_base(cfg, mcfg) if cfg.base_only else run(cfg, mcfg, scfg)
     except (Stop, llava.TaskFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "code", 2)

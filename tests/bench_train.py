@@ -2,13 +2,18 @@
 
     OMP_NUM_THREADS=1 python tests/bench_train.py            # about three minutes on the 2-core CPU
     OMP_NUM_THREADS=1 python tests/bench_train.py --no-rss   # skip the short subprocess run that measures RSS
+    OMP_NUM_THREADS=1 python tests/bench_train.py --study runs/study   # and a study's per-run breakdown
 
 Everything is measured in this one run, side by side, on the same model and the same batches: train.py's
 train_steps against a bare forward/backward/AdamW loop (alternating rounds, median of each), FLOPs counted by
 torch's FlopCounterMode against a float32 matmul peak measured here, one evaluation of every task against a
 whole run's training, and the bytes of a replay row, EWC's importances and anchors, and a run's peak RSS.
+Then the levers for a cheaper step, before and after, side by side (kept: only those that change no result),
+the cost of a fresh Python's imports, and with --study where a study's runs spent their time.
 """
 import argparse
+import functools
+import json
 import os
 import statistics
 import subprocess
@@ -88,14 +93,68 @@ def compare_loops(model, rows, cfg, steps, rounds=5):
     return statistics.median(loop[1:]), statistics.median(bare[1:]), batches[0]
 
 
-def step_flops(model, batch):
-    """FLOPs of one forward + backward, counted by torch."""
+def step_flops(model, batch, seen=None):
+    """FLOPs of one forward + backward, counted by torch (with `seen`, the vision tower's output given)."""
     counter = FlopCounterMode(display=False)
     with counter:
-        _, loss = model(*batch)
+        _, loss = model(*batch, seen=seen)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
+
+
+def slow_vision(model, images, seen, device):
+    """train.vision_seen without its cache: every step puts the whole batch through the frozen tower."""
+    return model.vision(data.pixels(images).to(device))
+
+
+LEVERS = {  # name -> (kept?, how to switch it on around train.py's loop)
+    "before: no vision cache": (False, lambda cfg: [(train, "vision_seen", slow_vision)]),
+    "vision cache (train.vision_seen)": (True, lambda cfg: []),
+    "+ torch.compile (--compile)": (False, lambda cfg: [(cfg, "compile", True)]),
+    "+ AdamW foreach": (False, lambda cfg: [(torch.optim, "AdamW", functools.partial(torch.optim.AdamW,
+                                                                                     foreach=True))]),
+}
+
+
+def compare_levers(model, rows, cfg, steps, rounds=5):
+    """ms per step of train.py's loop with each lever of LEVERS, alternating rounds (the first warms up and
+    compiles) -> {name: median seconds per step}. Each lever is patched in for its round and then undone."""
+    times, cpu = {name: [] for name in LEVERS}, torch.device("cpu")
+    for r in range(rounds + 1):
+        for name, (_, patches) in LEVERS.items():
+            undo = []
+            for obj, attr, value in patches(cfg):
+                undo.append((obj, attr, getattr(obj, attr)))
+                setattr(obj, attr, value)
+            gen = torch.Generator().manual_seed(r)
+            t0 = time.perf_counter()
+            train.train_steps(model, rows, strategies.Strategy(None), steps, 1e-4, cfg, gen, cpu, name)
+            if r:
+                times[name].append((time.perf_counter() - t0) / steps)
+            for obj, attr, value in undo:
+                setattr(obj, attr, value)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def study_breakdown(folder):
+    """Mean seconds of a study's runs in each part (train.py's results.json 'breakdown'), by strategy."""
+    parts = {}
+    for path in sorted(Path(folder).glob("runs/**/results.json")):
+        results = json.loads(path.read_text())
+        if "breakdown" in results:
+            parts.setdefault(results["config"]["train"]["strategy"], []).append(results["breakdown"])
+    return {s: {k: statistics.mean(b[k] for b in bs) for k in bs[0]} | {"runs": len(bs)} for s, bs in parts.items()}
+
+
+def import_seconds(repeat=3):
+    """Seconds for a fresh Python to import train.py (torch and all): what each of a study's runs pays first."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import train"], cwd=ROOT, check=True)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def where_time_goes(model, rows, cfg, repeat=30):
@@ -137,6 +196,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=40, help="steps per timed round")
     ap.add_argument("--no-rss", action="store_true", help="skip the subprocess run that measures peak RSS")
+    ap.add_argument("--study", default="", help="a study folder (python study.py --out): its runs' breakdown")
     args = ap.parse_args()
     peak = matmul_peak()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); float32 matmul peak "
@@ -157,6 +217,23 @@ def main():
     print(f"evaluation of all {len(data.TASKS)} tasks ({train.TrainConfig().n_test} rows each): {once:.1f} s; "
           f"run for the base row and after each task, it is {share:.1%} of a default run's training and evaluation")
     rows, model = default_rows, default_model
+
+    print(f"\nlevers, train.py's loop at the default size ({args.steps} steps a round, alternating rounds, "
+          "median of 5; MFU on the FLOPs each one does):")
+    cfg = train.TrainConfig()
+    levers, batch = compare_levers(model, rows, cfg, args.steps), data.to_batch(rows, range(cfg.batch_size), "cpu")
+    before = levers["before: no vision cache"]
+    with torch.no_grad():
+        seen = model.vision(batch[0])
+    for name, seconds in levers.items():
+        flops = step_flops(model, batch, None if name.startswith("before") else seen)
+        print(f"  {name:<34}{1000 * seconds:>7.1f} ms{before / seconds:>7.2f}x{flops / seconds / 1e9 / peak:>6.0%}"
+              f"  {'kept' if LEVERS[name][0] else 'not kept'}")
+    print(f"\na fresh Python importing train.py (torch and all), as each study run does: {import_seconds():.1f} s")
+    if args.study:
+        print(f"\n{args.study}: mean seconds of a run in each part (from results.json), by strategy")
+        for s, parts in study_breakdown(args.study).items():
+            print(f"  {s:<12}" + "  ".join(f"{k} {v:.0f}" for k, v in parts.items()))
 
     row_bytes = strategies.nbytes([rows.images[0], rows.tokens[0], rows.prompt_len[0]])
     ewc = strategies.build("ewc", strategies.StrategyConfig())

@@ -153,6 +153,23 @@ MUTANTS = {
                       "t0, gen = time.time(), torch.Generator().manual_seed(cfg.seed)",
                       "t0, gen = time.time(), torch.Generator().manual_seed(time.time_ns())",
                       ["tests/test_train.py::test_a_cold_cache_trains_the_same_base_again"]),
+    "vision_cache_off": ("train.py",
+                         "frozen = not cfg.bf16 and not any(",
+                         "frozen = False and not any(",
+                         ["tests/test_speed.py::test_a_frozen_vision_tower_encodes_each_image_once_and_changes_no_weight"]),
+    "shared_first_task_not_loaded": ("train.py",
+                                     '        model.load_state_dict(shared["model"])',
+                                     "        pass",
+                                     ["tests/test_speed.py::test_a_run_from_naives_first_task_is_the_run_that_trains_it"]),
+    "shared_first_task_unchecked": ("train.py",
+                                    '    if saved["config"]["train"]["strategy"] != "naive" or diff:',
+                                    "    if False:",
+                                    ["tests/test_speed.py::test_first_task_from_refuses_what_would_not_give_the_same_bits"]),
+    "study_runs_before_base": ("study.py",
+                               "                    release(key[1])",
+                               "                    pass",
+                               ["tests/test_study.py::test_each_seeds_base_is_trained_once_by_a_job_of_its_own_before_"
+                                "that_seeds_runs"]),
 }
 
 

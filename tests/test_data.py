@@ -164,7 +164,10 @@ def solve(task, scene, instruction):
         if instruction:  # grounded: every object of the one or two colours named, in cell order, or 'none'
             named = instruction.split()
             assert set(named) <= colors and len(set(named)) == len(named) <= 2
-            return "; ".join(f"{o.size} {o.shape} {POSITION[o.cell]}" for o in cells if o.color in named) or "none"
+            found = [f"{o.size} {o.shape} {POSITION[o.cell]}" for o in cells if o.color in named]
+            if len(named) == 1 and found:  # one colour: how many objects have it, in words, first
+                found[0] = ["one", "two", "three", "four", "five"][len(found) - 1] + ": " + found[0]
+            return "; ".join(found) or "none"
         parts = [f"{o.size} {o.color} {o.shape} {POSITION[o.cell]}" for o in cells]
         return "; ".join(parts + ([f"text {scene.text}"] if scene.text else []))
     raise AssertionError(f"no solver for task {task!r}")

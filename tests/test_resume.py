@@ -28,7 +28,7 @@ ARGS = ["--strategy", "replay+expansion", "--tasks", "classify,attribute", "--st
 
 def results_without_timings(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
-    for key in ("timings", "wall_seconds"):
+    for key in ("timings", "wall_seconds", "breakdown"):
         results.pop(key)
     for key in ("run_dir", "resume"):  # how this command was invoked, not what the run is
         results["config"]["train"].pop(key)

@@ -138,31 +138,47 @@ def test_a_study_without_tir_says_so(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # the command line
 
-def test_each_base_is_trained_once_before_its_other_runs(tmp_path, monkeypatch, capsys):
-    """A stand-in for train.py: the multitask base is slow to make; one run fails."""
+def test_each_seeds_base_is_trained_once_by_a_job_of_its_own_before_that_seeds_runs(tmp_path, monkeypatch,
+                                                                                    capsys):
+    """A stand-in for train.py: seed 1's base is slow to make; one run fails. replay and tir start from
+    naive's first task (train.py --first-task-from), so after naive's run."""
     events, bases, names = [], ["pretrained", "multitask"], ["naive", "replay", "tir"]
-    plan = {("tasks", b, s, 0): ([b, s], tmp_path / b / s, {}) for b in bases for s in names}
+    plan = {("tasks", b, s, seed): ([b, s, str(seed)], tmp_path / b / s / str(seed), {})
+            for seed in (0, 1) for b in bases for s in names}
 
     def fake_train_run(flags):
-        base, strategy = flags
-        events.append(("start", base, strategy))
-        time.sleep(0.5 if (base, strategy) == ("multitask", "naive") else 0.02)
-        (tmp_path / base / strategy).mkdir(parents=True)
+        if "--base-only" in flags:  # study.base_job's flags
+            seed = int(flags[flags.index("--seed") + 1])
+            assert flags[flags.index("--base") + 1] == "multitask"  # it holds the pretrained stage too
+            events.append(("start", "base", seed))
+            time.sleep(0.5 if seed == 1 else 0.02)
+            events.append(("end", "base", seed))
+            return subprocess.CompletedProcess(flags, 0, stderr="")
+        (base, strategy, seed), more = flags[:3], flags[3:]
+        naive_dir = str(tmp_path / base / "naive" / seed)
+        assert more == ([] if strategy == "naive" else ["--first-task-from", naive_dir])  # naive's first task
+        assert strategy == "naive" or (Path(naive_dir) / "results.json").is_file()  # once naive has finished
+        events.append(("start", base, strategy, int(seed)))
+        time.sleep(0.02)
+        (tmp_path / base / strategy / seed).mkdir(parents=True)
         results = result(strategy, A, task_similarity=SIMILARITY)
-        (tmp_path / base / strategy / "results.json").write_text(json.dumps(results))
-        events.append(("end", base, strategy))
-        return subprocess.CompletedProcess(flags, 3 if (base, strategy) == ("multitask", "tir") else 0, stderr="boom")
+        (tmp_path / base / strategy / seed / "results.json").write_text(json.dumps(results))
+        events.append(("end", base, strategy, int(seed)))
+        failed = (base, strategy, seed) == ("multitask", "tir", "1")
+        return subprocess.CompletedProcess(flags, 3 if failed else 0, stderr="boom")
     monkeypatch.setattr(study, "study_plan", lambda *args: plan)
     monkeypatch.setattr(study, "train_run", fake_train_run)
-    args = argparse.Namespace(out=str(tmp_path / "study"), seeds=1, jobs=2, tasks=None, orders="tasks")
+    args = argparse.Namespace(out=str(tmp_path / "study"), seeds=2, jobs=2, tasks=None, orders="tasks",
+                              share_first_task=True)
     assert study.study(args, names, bases, []) == 1
-    assert "FAILED multitask/tir/seed0 (exit 3)" in capsys.readouterr().err
-    for b in bases:  # the first run trains the base; the others reuse it
-        assert all(events.index(("start", b, s)) > events.index(("end", b, "naive")) for s in names[1:])
-    # with two jobs, the pretrained runs do not wait for the multitask base
-    assert events.index(("end", "pretrained", "tir")) < events.index(("end", "multitask", "naive"))
-    assert "| tir | pretrained |" in (tmp_path / "study" / "study.md").read_text()  # the failed one is left out
-    assert "| tir | multitask |" not in (tmp_path / "study" / "study.md").read_text()
+    assert "FAILED multitask/tir/seed1 (exit 3)" in capsys.readouterr().err
+    assert [e for e in events if e[1] == "base"].count(("start", "base", 0)) == 1  # once, for both bases
+    assert sum(e[:2] == ("start", "base") for e in events) == 2
+    for b, s, seed in [(b, s, seed) for b in bases for s in names for seed in (0, 1)]:
+        assert events.index(("start", b, s, seed)) > events.index(("end", "base", seed))
+    # seed 0's runs do not wait for seed 1's slower base
+    assert all(events.index(("end", b, s, 0)) < events.index(("end", "base", 1)) for b in bases for s in names)
+    assert "| tir | multitask |" in (tmp_path / "study" / "study.md").read_text()  # seed 0's is there
 
 
 needs_base = pytest.mark.skipif("base" not in {f.name for f in fields(train.TrainConfig)},
