@@ -314,7 +314,8 @@ def _align(scene, rng):
         colors = []
         while len(colors) < (2 if rng.random() < GROUNDED_TWO else 1):
             absent = [c for c in COLORS if c not in {o.color for o in objs}]
-            color = rng.choice(absent) if absent and rng.random() < GROUNDED_ABSENT else rng.choice(objs).color
+            missing = absent and rng.random() < GROUNDED_ABSENT  # name a colour the scene lacks
+            color = rng.choice(absent) if missing else rng.choice(objs).color
             if color not in colors:
                 colors.append(color)
         found = [f"{o.size} {o.shape} {where(o.cell)}" for o in objs if o.color in colors]
@@ -330,7 +331,7 @@ def _align(scene, rng):
 # captions the cells in a fixed order, and each colour-lookup task must first find that circuit itself.
 # Naming two colours makes it find both and put them in reading order, i.e. compare where they are. Saying how
 # many objects have the colour teaches it to count what it looked up (count reached 79-81 % without, README).
-NUMBERS = ("none", "one", "two", "three", "four", "five")  # in words: the base must not answer count zero-shot
+NUMBERS = ("none", "one", "two", "three", "four", "five")  # words: the base must not answer count zero-shot
 GROUNDED = 0.5         # share of alignment rows that name colours
 GROUNDED_TWO = 0.5     # of those, the share naming two colours
 GROUNDED_ABSENT = 0.2  # the chance that a colour named is missing from the scene: lookup can come back empty

@@ -188,8 +188,8 @@ class VLM(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def image_prefix(self, images, seen=None):
-        """(B, 3, H, W) -> (B, n_patches, d_model) prefix tokens. `seen` is the vision tower's output for these
-        images when the caller has it already (a frozen tower: train.py's train_steps)."""
+        """(B, 3, H, W) -> (B, n_patches, d_model) prefix tokens. `seen` is the vision tower's output for
+        these images when the caller has it already (a frozen tower: train.py's train_steps)."""
         return self.projector(self.vision(images) if seen is None else seen)
 
     def decode(self, x, start=0, caches=None):

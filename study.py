@@ -32,8 +32,10 @@ from eval import LEARNT, format_table, heatmap, human_bytes, markdown_table  # L
 
 BASES = ("pretrained", "multitask")  # alignment only, and that base tuned jointly on the held-in tasks
 COLORS = dict(zip(BASES, [(31, 119, 180), (214, 39, 40)]))  # one colour per base in every chart
-RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks", "--base-only", "--first-task-from")  # the study sets these for each run
-UNCOMPARED = ("vocab_size", "run_dir", "cache_dir", "first_task_from")  # set at run time, or paths: not what a run computes
+RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks", "--base-only",
+            "--first-task-from")  # the study sets these for each run
+UNCOMPARED = ("vocab_size", "run_dir", "cache_dir",
+              "first_task_from")  # set at run time, or paths: not what a run computes
 # the table's (column, format); None: bytes, the same each seed
 COLUMNS = [("AA", "{:.1f}"), ("BWT", "{:+.1f}"), ("forgetting", "{:.1f}"), ("FWT", "{:+.1f}"),
            ("FWT_random", "{:+.1f}"), ("format drop", "{:.1f}"), ("task ID", "{:.1f}"),
@@ -582,11 +584,13 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=3,
                     help="seeds 0..N-1; cells are mean ± std, verdicts per seed")
     ap.add_argument("--jobs", type=int, default=2, help="train.py runs at once, one CPU thread each")
-    ap.add_argument("--orders", default="paper,easy-first",
-                    help="task orders (data.ORDERS names): the first makes the table, the others test it")
+    ap.add_argument("--orders", default="paper",
+                    help="task orders (data.ORDERS names): the first makes the table, the others test "
+                    "it, e.g. paper,easy-first (twice the runs)")
     ap.add_argument("--tasks", help="one train.py --tasks for every run instead of --orders")
     ap.add_argument("--share-first-task", action=argparse.BooleanOptionalAction, default=True,
-                    help="strategies that train their first task as naive does start from naive's (the same bits)")
+                    help="strategies that train their first task as naive does start from naive's "
+                    "(the same bits)")
     ap.add_argument("--out", default="runs/study",
                     help="where the runs, study.md, study.json and pictures go")
     args = ap.parse_args(argv)

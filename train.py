@@ -77,7 +77,8 @@ TRAIN_PRESETS = {"tiny": {}, "small": dict(batch_size=64, steps=300, base_steps=
 POSITIVE = ("steps", "batch_size", "lr", "base_lr", "n_train", "n_test", "n_base", "eval_batch_size",
             "threads", "multitask_steps", "checkpoint_every")
 SAME_RUN_ANYWAY = {"run_dir", "cache_dir", "threads", "show_mistakes", "checkpoint_every", "resume",
-                   "force_new", "evaluate", "base_only", "first_task_from"}  # flags that change where or how a run goes, not what it computes
+                   "force_new", "evaluate", "base_only",
+                   "first_task_from"}  # flags that change where or how a run goes, not what it computes
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
 
 
@@ -220,9 +221,10 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
 
 @torch.no_grad()
 def vision_seen(model, images, seen, device):
-    """uint8 images (B, 3, H, W) -> the frozen vision tower's output, each image's computed once and then looked
-    up in `seen` by its bytes. The same floats as computing the batch whole: a row's output does not depend on
-    the rows beside it (test_train.py checks it), so caching changes no result; it saves a tenth of a step."""
+    """uint8 images (B, 3, H, W) -> the frozen vision tower's output, each image's computed once and then
+    looked up in `seen` by its bytes. The same floats as computing the batch whole: a row's output does not
+    depend on the rows beside it (tests/test_speed.py checks it), so caching changes no result; it saves
+    a tenth of a step."""
     keys = [image.numpy().tobytes() for image in images]
     new = list({key: i for i, key in enumerate(keys) if key not in seen}.values())  # a row drawn twice: once
     if new:
@@ -326,7 +328,8 @@ def set_up(cfg, mcfg, scfg):
     tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed, llava.file_texts(tasks.values()))  # a second
     mcfg.vocab_size = tok.get_vocab_size()
     config = {"train": asdict(cfg), "model": asdict(mcfg), "strategy": asdict(scfg)}
-    shared = cfg.first_task_from and first_task(cfg, config, strategies.build(cfg.strategy, scfg), next(iter(tasks)))
+    strategy = strategies.build(cfg.strategy, scfg)  # only to ask it: may it take naive's first task?
+    shared = cfg.first_task_from and first_task(cfg, config, strategy, next(iter(tasks)))
     saved = run_folder(cfg, config, run_dir)
     config["train"]["run_dir"] = cfg.run_dir = str(run_dir)
     atomic_write(run_dir / "tokenizer.json", lambda p: tok.save(str(p)))  # what --evaluate reads back
@@ -407,7 +410,7 @@ def first_task(cfg, config, strategy, name):
     if not path.is_file():
         raise CLIError(f"--first-task-from: no {path} (the first task of a naive run)")
     saved = load_checkpoint(path)
-    skip = SAME_RUN_ANYWAY | {"strategy"}
+    skip = SAME_RUN_ANYWAY - {"threads"} | {"strategy"}  # more threads sum in another order: other bits
     theirs, ours = ({k: v for part in ("train", "model") for k, v in c[part].items() if k not in skip}
                     for c in (saved["config"], config))
     diff = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in ours.items() if theirs.get(k) != v]
@@ -484,7 +487,7 @@ def run(cfg, mcfg, scfg):
         results = evaluate(model, strategy, tests, tok, device, cfg)
         for key, row in stage_rows(results, spaces).items():  # accuracy, format, content, answer spaces
             progress[key].append(row)
-        reused = shared["timings"][0]["train_seconds"] if shared and t == 0 else 0  # counted as if trained here
+        reused = shared["timings"][0]["train_seconds"] if shared and t == 0 else 0  # counted as if trained
         progress["timings"].append(dict(task=names[t], train_seconds=t1 - t0 + reused, reused_seconds=reused,
                                         eval_seconds=time.time() - t1, trainable=trainable))
         progress["losses"].append(loss)
@@ -504,8 +507,8 @@ def run(cfg, mcfg, scfg):
     tasks, evals, reused = (sum(s.get(k, 0) for s in progress["timings"][first:])  # this process's work
                             for k in ("train_seconds", "eval_seconds", "reused_seconds"))
     tasks -= reused  # the time spent here
-    out["breakdown"] = dict(set_up=t_base - t_start, base=base_seconds, tasks=tasks, evaluation=evals + t_rows)
-    out["breakdown"]["other"] = out["wall_seconds"] - sum(out["breakdown"].values())  # checkpoints, the report
+    parts = dict(set_up=t_base - t_start, base=base_seconds, tasks=tasks, evaluation=evals + t_rows)
+    out["breakdown"] = {**parts, "other": out["wall_seconds"] - sum(parts.values())}  # checkpoints, report
     out.update(strategy.extra_results(model, tests))  # e.g. expansion's task-ID accuracy, TIR's similarity
     if strategy.oracle(0) is not None:  # told each task: what the strategy could reach with perfect routing
         out["oracle_row"] = [evaluate(model, strategy.oracle(j), [test], tok, device, cfg)[0][0]

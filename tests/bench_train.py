@@ -12,6 +12,7 @@ Then the levers for a cheaper step, before and after, side by side (kept: only t
 the cost of a fresh Python's imports, and with --study where a study's runs spent their time.
 """
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -108,32 +109,51 @@ def slow_vision(model, images, seen, device):
     return model.vision(data.pixels(images).to(device))
 
 
-LEVERS = {  # name -> (kept?, how to switch it on around train.py's loop)
-    "before: no vision cache": (False, lambda cfg: [(train, "vision_seen", slow_vision)]),
-    "vision cache (train.vision_seen)": (True, lambda cfg: []),
-    "+ torch.compile (--compile)": (False, lambda cfg: [(cfg, "compile", True)]),
-    "+ AdamW foreach": (False, lambda cfg: [(torch.optim, "AdamW", functools.partial(torch.optim.AdamW,
-                                                                                     foreach=True))]),
+@contextlib.contextmanager
+def patched(*patches):
+    """(object, attribute, value) for each patch: set for the with-block, then put back."""
+    old = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
+    for obj, attr, value in patches:
+        setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        for obj, attr, value in old:
+            setattr(obj, attr, value)
+
+
+@contextlib.contextmanager
+def threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+LEVERS = {  # name -> (kept?, the lever switched on around train.py's loop, given its TrainConfig)
+    "before: no vision cache": (False, lambda cfg: patched((train, "vision_seen", slow_vision))),
+    "vision cache (train.vision_seen)": (True, lambda cfg: patched()),
+    "+ torch.compile (--compile)": (False, lambda cfg: patched((cfg, "compile", True))),
+    "+ AdamW foreach": (False, lambda cfg: patched((torch.optim, "AdamW", functools.partial(
+        torch.optim.AdamW, foreach=True)))),
+    "+ 2 threads (--threads 2)": (False, lambda cfg: threads(2)),
 }
 
 
 def compare_levers(model, rows, cfg, steps, rounds=5):
-    """ms per step of train.py's loop with each lever of LEVERS, alternating rounds (the first warms up and
-    compiles) -> {name: median seconds per step}. Each lever is patched in for its round and then undone."""
+    """Seconds per step of train.py's loop with each lever of LEVERS, alternating rounds (the first warms up
+    and compiles) -> {name: median seconds per step}."""
     times, cpu = {name: [] for name in LEVERS}, torch.device("cpu")
     for r in range(rounds + 1):
-        for name, (_, patches) in LEVERS.items():
-            undo = []
-            for obj, attr, value in patches(cfg):
-                undo.append((obj, attr, getattr(obj, attr)))
-                setattr(obj, attr, value)
+        for name, (_, lever) in LEVERS.items():
             gen = torch.Generator().manual_seed(r)
-            t0 = time.perf_counter()
-            train.train_steps(model, rows, strategies.Strategy(None), steps, 1e-4, cfg, gen, cpu, name)
-            if r:
-                times[name].append((time.perf_counter() - t0) / steps)
-            for obj, attr, value in undo:
-                setattr(obj, attr, value)
+            with lever(cfg):
+                t0 = time.perf_counter()
+                train.train_steps(model, rows, strategies.Strategy(None), steps, 1e-4, cfg, gen, cpu, name)
+                if r:
+                    times[name].append((time.perf_counter() - t0) / steps)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
