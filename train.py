@@ -329,7 +329,7 @@ def set_up(cfg, mcfg, scfg):
     mcfg.vocab_size = tok.get_vocab_size()
     config = {"train": asdict(cfg), "model": asdict(mcfg), "strategy": asdict(scfg)}
     strategy = strategies.build(cfg.strategy, scfg)  # only to ask it: may it take naive's first task?
-    shared = cfg.first_task_from and first_task(cfg, config, strategy, next(iter(tasks)))
+    shared = first_task(cfg, config, strategy, next(iter(tasks))) if cfg.first_task_from else None
     saved = run_folder(cfg, config, run_dir)
     config["train"]["run_dir"] = cfg.run_dir = str(run_dir)
     atomic_write(run_dir / "tokenizer.json", lambda p: tok.save(str(p)))  # what --evaluate reads back
@@ -337,7 +337,7 @@ def set_up(cfg, mcfg, scfg):
     print(f"device {device} | strategy {cfg.strategy} | base {cfg.base} | preset {cfg.preset} | run folder "
           f"{run_dir}" + (f" | {WORLD} processes" if WORLD > 1 else "") + "\ntasks in order: "
           + " -> ".join(f"{n} ({task.like})" for n, task in tasks.items()))
-    return device, run_dir, tasks, tok, config, saved, (shared or None) if not saved else None
+    return device, run_dir, tasks, tok, config, saved, None if saved else shared  # a resume has trained it
 
 
 def run_folder(cfg, config, run_dir):
@@ -470,13 +470,13 @@ def run(cfg, mcfg, scfg):
     progress = {k: saved[k] for k in ("task", "step", "base_row", "random_row", *stages)} if saved else dict(
         task=0, step=0, base_row=[acc for acc, *_ in evaluate(model, strategy, tests, tok, device, cfg)],
         random_row=random_row(mcfg, tests, tok, device, cfg), **{k: [] for k in stages})
-    t_rows = time.time() - t_rows  # the base's and the random model's rows (a resumed run has them already)
+    rows_seconds = time.time() - t_rows  # the base's and the random model's rows (a resumed run has them)
     spaces = [answer_space(name, rows.answers) for name, rows in zip(names, trains)]
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; accuracy (%) on each task "
           "after each stage:\n" + format_matrix(names, progress["matrix"], progress["base_row"]))
 
     results, first = [], progress["task"]  # a resumed run trains from task `first` on
-    for t in range(progress["task"], len(names)):
+    for t in range(first, len(names)):
         t0, desc = time.time(), f"task {t + 1}/{len(names)}: {names[t]}"
         def save(step, gen, opt):  # inside task t: where it stands, to resume from
             state = {**progress, "task": t, "step": step}
@@ -504,10 +504,10 @@ def run(cfg, mcfg, scfg):
                timings=progress["timings"], extra_bytes=strategy.extra_bytes(),
                n_params=sum(p.numel() for p in model.parameters()), device=str(device),
                torch=torch.__version__, wall_seconds=time.time() - t_start, world_size=WORLD)
-    tasks, evals, reused = (sum(s.get(k, 0) for s in progress["timings"][first:])  # this process's work
-                            for k in ("train_seconds", "eval_seconds", "reused_seconds"))
-    tasks -= reused  # the time spent here
-    parts = dict(set_up=t_base - t_start, base=base_seconds, tasks=tasks, evaluation=evals + t_rows)
+    trained, evals, reused = (sum(s.get(k, 0) for s in progress["timings"][first:])  # this process's work
+                              for k in ("train_seconds", "eval_seconds", "reused_seconds"))
+    parts = dict(set_up=t_base - t_start, base=base_seconds, tasks=trained - reused,  # the time spent here
+                 evaluation=evals + rows_seconds)
     out["breakdown"] = {**parts, "other": out["wall_seconds"] - sum(parts.values())}  # checkpoints, report
     out.update(strategy.extra_results(model, tests))  # e.g. expansion's task-ID accuracy, TIR's similarity
     if strategy.oracle(0) is not None:  # told each task: what the strategy could reach with perfect routing
