@@ -56,7 +56,8 @@ class TrainConfig:
     freeze_vision: bool = arg(True, "freeze the ViT while tuning tasks, as LLaVA freezes its vision tower")
     seed: int = arg(0, "seeds data, initialisation and batch order: the same seed gives the same run")
     device: str = arg("auto", "auto picks cuda, then mps, then cpu")
-    threads: int = arg(1, "CPU threads: tiny matrices gain little; 2 on a busy 2-core CPU ran 30x slower")
+    threads: int = arg(0, "CPU threads; 0: two if torch sees two cores (OMP_NUM_THREADS), else one. Two: "
+                       "1.4x faster alone, 2.4x slower beside a busy process; other bits")
     run_dir: str = arg("", "run folder; empty means runs/<strategy>")
     cache_dir: str = arg("runs/cache", "where base models are cached, keyed by everything that made them")
     eval_batch_size: int = arg(256, "prompts decoded together in evaluation")
@@ -128,6 +129,7 @@ def parse(argv):
     mine = {cls: {k: v for k, v in given.items() if k in {f.name for f in fields(cls)}}  # the flags given
             for cls in groups.values()}
     cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **saved.get("train", {}), **mine[TrainConfig]})
+    cfg.threads = cfg.threads or min(2, torch.get_num_threads())  # resolved: config.json says which
     scfg = strategies.StrategyConfig(**{**saved.get("strategy", {}), **mine[strategies.StrategyConfig]})
     try:
         mcfg = ModelConfig(**{**PRESETS[preset], **saved.get("model", {}), **mine[ModelConfig]})
@@ -278,7 +280,8 @@ def base_model(cfg, mcfg, tok, device):
     Each stage is cached under a key of everything that made it, and loaded again when that matches."""
     code = b"".join((Path(__file__).parent / n).read_bytes() for n in ("data.py", "model.py", "train.py"))
     key = dict(model=asdict(mcfg), batch_size=cfg.batch_size, seed=cfg.seed, tokenizer=tok.to_str(),
-               bf16=cfg.bf16, n_test=cfg.n_test,  # the test layouts every stage leaves out depend on it
+               bf16=cfg.bf16, threads=cfg.threads,  # more threads sum in another order: other bits
+               n_test=cfg.n_test,  # the test layouts every stage leaves out depend on it
                code=hashlib.sha256(code).hexdigest())  # an edit of any of the three must not reuse a base
     held_out = data.test_layouts(cfg.n_test, cfg.seed)  # every task's test layouts: no stage trains on them
     stages = [("pretrained", [data.ALIGN], cfg.base_steps, cfg.base_lr, cfg.n_base)]

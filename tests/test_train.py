@@ -151,6 +151,28 @@ def test_a_cold_cache_trains_the_same_base_again(runs, tmp_path, capsys):
     assert all(r1[k] == r3[k] for k in ("matrix", "base_row", "final_loss"))
 
 
+def test_threads_default_to_torchs_count_up_to_two_and_key_the_base(runs, tmp_path, capsys):
+    """--threads 0 (the default) takes torch's thread count (OMP_NUM_THREADS, else the cores), at most two,
+    and config.json records the number taken; a base trained with one thread is not reused with two (their
+    sums run in another order, so the bits differ): it is trained again."""
+    import train
+    tmp, (first, _) = runs
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = torch.get_num_threads()
+    try:
+        for torch_threads, taken in ((1, 1), (2, 2), (4, 2)):
+            torch.set_num_threads(torch_threads)
+            assert train.parse(SMALL)[0].threads == taken
+        assert train.parse([*SMALL, "--threads", "3"])[0].threads == 3  # given: as given
+        two = [*ARGS, "--threads", "2", "--run-dir", str(tmp_path / "two"), "--cache-dir", str(tmp / "cache")]
+        assert train.main(two) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert "base model: pretrained stage" in capsys.readouterr().out  # run1's one-thread base: not reused
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["train"]["threads"] == 2
+    assert json.loads((tmp / "run1" / "config.json").read_text())["train"]["threads"] == 1  # OMP_NUM_THREADS=1
+
+
 def test_eval_reprints_the_report(runs):
     tmp, (first, _) = runs
     proc = run("eval.py", tmp / "run1")
