@@ -8,7 +8,8 @@ Everything is measured in this one run, side by side, on the same model and the 
 train_steps against a bare forward/backward/AdamW loop (alternating rounds, median of each), FLOPs counted by
 torch's FlopCounterMode against a float32 matmul peak measured here, one evaluation of every task against a
 whole run's training, and the bytes of a replay row, EWC's importances and anchors, and a run's peak RSS.
-Then the levers for a cheaper step, before and after, side by side (kept: only those that change no result),
+Then the levers for a cheaper step, before and after, side by side (kept: those that change no result, and
+two threads for a run alone, a deliberate change of the last bits; the study keeps one thread a run),
 the cost of a fresh Python's imports, and with --study where a study's runs spent their time.
 """
 import argparse
@@ -138,7 +139,7 @@ LEVERS = {  # name -> (kept?, the lever switched on around train.py's loop, give
     "+ torch.compile (--compile)": (False, lambda cfg: patched((cfg, "compile", True))),
     "+ AdamW foreach": (False, lambda cfg: patched((torch.optim, "AdamW", functools.partial(
         torch.optim.AdamW, foreach=True)))),
-    "+ 2 threads (--threads 2)": (False, lambda cfg: threads(2)),
+    "+ 2 threads (a run alone)": (True, lambda cfg: threads(2)),
 }
 
 
