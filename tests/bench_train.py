@@ -10,7 +10,8 @@ torch's FlopCounterMode against a float32 matmul peak measured here, one evaluat
 whole run's training, and the bytes of a replay row, EWC's importances and anchors, and a run's peak RSS.
 Then the levers for a cheaper step, before and after, side by side (kept: those that change no result, and
 two threads for a run alone, a deliberate change of the last bits; the study keeps one thread a run),
-the cost of a fresh Python's imports, and with --study where a study's runs spent their time.
+two threads against one beside a busy core, the cost of a fresh Python's imports, and with --study
+where a study's runs spent their time.
 """
 import argparse
 import contextlib
@@ -158,6 +159,26 @@ def compare_levers(model, rows, cfg, steps, rounds=5):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def beside_a_busy_core(model, rows, cfg, steps, rounds=3):
+    """Seconds per step of train.py's loop with 1 and 2 threads while another process keeps one core busy
+    (what a student's browser or a second run does): {threads: median seconds per step}."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        times, cpu = {1: [], 2: []}, torch.device("cpu")
+        for r in range(rounds + 1):
+            for n in times:
+                with threads(n):
+                    t0 = time.perf_counter()
+                    train.train_steps(model, rows, strategies.Strategy(None), steps, 1e-4, cfg,
+                                      torch.Generator().manual_seed(r), cpu, "busy")
+                    if r:
+                        times[n].append((time.perf_counter() - t0) / steps)
+    finally:
+        busy.kill()
+        busy.wait()
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def study_breakdown(folder):
     """Mean seconds of a study's runs in each part (train.py's results.json 'breakdown'), by strategy."""
     parts = {}
@@ -250,6 +271,9 @@ def main():
         flops = step_flops(model, batch, None if name.startswith("before") else seen)
         print(f"  {name:<34}{1000 * seconds:>7.1f} ms{before / seconds:>7.2f}x{flops / seconds / 1e9 / peak:>6.0%}"
               f"  {'kept' if LEVERS[name][0] else 'not kept'}")
+    busy = beside_a_busy_core(model, rows, cfg, args.steps)
+    print(f"  beside another process that keeps one core busy: 1 thread {1000 * busy[1]:.1f} ms, 2 threads "
+          f"{1000 * busy[2]:.1f} ms ({busy[2] / busy[1]:.2f}x the time): on a busy machine, --threads 1")
     print(f"\na fresh Python importing train.py (torch and all), as each study run does: {import_seconds():.1f} s")
     if args.study:
         print(f"\n{args.study}: mean seconds of a run in each part (from results.json), by strategy")
