@@ -144,12 +144,12 @@ LEVERS = {  # name -> (kept?, the lever switched on around train.py's loop, give
 }
 
 
-def compare_levers(model, rows, cfg, steps, rounds=5):
-    """Seconds per step of train.py's loop with each lever of LEVERS, alternating rounds (the first warms up
-    and compiles) -> {name: median seconds per step}."""
-    times, cpu = {name: [] for name in LEVERS}, torch.device("cpu")
+def compare_levers(model, rows, cfg, steps, levers=LEVERS, rounds=5):
+    """Seconds per step of train.py's loop with each lever of `levers`, alternating rounds (the first warms
+    up and compiles) -> {name: median seconds per step}."""
+    times, cpu = {name: [] for name in levers}, torch.device("cpu")
     for r in range(rounds + 1):
-        for name, (_, lever) in LEVERS.items():
+        for name, (_, lever) in levers.items():
             gen = torch.Generator().manual_seed(r)
             with lever(cfg):
                 t0 = time.perf_counter()
@@ -159,24 +159,16 @@ def compare_levers(model, rows, cfg, steps, rounds=5):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def beside_a_busy_core(model, rows, cfg, steps, rounds=3):
-    """Seconds per step of train.py's loop with 1 and 2 threads while another process keeps one core busy
-    (what a student's browser or a second run does): {threads: median seconds per step}."""
+def beside_a_busy_core(model, rows, cfg, steps):
+    """compare_levers for 1 and 2 threads while another process keeps one core busy (what a student's
+    browser or a second run does) -> {threads: median seconds per step}."""
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        times, cpu = {1: [], 2: []}, torch.device("cpu")
-        for r in range(rounds + 1):
-            for n in times:
-                with threads(n):
-                    t0 = time.perf_counter()
-                    train.train_steps(model, rows, strategies.Strategy(None), steps, 1e-4, cfg,
-                                      torch.Generator().manual_seed(r), cpu, "busy")
-                    if r:
-                        times[n].append((time.perf_counter() - t0) / steps)
+        one_or_two = {n: (None, lambda cfg, n=n: threads(n)) for n in (1, 2)}
+        return compare_levers(model, rows, cfg, steps, one_or_two, rounds=3)
     finally:
         busy.kill()
         busy.wait()
-    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def study_breakdown(folder):
