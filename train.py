@@ -50,7 +50,8 @@ class TrainConfig:
                           "71 % of grounded rows exactly, 3000 gave 97 %; cached, so paid once")
     base_lr: float = arg(2e-3, "peak learning rate of the alignment stage; 1e-2 stalls, 6e-4 is slow")
     multitask_steps: int = arg(1000, "--base multitask: steps of joint tuning on the held-in tasks, at --lr")
-    n_train: int = arg(1000, "training rows per task; more than the steps use, so rows rarely repeat")
+    n_train: int = arg(4000, "training rows per task, each seen ~3 times in 400 steps; at 1000 (13 times) "
+                       "count and spatial overfit: 99 % right on training rows, 89-90 % on test rows")
     n_test: int = arg(150, "test rows per task: ±4 points of sampling noise at 80 %")
     n_base: int = arg(6000, "rows of the alignment stage, drawn from every kind of scene")
     freeze_vision: bool = arg(True, "freeze the ViT while tuning tasks, as LLaVA freezes its vision tower")
