@@ -3,6 +3,7 @@
 Run: python -m pytest tests/test_speed.py -q   (a few seconds)
 """
 import json
+import random
 
 import pytest
 import torch
@@ -142,3 +143,13 @@ def test_a_study_sharing_naives_first_task_writes_the_same_study_json(tmp_path):
         assert runs["--share-first-task", s]["final_loss"] == runs["--no-share-first-task", s]["final_loss"]
     assert without_times(shared.pop("summary")) == without_times(trained.pop("summary"))
     assert shared == trained
+
+
+def test_the_loaded_once_glyph_font_draws_the_pixels_a_fresh_font_draws(monkeypatch):
+    """data.glyph_font keeps Pillow's font after its first load; the text must come out the same pixels."""
+    rng = random.Random(0)
+    scenes = [data.Scene(data.random_objects(rng, 2), "".join(rng.sample(data.GLYPHS, 3))) for _ in range(20)]
+    cached = [data.render(s) for s in scenes]
+    monkeypatch.setattr(data, "glyph_font", lambda px: data.ImageFont.load_default(size=px))  # the old way
+    assert all((data.render(s) == img).all() for s, img in zip(scenes, cached))
+    assert (data.render(scenes[0]) != data.render(data.Scene(scenes[0].objects))).any()  # text drawn
