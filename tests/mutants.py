@@ -162,6 +162,11 @@ MUTANTS = {
                          "frozen = not cfg.bf16 and not any(",
                          "frozen = False and not any(",
                          ["tests/test_speed.py::test_a_frozen_vision_tower_encodes_each_image_once_and_changes_no_weight"]),
+    "glyph_font_resized": ("data.py",
+                           "    return ImageFont.load_default(size=px)",
+                           "    return ImageFont.load_default(size=px + 1)",
+                           ["tests/test_speed.py::test_the_loaded_once_glyph_font_"
+                            "draws_the_pixels_a_fresh_font_draws"]),
     "shared_first_task_not_loaded": ("train.py",
                                      '        model.load_state_dict(shared["model"])',
                                      "        pass",
