@@ -175,6 +175,10 @@ MUTANTS = {
                                     '    if saved["config"]["train"]["strategy"] != "naive" or diff:',
                                     "    if False:",
                                     ["tests/test_speed.py::test_first_task_from_refuses_what_would_not_give_the_same_bits"]),
+    "cu_host_typo": ("attention.cu",  # host code, which -cubin leaves to nvcc's front end alone
+                     "  auto O = torch::empty_like(q);",
+                     "  auto O = torch::empty_like_of(q);",
+                     ["tests/test_attention.py::test_attention_cu_compiles_with_nvcc"]),
     "study_runs_before_base": ("study.py",
                                "                    release(key[1])",
                                "                    pass",
