@@ -175,6 +175,10 @@ MUTANTS = {
                                     '    if saved["config"]["train"]["strategy"] != "naive" or diff:',
                                     "    if False:",
                                     ["tests/test_speed.py::test_first_task_from_refuses_what_would_not_give_the_same_bits"]),
+    "grounded_colour_blind": ("data.py",  # every grounded caption lists the whole scene: nothing to look up
+                              'found = [f"{o.size} {o.shape} {where(o.cell)}" for o in objs if o.color in colors]',
+                              'found = [f"{o.size} {o.shape} {where(o.cell)}" for o in objs]',
+                              ["tests/test_lookup.py::test_the_base_finds_objects_by_the_colour_named"]),
     "cu_host_typo": ("attention.cu",  # host code, which -cubin leaves to nvcc's front end alone
                      "  auto O = torch::empty_like(q);",
                      "  auto O = torch::empty_like_of(q);",
