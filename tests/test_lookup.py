@@ -25,32 +25,28 @@ STEPS = 2000  # of the default 3000. The lookup formed at 1000-1750 steps on see
 SCENES = 200  # for seed 2), and 2000 steps take about a minute
 
 
-def counts(scene):
-    """-> the scene's objects in reading order, its colours in order of appearance, how many of each."""
-    objs = sorted(scene.objects, key=lambda o: o.cell)
-    colours = list(dict.fromkeys(o.color for o in objs))
-    return objs, colours, [sum(o.color == c for o in objs) for c in colours]
+def colours(scene):
+    """-> the scene's colours in reading order of first appearance, and how many objects have each."""
+    order = list(dict.fromkeys(o.color for o in sorted(scene.objects, key=lambda o: o.cell)))
+    return order, [sum(o.color == c for o in scene.objects) for c in order]
 
 
 def two_colour_scene(rng):
     """An alignment scene whose first two colours come in different numbers."""
     while True:
         scene = data._align_scene(rng)
-        _, colours, n = counts(scene)
-        if len(colours) >= 2 and n[0] != n[1]:
+        order, n = colours(scene)
+        if len(order) >= 2 and n[0] != n[1]:
             return scene
 
 
 def ask(k):
-    """The k-th colour as the prompt (k = 2: the first colour the scene lacks) and its grounded caption,
-    written out here from the rule in data._align's docstring, not taken from data._align."""
+    """The prompt names the scene's k-th colour (k = 2: the first colour it lacks); the reference is the
+    first word of that prompt's grounded caption: how many objects have the colour ('two', ... or 'none')."""
     def make(scene, rng):
-        objs, colours, _ = counts(scene)
-        if k == 2:
-            return next(c for c in data.COLORS if c not in colours), "none"
-        found = [f"{o.size} {o.shape} {data.where(o.cell)}" for o in objs if o.color == colours[k]]
-        found[0] = f"{data.NUMBERS[len(found)]}: {found[0]}"
-        return colours[k], "; ".join(found)
+        order, _ = colours(scene)
+        colour = order[k] if k < 2 else next(c for c in data.COLORS if c not in order)
+        return colour, data.NUMBERS[sum(o.color == colour for o in scene.objects)]
     return make
 
 
@@ -75,8 +71,7 @@ def test_the_base_finds_objects_by_the_colour_named(tmp_path):
     finally:
         torch.set_num_threads(1)
     results = train.evaluate(base, strategies.Strategy(None), tests, tok, cpu, cfg)
-    word = lambda text: text.split(":")[0]  # noqa: E731  'two', 'one', ... or 'none'
-    right = [[word(pred) == word(answer) for (pred, _), answer in zip(answered, test.answers)]
+    right = [[pred.split(":")[0] == answer for (pred, _), answer in zip(answered, test.answers)]
              for (_, _, answered), test in zip(results, tests)]
     all_three = sum(all(r[i] for r in right) for i in unseen) / len(unseen)
     per_prompt = [round(100 * sum(r[i] for i in unseen) / len(unseen)) for r in right]
