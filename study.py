@@ -110,9 +110,10 @@ def mean_or_none(values):
 
 
 def summarize(runs):
-    """{(base, strategy, seed): results} -> {(base, strategy): {number: [one value per seed]}}."""
+    """{(base, strategy, seed): results} -> {(base, strategy): {number: [one value per seed, seed 0 first,
+    whatever order the study's jobs finished in]}}."""
     summary = {}
-    for (base, strategy, seed), r in runs.items():
+    for (base, strategy, seed), r in sorted(runs.items(), key=lambda kv: kv[0][2]):
         for k, v in run_numbers(r, runs.get((base, "naive", seed))).items():
             if v is not None:
                 summary.setdefault((base, strategy), {}).setdefault(k, []).append(v)

@@ -183,6 +183,11 @@ MUTANTS = {
                      "  auto O = torch::empty_like(q);",
                      "  auto O = torch::empty_like_of(q);",
                      ["tests/test_attention.py::test_attention_cu_compiles_with_nvcc"]),
+    "summary_in_finish_order": ("study.py",
+                                "for (base, strategy, seed), r in sorted(runs.items(), key=lambda kv: kv[0][2]):",
+                                "for (base, strategy, seed), r in runs.items():",
+                                ["tests/test_study.py::test_summary_lists_each_number_in_seed_order_"
+                                 "whatever_order_the_runs_finished_in"]),
     "study_runs_before_base": ("study.py",
                                "                    release(key[1])",
                                "                    pass",

@@ -100,6 +100,14 @@ def test_findings_follow_the_numbers():
         "naive forgetting, pretrained - multitask": [10, 10]}
 
 
+def test_summary_lists_each_number_in_seed_order_whatever_order_the_runs_finished_in():
+    runs = study_runs()
+    as_finished = dict(reversed(list(runs.items())))  # a study's jobs end in any order
+    assert study.summarize(as_finished) == study.summarize(runs)
+    aa = study.summarize(as_finished)["pretrained", "naive"]["AA"]
+    assert aa[0] == aa[1] + 10  # seed 0 first: it is 10 points above seed 1
+
+
 def test_report_files_hold_the_numbers(tmp_path):
     rows = study.write_report(tmp_path, study_runs(), ["naive", "replay", "tir"], ["pretrained", "multitask"],
                            ["Seeds 0, 1."])
