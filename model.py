@@ -425,7 +425,8 @@ class FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, causal, forward, backward):
-        return forward(q, k, v, causal)  # O, and L: all the softmax the backward needs, N numbers a row
+        O, L = forward(q, k, v, causal)  # L: all the softmax the backward needs, N numbers a row
+        return O, L  # a tuple: autograd takes a list (what pybind11 makes of attention.cu's) as one output
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -195,6 +195,31 @@ def test_importance_through_the_kernel_path_matches_manual_attention(measure, mo
         assert_close(name, got[name], want[name], atol=1e-6 * want[name].abs().max().item(), rtol=1e-4)
 
 
+def as_lists(fn):
+    """fn with its tensors returned in a list: pybind11 turns attention.cu's std::vector<Tensor> into one."""
+    return lambda *args: list(fn(*args))
+
+
+def test_kernels_that_return_lists_still_train_every_attention_weight(monkeypatch):
+    """The extension's forward and backward return Python lists, not tuples. Autograd takes a list as one
+    output with no gradient, so the wrapper must unpack it, or every attn.qkv weight silently stays frozen."""
+    recording(as_lists(flash_attention_reference), as_lists(flash_attention_reference_backward), monkeypatch)
+    monkeypatch.setattr(model, "kernel_fits", lambda q, k: q.size(-2) == k.size(-2))  # CPU tensors too
+    grads = {}
+    for attn in ("cuda", "manual"):  # head size 32: one the kernel covers
+        cfg = model.ModelConfig(vocab_size=32, vit_dim=64, d_model=64, n_head=2, vit_layers=1, n_layer=1,
+                                attn=attn)
+        vlm = model.VLM(cfg)
+        images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(32, (2, 7), generator=torch.Generator().manual_seed(1))
+        _, loss = vlm(images, ids, ids)
+        loss.backward()
+        grads[attn] = {n: p.grad for n, p in vlm.named_parameters() if "attn.qkv" in n}
+    assert len(grads["cuda"]) == 4 and all(g is not None for g in grads["cuda"].values()), "no gradient"
+    for name, want in grads["manual"].items():
+        assert_close(name, grads["cuda"][name], want, atol=1e-6)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the 'cuda' path builds instead of falling back")
 def test_cuda_path_without_cuda_warns_once_and_uses_sdpa():
     model.load_cuda_attention.cache_clear()
