@@ -66,6 +66,10 @@ class Strategy:
     def after_task(self, model, task_id, train):
         """Called after training on a task; e.g. store samples or compute importances."""
 
+    def stored_rows(self):
+        """The stored rows (Examples) that `batch` may mix in, or None: train.py encodes their images once."""
+        return None
+
     def generate(self, model, images, ids, max_new_tokens, eos_id):
         """Answer a batch of prompts. Expansion strategies route each example to an expert here."""
         return model.generate(images, ids, max_new_tokens, eos_id)
@@ -164,6 +168,9 @@ class Replay(Strategy):
 
     def after_task(self, model, task_id, train):
         self.buffer.add(train)
+
+    def stored_rows(self):
+        return self.buffer.rows
 
     def extra_bytes(self):
         return self.buffer.nbytes()
@@ -506,6 +513,10 @@ class Compose(Strategy):
     def penalty(self, model, batch, logits):
         terms = [t for t in self.each("penalty", model, batch, logits) if t is not None]
         return sum(terms) if terms else None
+
+    def stored_rows(self):
+        stored = [rows for rows in self.each("stored_rows") if rows is not None]
+        return data.Examples.concat(stored, "stored") if stored else None
 
     def generate(self, model, images, ids, max_new_tokens, eos_id):
         return self.router.generate(model, images, ids, max_new_tokens, eos_id)

@@ -281,3 +281,17 @@ def test_a_run_killed_in_after_task_resumes_to_the_same_bits(references, tmp_pat
     printed = killed_and_resumed(argv, tmp_path / "killed", "after_task", 0, capsys)
     assert "resuming from" in printed and "task 1, step 30" in printed
     assert_same_run(tmp_path / "killed", whole)
+
+
+def test_a_replay_run_on_two_threads_killed_mid_task_resumes_to_the_same_bits(tmp_path, capsys):
+    """With two threads a row's floats can depend on the rows the frozen vision tower encodes beside it: a
+    resumed task must encode its images (its own and the replayed ones) in the groups the whole run did."""
+    argv = [*TINY, "--strategy", "replay", "--buffer-size", "8", "--threads", "2",
+            "--cache-dir", str(tmp_path / "cache")]
+    try:
+        assert train.main([*argv, "--run-dir", str(tmp_path / "whole")]) == 0
+        printed = killed_and_resumed(argv, tmp_path / "killed", "step", 20, capsys)
+    finally:
+        torch.set_num_threads(1)  # conftest's one thread, for the tests after this one
+    assert "resuming from" in printed and "task 2, step 20" in printed
+    assert_same_run(tmp_path / "killed", tmp_path / "whole")

@@ -50,6 +50,7 @@ def test_a_frozen_vision_tower_encodes_each_image_once_and_changes_no_weight(mon
     cached = tune(cached_model, rows, replay)
     assert counted[0] <= len(rows), "each of the 16 images is encoded once, not in every one of 12 steps"
 
+    monkeypatch.setattr(train, "encode_images", lambda *args: {})
     monkeypatch.setattr(train, "vision_seen", lambda model, images, seen, device: model.vision(
         data.pixels(images).to(device)))  # the slow way: the whole batch through the tower, every step
     model, _ = tiny_setup()
