@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
@@ -182,7 +183,10 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0, fused=fused)
     if opt_state:
         opt.load_state_dict(opt_state)
-    forward = torch.compile(model) if cfg.compile else model
+    # torchrun: torch's DDP all-reduces the gradients in buckets while backward still runs. Wrapped afresh
+    # for every stage, since a strategy may add parameters between tasks (LoRA adapters, experts).
+    module = DistributedDataParallel(model) if WORLD > 1 else model
+    forward = torch.compile(module) if cfg.compile else module
     frozen = not cfg.bf16 and not any(p.requires_grad for p in model.vision.parameters())
     # a frozen vision tower's output for every image the batches can hold: computed once, not each step
     seen = encode_images(model, [rows, strategy.stored_rows()], device) if frozen else None
@@ -204,13 +208,10 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
             logits, loss = forward(*batch, seen=vision_seen(model, images, seen, device) if frozen else None)
             extra = strategy.penalty(model, batch, logits)
         total = loss if extra is None else loss + extra
-        if WORLD > 1:  # shares sum to 1: the summed gradients are those of the whole batch's mean loss
-            total = total * share
+        if WORLD > 1:  # DDP averages the ranks' gradients; the shares sum to 1, so the average of
+            total = total * share * WORLD  # WORLD·share·loss is the gradient of the whole batch's mean loss
         opt.zero_grad(set_to_none=True)
-        total.backward()
-        if WORLD > 1:  # DDP by hand: sum every rank's gradient, so all ranks take the same step
-            for p in params:
-                dist.all_reduce(p.grad)
+        total.backward()  # under DDP every rank now holds the same gradients
         if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):  # the same on every rank
             raise Stop(f"the loss ({loss.item():.3g}) or its gradients became inf or nan in {desc}, step "
                        f"{step + 1}; stopped before the update, keeping the last checkpoint: lower --lr and "
@@ -225,7 +226,7 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
 
 @torch.no_grad()
 def encode_images(model, sources, device, chunk=256):
-    """The frozen vision tower's output for every image of some Examples (None: none) -> {image bytes: output}.
+    """The frozen vision tower's output for every image of some Examples (or None) -> {image bytes: output}.
     Encoded in fixed chunks, in row order: with two threads a row's floats can depend on the rows encoded
     beside it, so the grouping must not depend on which batch first met an image, which a resume changes."""
     images = torch.cat([rows.images for rows in sources if rows is not None])

@@ -193,6 +193,14 @@ MUTANTS = {
                                "                    pass",
                                ["tests/test_study.py::test_each_seeds_base_is_trained_once_by_a_job_of_its_own_before_"
                                 "that_seeds_runs"]),
+    "kernel_list_output": ("model.py",  # what pybind11 makes of attention.cu's std::vector: no gradient
+                           "return O, L  # a tuple",
+                           "return [O, L]  # a tuple",
+                           ["tests/test_attention.py::test_kernels_that_return_lists"]),
+    "ddp_unwrapped": ("train.py",
+                      "module = DistributedDataParallel(model) if WORLD > 1 else model",
+                      "module = model",
+                      ["tests/test_scale.py::test_two_gloo_processes_train_like_one"]),
 }
 
 

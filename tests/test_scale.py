@@ -29,10 +29,13 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     assert two.stdout.count("wrote ") == 1 and "| 2 processes" in two.stdout  # rank 1 prints nothing
     r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert r2["world_size"] == 2 and r1["world_size"] == 1
-    # each rank takes half of every batch and the gradients are summed: the same steps up to float rounding
+    # each rank takes half of every batch and DDP averages the gradients: the same steps up to float rounding
     a, b = (load(tmp_path / d / "task2-caption.pt") for d in ("one", "two"))
     for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-4, rtol=1e-3, msg=k)
+        x, y = a["model"][k], b["model"][k]
+        if k.endswith("attn.qkv.bias"):  # not the key bias: softmax ignores a score added to every key, so
+            x, y = x.view(3, -1)[[0, 2]], y.view(3, -1)[[0, 2]]  # its gradient is rounding noise, which AdamW
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3, msg=k)  # scales up to full-size steps
     flat = [[a for row in r["matrix"] for a in row] for r in (r1, r2)]
     assert flat[0] == pytest.approx(flat[1], abs=12.5)  # at most one of 8 test rows answered otherwise
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
