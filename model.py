@@ -31,7 +31,8 @@ class ModelConfig:
     n_head: int = arg(8, "heads of 12 dims each: 4 of 24 left spatial at 83 % on seed 0")
     vocab_size: int = arg(128, "overwritten by the tokenizer's size at run time")
     max_text_len: int = arg(40, "longest [BOS] instruction [SEP] answer [EOS] row, in tokens")
-    attn: str = arg("auto", "attention path: auto | manual | sdpa | cuda (auto: cuda on a GPU, else sdpa)")
+    attn: str = arg("auto", "attention path: auto | manual | sdpa | cuda (auto: sdpa, or attention.cu "
+                    "where its bench timed it faster)")
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -57,6 +58,10 @@ PRESETS = {  # model sizes; train.py has the matching training presets
 
 ATTENTION_PATHS = ("auto", "manual", "sdpa", "cuda")
 CUDA_HEAD_DIMS = (32, 64, 128)  # the head sizes attention.cu is compiled for
+# (head size, dtype) where tests/bench_attention.py timed attention.cu's forward + backward faster than SDPA
+# at a preset's shape: 'auto' takes the kernel only there. Steps this short are launch-bound, and SDPA
+# runs on tensor cores; until a GPU has shown otherwise, none.
+KERNEL_FASTER = set()
 
 
 def kernel_fits(q, k):
@@ -70,12 +75,13 @@ def attention(q, k, v, causal, path="auto"):
 
     With `causal`, query i sees keys up to its own position, counting the queries as the last Tq
     of the Tk positions: this covers training (Tq == Tk) and KV-cached decoding (Tq == 1).
-    'cuda' (and 'auto' on a GPU) runs attention.cu where it applies: CUDA tensors, Tq == Tk, a head
-    size in CUDA_HEAD_DIMS, float32 or bfloat16. Elsewhere, e.g. decoding with a cache, it uses SDPA.
+    'cuda' runs attention.cu where it applies: CUDA tensors, Tq == Tk, a head size in CUDA_HEAD_DIMS,
+    float32 or bfloat16. Elsewhere, e.g. decoding with a cache, it uses SDPA. 'auto' runs the kernel only
+    where it also was timed faster (KERNEL_FASTER), else SDPA.
     """
     Tq, Tk = q.size(-2), k.size(-2)
     fits = kernel_fits(q, k)
-    if path == "cuda" or (path == "auto" and fits):
+    if path == "cuda" or (path == "auto" and fits and (q.size(-1), q.dtype) in KERNEL_FASTER):
         kernels = load_cuda_attention()  # (end of file) None, after one warning, where it cannot be built
         if kernels is not None and fits:
             q, k, v = (t.contiguous() for t in (q, k, v))  # the kernel reads rows at stride hs

@@ -6,7 +6,10 @@ Causal, batch 4 × 8 heads, head size 64, T = 128, 512, 2048, in fp32 and bf16. 
 timed with CUDA events. One row per (dtype, T) holds the three paths' times and the kernel's time over each
 of the others' (below 1: the kernel is faster). TFLOP/s counts useful work in the FlashAttention papers'
 convention: 4·T²·d per head for the forward, halved by the causal mask, and 2.5 times that for the backward.
-The last line checks the issue's bar: fp32 forward+backward at T ≥ 512 at least as fast as manual attention.
+A second table times the shapes the GPU presets train on (batch 64, their heads, T = image patches + text)
+and prints the set that model.KERNEL_FASTER should hold on this GPU: the (head size, dtype) pairs where the
+kernel's forward+backward beat SDPA's. `--attn auto` takes the kernel only there.
+A line checks the bar: fp32 forward+backward at T ≥ 512 at least as fast as manual attention.
 Without a CUDA device it prints one line and exits 0 (the CPU tests cover the twin instead).
 """
 import sys
@@ -15,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import FlashAttention, attention, load_cuda_attention  # noqa: E402
+from model import PRESETS, FlashAttention, ModelConfig, attention, load_cuda_attention  # noqa: E402
 
 BATCH, HEADS, HEAD_DIM = 4, 8, 64
 LENGTHS = (128, 512, 2048)
@@ -35,9 +38,9 @@ def milliseconds(fn, warmup=3, reps=10):
     return start.elapsed_time(end) / reps
 
 
-def time_paths(paths, T, dtype):
+def time_paths(paths, T, dtype, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM):
     """{path: (forward ms, forward+backward ms)} at sequence length T; NaN where a path runs out of memory."""
-    q, k, v = (torch.randn(BATCH, HEADS, T, HEAD_DIM, device="cuda", dtype=dtype, requires_grad=True)
+    q, k, v = (torch.randn(batch, heads, T, head_dim, device="cuda", dtype=dtype, requires_grad=True)
                for _ in range(3))
     dO = torch.randn_like(q)
     times = {}
@@ -86,7 +89,26 @@ def main():
     verdict = "yes" if all(r <= 1 for r in bar) else "NO"  # a NaN (out of memory) is not a yes
     print(f"fp32 forward+backward, T >= 512: kernel at least as fast as manual attention: {verdict} "
           f"(kernel/manual {', '.join(f'{r:.2f}' for r in bar)})")
+    presets(paths)
     return 0
+
+
+def presets(paths):
+    """The decoder's attention at each GPU preset's training shape: what --attn auto decides on."""
+    print("\nthe presets' decoder shapes, batch 64 | forward+backward ms | k/sdpa < 1: the kernel is faster")
+    faster = set()
+    for name in ("small", "base"):
+        cfg = ModelConfig(**PRESETS[name])
+        T, head_dim = cfg.n_patches + cfg.max_text_len, cfg.d_model // cfg.n_head
+        for label, dtype in DTYPES.items():
+            times = time_paths(paths, T, dtype, batch=64, heads=cfg.n_head, head_dim=head_dim)
+            kernel, sdpa = times["kernel"][1], times["sdpa"][1]
+            print(f"{name:>5} T={T} nh={cfg.n_head} d={head_dim} {label}: kernel {kernel:.3f}  "
+                  f"sdpa {sdpa:.3f}  k/sdpa {kernel / sdpa:.2f}")
+            if kernel < sdpa:
+                faster.add((head_dim, str(dtype)))
+    print(f"KERNEL_FASTER on this GPU: {{{', '.join(f'({d}, {t})' for d, t in sorted(faster))}}}"
+          + ("" if faster else " (empty: SDPA everywhere)"))
 
 
 if __name__ == "__main__":

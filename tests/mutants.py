@@ -201,6 +201,10 @@ MUTANTS = {
                       "module = DistributedDataParallel(model) if WORLD > 1 else model",
                       "module = model",
                       ["tests/test_scale.py::test_two_gloo_processes_train_like_one"]),
+    "auto_takes_kernel_untimed": ("model.py",
+                                  'path == "auto" and fits and (q.size(-1), q.dtype) in KERNEL_FASTER',
+                                  'path == "auto" and fits',
+                                  ["tests/test_attention.py::test_auto_takes_the_kernel_only_where"]),
 }
 
 

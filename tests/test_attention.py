@@ -220,6 +220,20 @@ def test_kernels_that_return_lists_still_train_every_attention_weight(monkeypatc
         assert_close(name, grads["cuda"][name], want, atol=1e-6)
 
 
+def test_auto_takes_the_kernel_only_where_it_was_timed_faster(monkeypatch):
+    batch_sizes = recording(flash_attention_reference, flash_attention_reference_backward, monkeypatch)
+    monkeypatch.setattr(model, "kernel_fits", lambda q, k: q.size(-2) == k.size(-2))  # CPU tensors too
+    q, k, v = qkv(2, 2, 9, 32, dtype=torch.float32)
+    attention(q, k, v, True, "auto")
+    assert batch_sizes == []  # no shape timed faster: SDPA
+    monkeypatch.setattr(model, "KERNEL_FASTER", {(32, torch.float32)})
+    assert_close("auto", attention(q, k, v, True, "auto"), attention(q, k, v, True, "manual"), atol=1e-5)
+    assert batch_sizes == [2]
+    attention(*qkv(2, 2, 9, 64, dtype=torch.float32), True, "auto")
+    attention(*qkv(2, 2, 9, 32, dtype=torch.float64), True, "auto")
+    assert batch_sizes == [2]  # another head size, another dtype: SDPA
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the 'cuda' path builds instead of falling back")
 def test_cuda_path_without_cuda_warns_once_and_uses_sdpa():
     model.load_cuda_attention.cache_clear()
@@ -317,11 +331,12 @@ def test_gpu_kernel_rejects_what_it_does_not_cover():
 
 
 @gpu
-def test_gpu_attention_picks_the_kernel_and_leaves_decoding_to_sdpa():
+def test_gpu_attention_picks_the_kernel_where_told_and_leaves_decoding_to_sdpa():
     kernels = cuda_kernels()
     q, k, v = (t.detach() for t in qkv(2, 2, 50, 64, dtype=torch.float32, device="cuda"))
     O, _ = kernels.forward(q, k, v, True)
-    assert torch.equal(attention(q, k, v, True, "auto"), O)  # the forward kernel is deterministic
+    auto = O if (64, torch.float32) in model.KERNEL_FASTER else attention(q, k, v, True, "sdpa")
+    assert torch.equal(attention(q, k, v, True, "auto"), auto)  # the forward kernel is deterministic
     assert torch.equal(attention(q, k, v, True, "cuda"), O)
     q_last = q[:, :, -1:]  # one new query against the whole cache: Tq != Tk
     assert_close("decoding", attention(q_last, k, v, True, "cuda"), O[:, :, -1:], atol=1e-4)

@@ -70,12 +70,13 @@ def test_compile_where_torch_compile_cannot_work_is_refused_in_one_line(tmp_path
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_bf16_compiled_run_with_the_kernel_finishes(tmp_path):
     """--bf16 --compile with attention.cu in the loop: 3 heads of 96 dims make head size 32, which the kernel
-    covers (the tiny preset's 24 is not). On 'auto', load_cuda_attention (which prints 'compiling
-    attention.cu') is reached only where the kernel fits, and without a warning it ran the kernel."""
-    flags = [a if a != "cpu" else "cuda" for a in ARGS] + ["--n-head", "3", "--bf16", "--compile"]
+    covers (the tiny preset's 24 is not). load_cuda_attention prints 'compiling attention.cu', and without a
+    warning the kernel ran."""
+    flags = [a if a != "cpu" else "cuda" for a in ARGS]
+    flags += ["--n-head", "3", "--bf16", "--compile", "--attn", "cuda"]
     proc = run("train.py", *flags, "--run-dir", tmp_path / "r", "--cache-dir", tmp_path / "c", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "compiling attention.cu" in proc.stdout and "CUDA attention unavailable" not in proc.stderr
     results = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert results["config"]["model"]["n_head"] == 3 and results["config"]["model"]["attn"] == "auto"
+    assert results["config"]["model"]["n_head"] == 3 and results["config"]["model"]["attn"] == "cuda"
     assert results["config"]["train"]["bf16"] is True and all(torch.isfinite(torch.tensor(results["final_loss"])))
