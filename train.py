@@ -9,12 +9,17 @@ Rerunning a command resumes its run folder where it stopped (checkpoint.pt, ever
 `torchrun --nproc_per_node=N train.py ...` splits each batch among N processes (DDP, gloo or nccl).
 The protocol follows He et al., Continual Instruction Tuning for Large Multimodal Models (2311.16206).
 """
+import os
+
+# Before torch loads OpenMP: a thread waiting for work sleeps instead of spinning, so that two threads do not
+# fight a busy core for their turn (measured: tests/bench_train.py --threads-only). A value you set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import contextlib
 import hashlib
 import json
 import math
-import os
 import pickle
 import sys
 import time
@@ -58,8 +63,8 @@ class TrainConfig:
     freeze_vision: bool = arg(True, "freeze the ViT while tuning tasks, as LLaVA freezes its vision tower")
     seed: int = arg(0, "seeds data, initialisation and batch order: the same seed gives the same run")
     device: str = arg("auto", "auto picks cuda, then mps, then cpu")
-    threads: int = arg(0, "CPU threads; 0: two if torch sees two cores (OMP_NUM_THREADS), else one. Two: "
-                       "1.4x faster alone, 2.4x slower beside a busy process; other bits")
+    threads: int = arg(0, "CPU threads; 0: two if torch sees two cores (OMP_NUM_THREADS), else one; a "
+                       "change of count changes the last bits of every result")
     run_dir: str = arg("", "run folder; empty means runs/<strategy>")
     cache_dir: str = arg("runs/cache", "where base models are cached, keyed by everything that made them")
     eval_batch_size: int = arg(256, "prompts decoded together in evaluation")

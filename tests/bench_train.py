@@ -10,7 +10,8 @@ torch's FlopCounterMode against a float32 matmul peak measured here, one evaluat
 whole run's training, and the bytes of a replay row, EWC's importances and anchors, and a run's peak RSS.
 Then the levers for a cheaper step, before and after, side by side (kept: those that change no result, and
 two threads for a run alone, a deliberate change of the last bits; the study keeps one thread a run),
-two threads against one beside a busy core, the cost of a fresh Python's imports, and with --study
+what --threads 0 could resolve to, each on a quiet machine and beside a busy core (--threads-only: just
+that, about five minutes), the cost of a fresh Python's imports, and with --study
 where a study's runs spent their time.
 """
 import argparse
@@ -135,7 +136,8 @@ def threads(n):
 
 
 LEVERS = {  # name -> (kept?, the lever switched on around train.py's loop, given its TrainConfig)
-    "before: no vision cache": (False, lambda cfg: patched((train, "vision_seen", slow_vision))),
+    "before: no vision cache": (False, lambda cfg: patched((train, "encode_images", lambda *args: {}),
+                                                           (train, "vision_seen", slow_vision))),
     "vision cache (train.vision_seen)": (True, lambda cfg: patched()),
     "+ torch.compile (--compile)": (False, lambda cfg: patched((cfg, "compile", True))),
     "+ AdamW foreach": (False, lambda cfg: patched((torch.optim, "AdamW", functools.partial(
@@ -159,16 +161,60 @@ def compare_levers(model, rows, cfg, steps, levers=LEVERS, rounds=5):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def beside_a_busy_core(model, rows, cfg, steps):
-    """compare_levers for 1 and 2 threads while another process keeps one core busy (what a student's
-    browser or a second run does) -> {threads: median seconds per step}."""
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        one_or_two = {n: (None, lambda cfg, n=n: threads(n)) for n in (1, 2)}
-        return compare_levers(model, rows, cfg, steps, one_or_two, rounds=3)
-    finally:
-        busy.kill()
-        busy.wait()
+# What --threads 0 could resolve to: (extra environment, threads). OpenMP's wait policy is read when torch
+# loads, so each candidate runs in a Python of its own (STEP_TIMER). The rule, fixed before measuring: the
+# default is the candidate whose worst slowdown, over a quiet machine and one with a busy core, against the
+# best candidate in that case, is smallest.
+THREAD_CANDIDATES = {"1 thread": ({}, 1), "2 threads": ({}, 2),
+                     "2 threads, short spin": ({"GOMP_SPINCOUNT": "10000"}, 2),
+                     "2 threads, passive wait": ({"OMP_WAIT_POLICY": "PASSIVE"}, 2)}
+STEP_TIMER = """import statistics, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import bench_train, strategies, train
+torch.set_num_threads(int(sys.argv[2]))
+steps = int(sys.argv[3])
+_, _, cfg, rows, model = bench_train.setup("tiny", 32)
+times = []
+for r in range(4):  # the first round warms up
+    gen, t0 = torch.Generator().manual_seed(r), time.perf_counter()
+    train.train_steps(model, rows, strategies.Strategy(None), steps, 1e-4, cfg, gen, torch.device("cpu"), "t")
+    times.append((time.perf_counter() - t0) / steps)
+print(statistics.median(times[1:]))"""
+
+
+def thread_candidates(steps, repeat=3):
+    """Each of THREAD_CANDIDATES in a fresh Python, on a quiet machine and beside a process that keeps one
+    core busy (a browser, a second run), alternating -> {case: {candidate: median seconds per step}}."""
+    results = {}
+    for case in ("quiet", "one busy core"):
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if case != "quiet" else None
+        times = {name: [] for name in THREAD_CANDIDATES}
+        try:
+            for _ in range(repeat):
+                for name, (env, n) in THREAD_CANDIDATES.items():
+                    cmd = [sys.executable, "-c", STEP_TIMER, str(ROOT / "tests"), str(n), str(steps)]
+                    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env, "TQDM_DISABLE": "1"},
+                                         capture_output=True, text=True, check=True).stdout
+                    times[name].append(float(out.split()[-1]))
+        finally:
+            if busy:
+                busy.kill()
+                busy.wait()
+        results[case] = {name: statistics.median(t) for name, t in times.items()}
+    return results
+
+
+def print_thread_candidates(steps):
+    results = thread_candidates(steps)
+    print(f"\n--threads 0, candidates (ms a step, median of 3 fresh Pythons, {steps} steps x 3 rounds each):")
+    print(f"  {'candidate':<26}" + "".join(f"{case:>16}{'vs best':>9}" for case in results) + f"{'worst':>8}")
+    worst = {}
+    for name in THREAD_CANDIDATES:
+        ratios = [case[name] / min(case.values()) for case in results.values()]
+        worst[name] = max(ratios)
+        print(f"  {name:<26}" + "".join(f"{1000 * case[name]:>16.1f}{r:>8.2f}x" for case, r in
+                                        zip(results.values(), ratios)) + f"{worst[name]:>7.2f}x")
+    print(f"  the rule (smallest worst slowdown) picks: {min(worst, key=worst.get)}")
 
 
 def study_breakdown(folder):
@@ -231,7 +277,11 @@ def main():
     ap.add_argument("--steps", type=int, default=40, help="steps per timed round")
     ap.add_argument("--no-rss", action="store_true", help="skip the subprocess run that measures peak RSS")
     ap.add_argument("--study", default="", help="a study folder (python study.py --out): its runs' breakdown")
+    ap.add_argument("--threads-only", action="store_true", help="only time what --threads 0 could pick")
     args = ap.parse_args()
+    if args.threads_only:
+        print_thread_candidates(args.steps)
+        return
     peak = matmul_peak()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); float32 matmul peak "
           f"{peak:.1f} GFLOP/s (512 x 512, best of 20)\n")
@@ -263,9 +313,7 @@ def main():
         flops = step_flops(model, batch, None if name.startswith("before") else seen)
         print(f"  {name:<34}{1000 * seconds:>7.1f} ms{before / seconds:>7.2f}x{flops / seconds / 1e9 / peak:>6.0%}"
               f"  {'kept' if LEVERS[name][0] else 'not kept'}")
-    busy = beside_a_busy_core(model, rows, cfg, args.steps)
-    print(f"  beside another process that keeps one core busy: 1 thread {1000 * busy[1]:.1f} ms, 2 threads "
-          f"{1000 * busy[2]:.1f} ms ({busy[2] / busy[1]:.2f}x the time): on a busy machine, --threads 1")
+    print_thread_candidates(args.steps)
     print(f"\na fresh Python importing train.py (torch and all), as each study run does: {import_seconds():.1f} s")
     if args.study:
         print(f"\n{args.study}: mean seconds of a run in each part (from results.json), by strategy")

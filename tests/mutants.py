@@ -205,6 +205,10 @@ MUTANTS = {
                                   'path == "auto" and fits and (q.size(-1), q.dtype) in KERNEL_FASTER',
                                   'path == "auto" and fits',
                                   ["tests/test_attention.py::test_auto_takes_the_kernel_only_where"]),
+    "threads_spin": ("train.py",
+                     'os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")',
+                     'pass',
+                     ["tests/test_train.py::test_idle_threads_sleep"]),
 }
 
 

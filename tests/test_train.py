@@ -173,6 +173,30 @@ def test_threads_default_to_torchs_count_up_to_two_and_key_the_base(runs, tmp_pa
     assert json.loads((tmp / "run1" / "config.json").read_text())["train"]["threads"] == 1  # OMP_NUM_THREADS=1
 
 
+# a fresh Python that notes OpenMP's wait policy when anything first imports torch, then imports train
+WAIT_POLICY_AT_TORCH_IMPORT = """import os, sys
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print("policy at torch import:", os.environ.get("OMP_WAIT_POLICY"))
+            sys.meta_path.remove(self)
+sys.meta_path.insert(0, Watch())
+sys.path.insert(0, sys.argv[1])
+import train"""
+
+
+@pytest.mark.parametrize("given,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_idle_threads_sleep_unless_told_otherwise(given, expected):
+    """OpenMP reads OMP_WAIT_POLICY once, as torch loads it: train.py must set it before any import of torch.
+    Passive: two threads beside a busy process do not spin for their turn (tests/bench_train.py)."""
+    env = {k: v for k, v in ENV.items() if k != "OMP_WAIT_POLICY"}
+    env |= {"OMP_WAIT_POLICY": given} if given else {}
+    proc = subprocess.run([sys.executable, "-c", WAIT_POLICY_AT_TORCH_IMPORT, str(ROOT)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"policy at torch import: {expected}" in proc.stdout
+
+
 def test_eval_reprints_the_report(runs):
     tmp, (first, _) = runs
     proc = run("eval.py", tmp / "run1")
