@@ -535,9 +535,17 @@ def study(args, names, bases, extra):
         while jobs:
             for job in wait(jobs, return_when=FIRST_COMPLETED).done:
                 key, proc = jobs.pop(job), job.result()
-                if key[0] == "base":  # cached now (if it failed, each run says why when it tries again)
+                if key[0] == "base" and proc.returncode == 0:  # cached now: the seed's runs may start
                     release(key[1])
                     bar.set_postfix_str(f"base of seed {key[1]}")
+                    continue
+                if key[0] == "base":  # every run of the seed would fail the same way: none is started
+                    lost = [k for k in todo if k[3] == key[1]]
+                    failed.append(f"the base of seed {key[1]} and its {len(lost)} runs")
+                    why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+                    tqdm.write(f"FAILED the base of seed {key[1]}, so its runs were not started: {why}",
+                               file=sys.stderr)
+                    bar.update(len(lost))
                     continue
                 (order, b, s, seed) = key
                 name = f"{b}/{s}/seed{seed}"
@@ -564,7 +572,7 @@ def study(args, names, bases, extra):
         rows = write_report(out, by_order[first_order], names, bases, notes,
                             {order: by_order[order] for order in others})
         print(format_table(rows) + f"\nwrote {out}/study.md, study.json and pictures")
-    print(f"study: {len(runs)} of {len(plan)} runs finished, {len(failed)} failed, "
+    print(f"study: {len(runs)} of {len(plan)} runs finished, {len(plan) - len(runs)} failed, "
           f"wall time {time.time() - t0:.0f} s")
     return 1 if failed else 0
 

@@ -1,76 +1,99 @@
 #!/usr/bin/env bash
-# The GPU check: build attention.cu, run every GPU test, time the kernel, train with it, run the study.
+# The GPU check, in two calls, for one machine with one CUDA GPU and no network (an H200, 16 cores, whose
+# python3 already holds torch, numpy, pillow, tqdm, tokenizers, pytest and ninja):
 #
-#     bash tests/gpu_check.sh [OUT]      # OUT: a new or empty folder, default runs/gpu-check
+#     bash tests/gpu_check.sh 1 DEST   # environment, build, GPU tests, bench: about 3 minutes
+#     bash tests/gpu_check.sh 2 DEST   # replay --preset small on each attention path, the one-seed study
 #
-# Written for one machine with one CUDA GPU and 16 CPU cores (an H200), to finish in 8 minutes. Each step
-# has its own timeout, logs to OUT/<step>.log and records its exit code and seconds; a failed step does not
-# stop the ones after it, but the script then exits 1. OUT/summary.txt holds the steps and the numbers.
-# Every run folder and the base-model cache go under OUT, so each run's results.json is kept with the logs;
-# the checkpoints (~10 GB over all runs) are deleted at the end unless KEEP_CHECKPOINTS=1 is set.
-# Without CUDA every step starts and fails within seconds, each with a line that says why.
+# With the device tool: run `bash tests/gpu_check.sh 1 $OUT` with timeout_s 420; read gpu-check-1.tar.gz;
+# fix on the CPU what failed; then run `bash tests/gpu_check.sh 2 $OUT` with timeout_s 480. Each call leaves
+# one archive, DEST/gpu-check-N.tar.gz: every log, steps.txt, summary.txt and the runs' results, without
+# checkpoints. Work goes to runs/gpu-check/callN (a rerun of call 2 reuses the runs that finished; the
+# study resumes), base models to runs/gpu-check/cache. PYTHON (default python3) picks the interpreter.
 #
-# Budget of the 8 minutes. Nothing here was timed on a GPU yet: the expected times are estimates, and the
-# timeouts, about 1.5 times them where the budget allows, add up to 475 s in the order the steps run.
-#   step           timeout  expected
-#   cuda              15 s      5 s   is there a GPU; versions for the log
-#   build             90 s     60 s   attention.cu from cold: nvcc on one file; later processes load it
-#   bench             30 s     15 s   alone on the GPU, because its numbers are timings
-#   replay-kernel,    85 s     60 s   three --preset small runs side by side, 4400 steps each with the base:
-#   replay-sdpa,                      the two timed runs see the same load, so their step-time ratio is fair,
-#   ewc                               and ewc caches the pretrained base (fp32) that the study then reuses
-#   tests, study     255 s    250 s   side by side: pytest's GPU tests (a torch.compile run among them) and
-#                                     the study, 18 runs of 2400 task steps, 8 at a time on the one GPU
-# The study is the unknown (~45k steps of a few ms of GPU time each) and gets what is left. If it is cut
-# off, its finished runs keep their results.json, which the same study command with the same --out reuses.
+# Every step runs under its own timeout, logs to callN/<step>.log and prints one line: its exit code, its
+# seconds, and the last line of its log. A failed build stops the steps that need the kernel. Without a GPU
+# every step fails within seconds, each in one line (the whole call, on a 2-core CPU: under a minute).
+# Without a GPU the call stops after the env step; DRY_RUN=1 runs every step anyway, to check just that.
+#
+# Timeouts, in seconds. No GPU has run this yet: each is about twice the time expected, where that is known
+# from something measured, and the summary prints each step's time beside its timeout for the next sizing.
+#   env       60  torch's import and the CUDA driver's start, measured over 15 s on a cold machine
+#   build    240  nvcc on attention.cu: 57 s for `nvcc -c` on the 2-core CPU; ninja and the link on top
+#   tests    300  pytest -k gpu, alone and verbose: 60 kernel checks, two short training runs and a
+#                 torch.compile run (inductor's first compile: a minute or two)
+#   bench    120  three paths x 2 dtypes x 3 lengths, then the presets' shapes, 13 timed calls each
+#   paths    240  (call 2) replay --preset small with --attn auto, cuda and manual, side by side: each a
+#                 base of 2000 steps and 8 tasks of 300 at batch 64, about 4400 launch-bound steps
+#   study    420  (call 2) every strategy from both bases, one seed, 8 runs at a time on the one GPU
 set -u
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${1:-$ROOT/runs/gpu-check}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-if [ -n "$(ls -A "$OUT")" ]; then  # train.py and the study resume what they find: the timings would be wrong
-  echo "error: $OUT is not empty; give a new folder (or remove this one)" >&2
+PY=${PYTHON:-python3}
+CALL=${1:-}
+DEST=${2:-}
+if [ "$CALL" != 1 ] && [ "$CALL" != 2 ] || [ -z "$DEST" ]; then
+  echo "usage: bash tests/gpu_check.sh 1|2 DEST   (DEST: where the archive gpu-check-N.tar.gz goes)" >&2
   exit 2
 fi
-cd "$ROOT"
-export OUT
-export TQDM_DISABLE=1  # no progress bars in the logs
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$DEST" && DEST=$(cd "$DEST" && pwd)
+cd "$ROOT" || exit 2
+TOP=${GPU_CHECK_WORK:-runs/gpu-check}  # tests/test_ci.py points it at a temporary folder
+WORK=$TOP/call$CALL
+CACHE=$TOP/cache
+mkdir -p "$WORK" "$CACHE"
+rm -f "$WORK/steps.txt"
+export TQDM_DISABLE=1 PYTHONUNBUFFERED=1 PY WORK CACHE
+LOCK=build/attention/lock
 
-step() {  # step NAME TIMEOUT FUNCTION: run FUNCTION with a timeout, into OUT/NAME.log; record rc and time
+step() {  # step NAME TIMEOUT FUNCTION: run it under the timeout into WORK/NAME.log; one line of outcome
   local name=$1 limit=$2 start=$SECONDS rc
-  echo "$(date +%T) $name: started (timeout $limit s)"
-  STEP_LOG="$OUT/$name.log" timeout -k 10 "$limit" bash -c "$3" > "$OUT/$name.log" 2>&1
+  [ -f "$LOCK" ] && rm -f "$LOCK" && echo "$name: removed a stale $LOCK (a build killed earlier left it)"
+  STEP_LOG="$WORK/$name.log" timeout -k 10 "$limit" bash -c "$3" > "$WORK/$name.log" 2>&1
   rc=$?
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-    echo "$name: cut off by its timeout of $limit s" >> "$OUT/$name.log"
+    echo "$name: cut off by its timeout of $limit s" >> "$WORK/$name.log"
   fi
-  printf '%s %d %d %d\n' "$name" "$rc" $((SECONDS - start)) "$limit" >> "$OUT/steps.txt"
-  echo "$(date +%T) $name: exit $rc after $((SECONDS - start)) s | $(tail -n 1 "$OUT/$name.log")"
+  printf '%s %d %d %d\n' "$name" "$rc" $((SECONDS - start)) "$limit" >> "$WORK/steps.txt"
+  echo "$(date +%T) $name: exit $rc after $((SECONDS - start)) s of $limit | $(tail -n 1 "$WORK/$name.log")"
+  return "$rc"
 }
 
-cuda() {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  echo "nvcc: $(command -v nvcc || echo 'not on PATH')"
-  python -c 'import sys, torch
+skip() {  # skip NAME WHY: a step not run, recorded as failed
+  printf '%s %d %d %d\n' "$1" 99 0 0 >> "$WORK/steps.txt"
+  echo "skipped: $2" > "$WORK/$1.log"
+  echo "$(date +%T) $1: skipped: $2"
+}
+
+env_check() {
+  nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader || true
+  echo "nvcc: $(command -v nvcc || echo 'not on PATH') | $PY: $(command -v "$PY" || echo 'not found')"
+  "$PY" -c 'import sys, time
+t0 = time.time()
+import torch
 from torch.utils import cpp_extension
-print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, ninja {cpp_extension.is_ninja_available()}")
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), ninja {cpp_extension.is_ninja_available()}, "
+      f"import {time.time() - t0:.1f} s")
 if not torch.cuda.is_available():
-    sys.exit("no CUDA device (torch.cuda.is_available() is False): every GPU step below fails")
-print(f"{torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}")'
+    sys.exit("no CUDA device: torch.cuda.is_available() is False")
+t0 = time.time()
+torch.ones(1, device="cuda")
+major, minor = torch.cuda.get_device_capability()
+print(f"{torch.cuda.get_device_name()}, sm_{major}{minor}, driver start {time.time() - t0:.1f} s")
+print(f"arch {major}.{minor}")'
 }
 
-build() {
-  rm -rf build/attention  # from cold, so that the time printed is the build's
-  python -c 'import sys, time, model
-start = time.time()
-kernels = model.load_cuda_attention()
-if kernels is None:
+build() {  # from cold, so that the time is the build's; one architecture, this GPU's
+  rm -rf build/attention
+  "$PY" -c 'import sys, time, model
+t0 = time.time()
+if model.load_cuda_attention() is None:
     sys.exit("attention.cu: not built (the warning above says why)")
-print(f"attention.cu: built and loaded in {time.time() - start:.1f} s")'
+print(f"attention.cu: built and loaded in {time.time() - t0:.1f} s")'
 }
 
-gpu_tests() {  # STEP_LOG: this step's log, so far
-  python -m pytest tests/ -k gpu -rs || return
+gpu_tests() {
+  "$PY" -m pytest tests/ -k gpu -v -rs -p no:cacheprovider || return
   if grep -q SKIPPED "$STEP_LOG"; then
     echo "GPU tests were skipped (listed above): every one must run here"
     return 1
@@ -78,125 +101,62 @@ gpu_tests() {  # STEP_LOG: this step's log, so far
 }
 
 bench() {
-  python tests/bench_attention.py || return
-  grep -q "kernel at least as fast" "$STEP_LOG" || { echo "no timings: the bench did not run"; return 1; }
+  "$PY" tests/bench_attention.py || return
+  grep -q "^KERNEL_FASTER" "$STEP_LOG" || { echo "no timings: the bench did not run"; return 1; }
 }
 
-# --device cuda, not auto: without a GPU, train.py then stops at once instead of training on the CPU
-replay_kernel() {
-  python train.py --strategy replay --preset small --bf16 --device cuda \
-    --run-dir "$OUT/replay-kernel" --cache-dir "$OUT/cache"
+replay_run() {  # replay_run ATTN: --preset small, one thread as the study's runs, so they share a base
+  if [ -f "$WORK/replay-$1/results.json" ]; then echo "finished by an earlier call: kept"; return 0; fi
+  "$PY" train.py --strategy replay --preset small --device cuda --threads 1 --attn "$1" \
+    --run-dir "$WORK/replay-$1" --cache-dir "$CACHE"
 }
 
-replay_sdpa() {
-  python train.py --strategy replay --preset small --bf16 --attn sdpa --device cuda \
-    --run-dir "$OUT/replay-sdpa" --cache-dir "$OUT/cache"
+paths() {  # side by side, so the step times see the same load; auto's base is the study's
+  local pids=() rc=0
+  for attn in auto cuda manual; do
+    replay_run "$attn" > "$WORK/replay-$attn.log" 2>&1 & pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+  for attn in auto cuda manual; do echo "replay-$attn: $(tail -n 1 "$WORK/replay-$attn.log")"; done
+  return $rc
 }
 
-ewc() {  # the importance pass runs vmap(grad(...)) through the kernel (head size 32 on --preset small)
-  python train.py --strategy ewc --preset small --device cuda --run-dir "$OUT/ewc" --cache-dir "$OUT/cache"
+study() {  # every strategy from both bases, one seed; the study passes --threads 1 itself
+  "$PY" study.py --seeds 1 --jobs 8 --bases pretrained,multitask --out "$WORK/study" \
+    -- --preset small --device cuda --cache-dir "$CACHE"
 }
 
-study() {  # every strategy from both bases, one seed
-  python study.py --seeds 1 --jobs 8 --bases pretrained,multitask --out "$OUT/study" \
-    -- --preset small --device cuda --cache-dir "$OUT/cache"
-}
+export -f env_check build gpu_tests bench replay_run paths study
 
-export -f cuda build gpu_tests bench replay_kernel replay_sdpa ewc study
-
-echo "gpu_check: logs and summary in $OUT"
+echo "gpu_check call $CALL: work in $WORK, the archive to $DEST/gpu-check-$CALL.tar.gz"
 start=$SECONDS
-step cuda 15 cuda
-step build 90 build
-rm -f build/attention/lock  # a build killed by its timeout leaves it, and later loads would wait on it
-step bench 30 bench
-step replay-kernel 85 replay_kernel & step replay-sdpa 85 replay_sdpa & step ewc 85 ewc & wait
-step tests 255 gpu_tests & step study 255 study & wait
-
-python - "$OUT" $((SECONDS - start)) "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
-  > "$OUT/summary.txt" <<'EOF'
-"""Summarise the check from its logs and run folders: the steps, the issue's bars, then the numbers."""
-import json
-import re
-import sys
-from pathlib import Path
-
-out, wall, commit = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-
-
-def log(name):
-    path = out / f"{name}.log"
-    return path.read_text(errors="replace") if path.is_file() else ""
-
-
-def last_match(pattern, text, missing):
-    return (re.findall(pattern, text, re.MULTILINE) or [missing])[-1]
-
-
-def results(folder):
-    try:
-        return json.loads((folder / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def step_ms(r):  # training time per step over the task stages (the base stage is not in timings)
-    steps = r["config"]["train"]["steps"] * len(r["timings"])
-    return 1000 * sum(t["train_seconds"] for t in r["timings"]) / steps
-
-
-steps = {name: (int(rc), int(seconds), limit) for name, rc, seconds, limit in
-         (line.split() for line in (out / "steps.txt").read_text().splitlines())}
-print(f"nanoCIT GPU check at commit {commit}, {wall} s in all\n{log('cuda').strip()}")
-print(f"\n{'step':<14} {'exit':>4} {'seconds':>8} {'timeout':>8}")
-for name, (rc, seconds, limit) in steps.items():
-    print(f"{name:<14} {rc:>4} {seconds:>8} {limit:>8}")
-print(f"failed: {', '.join(name for name, (rc, _, _) in steps.items() if rc) or 'none'}")
-
-runs = {name: results(out / name) for name in ("replay-kernel", "replay-sdpa", "ewc")}
-replay_walls = ", ".join(f"{name} {r['wall_seconds']:.0f} s" for name, r in runs.items()
-                         if r and name.startswith("replay"))
-study_rc, study_seconds, _ = steps.get("study", ("-", "-", "-"))
-print("\nthe issue's bars:")
-print("  GPU tests, none skipped: " + last_match(r"^=+ (.*) =+$", log("tests"), "no pytest summary line"))
-print("  " + last_match(r"^fp32 forward\+backward.*$", log("bench"), "bench: no verdict"))
-print(f"  replay --preset small in <= 60 s: {replay_walls or 'no run finished'} (--bf16, beside ewc)")
-print(f"  study in <= 300 s: {study_seconds} s, exit {study_rc}")
-
-print("\n" + last_match(r"^attention\.cu: .*$", log("build"), "build: no result"))
-table = log("bench").splitlines()
-first = next((i for i, line in enumerate(table) if "| causal," in line), None)
-print("\n".join(table[first:first + 10]) if first is not None else "bench: no table", end="\n\n")
-
-for name, r in runs.items():
-    if r is None:
-        print(f"{name}: no results.json")
-        continue
-    m = r["metrics"]
-    print(f"{name:<14} wall {r['wall_seconds']:5.0f} s  {step_ms(r):6.2f} ms/step  AA {m['AA']:5.1f}  "
-          f"BWT {m['BWT']:+6.1f}")
-if runs["replay-kernel"] and runs["replay-sdpa"]:
-    print(f"step time, kernel / SDPA (replay --bf16, side by side): "
-          f"{step_ms(runs['replay-kernel']) / step_ms(runs['replay-sdpa']):.2f}")
-
-study = [r for r in map(results, (p.parent for p in (out / "study").glob("**/results.json"))) if r]
-print(f"\nstudy: {len(study)} runs with results; "
-      + last_match(r"^study: \d+ of \d+ runs finished.*$", log("study"), "its log has no final line"))
-for r in sorted(study, key=lambda r: (r["config"]["train"]["base"], r["config"]["train"]["strategy"])):
-    train = r["config"]["train"]
-    if train["strategy"] in ("naive", "replay"):
-        print(f"  {train['base']:<10} {train['strategy']:<7} AA {r['metrics']['AA']:5.1f}  "
-              f"BWT {r['metrics']['BWT']:+6.1f}  wall {r['wall_seconds']:4.0f} s")
-if study:
-    walls = sorted(r["wall_seconds"] for r in study)
-    print(f"  run wall times: {walls[0]:.0f} s to {walls[-1]:.0f} s, median {walls[len(walls) // 2]:.0f} s")
-EOF
-if [ "${KEEP_CHECKPOINTS:-0}" != 1 ]; then
-  find "$OUT" -name '*.pt' -delete
+if step env 60 env_check || [ "${DRY_RUN:-0}" = 1 ]; then
+  ARCH=$(sed -n 's/^arch //p' "$WORK/env.log")
+  export TORCH_CUDA_ARCH_LIST=$ARCH  # this GPU alone: an image's preset list can't slow or break the build
+  echo "TORCH_CUDA_ARCH_LIST=$ARCH"
+  if [ "$CALL" = 1 ]; then
+    if step build 240 build; then
+      step tests 300 gpu_tests
+      step bench 120 bench
+    else
+      skip tests "the build failed"
+      skip bench "the build failed"
+    fi
+  else
+    step paths 240 paths
+    step study 420 study
+  fi
+else
+  echo "no usable GPU: the remaining steps are not run"
 fi
-cat "$OUT/summary.txt"
+
+"$PY" tests/gpu_summary.py "$WORK" "$CALL" $((SECONDS - start)) > "$WORK/summary.txt" 2>&1
+cat "$WORK/summary.txt"
+find "$WORK" -name '*.pt' -delete
+tar -czf "$DEST/gpu-check-$CALL.tar.gz" -C "$TOP" "call$CALL"
+echo "archive: $DEST/gpu-check-$CALL.tar.gz ($(du -h "$DEST/gpu-check-$CALL.tar.gz" | cut -f1))"
 status=0
 while read -r name rc seconds limit; do
   [ "$rc" -eq 0 ] || status=1
-done < "$OUT/steps.txt"
+done < "$WORK/steps.txt"
 exit $status

@@ -17,6 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import eval as ev
@@ -210,6 +211,20 @@ def test_bad_study_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, 
 
 TINY = ["--steps", "2", "--base-steps", "2", "--n-train", "8", "--n-test", "4", "--n-base", "8", "--batch-size", "4",
         "--device", "cpu"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a device that is not there: cuda, on a CPU")
+def test_a_study_whose_base_fails_starts_none_of_its_runs(tmp_path, capsys):
+    """Every run of the seed would fail as its base did: the study says why in one line and starts none."""
+    cuda = [a if a != "cpu" else "cuda" for a in TINY]
+    argv = ["--strategies", "naive,replay", "--bases", "pretrained", "--tasks", "classify", "--seeds", "1",
+            "--out", str(tmp_path / "study"), "--", *cuda, "--cache-dir", str(tmp_path / "cache")]
+    assert study.main(argv) == 1
+    captured = capsys.readouterr()
+    failures = [line for line in captured.err.splitlines() if "FAILED" in line]
+    assert len(failures) == 1 and "the base of seed 0" in failures[0] and "device 'cuda'" in failures[0]
+    assert "0 of 2 runs finished, 2 failed" in captured.out
+    assert not (tmp_path / "study" / "runs" / "tasks").exists()
 
 
 @needs_base
