@@ -1,4 +1,4 @@
-"""Metrics over the accuracy matrix, answer scoring, reports and pictures.
+"""Metrics over the accuracy matrix, answer scoring, statistics and reports.
 
 A[i][j] is the accuracy (in %) on task j after training on task i; `base` is the row of the model
 before any task. Definitions follow Lopez-Paz & Ranzato (2017) and Chaudhry et al. (2018), plus the
@@ -10,13 +10,14 @@ model: `python train.py --evaluate FILE`. The whole study is study.py.
 import argparse
 import json
 import math
+import random
+import statistics
 import sys
 from collections import Counter
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
 import data
+from pictures import human_bytes, table_image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,6 +77,36 @@ def all_metrics(A, base, random_row=None):
     if random_row:
         metrics["FWT_random"] = forward_transfer(A, random_row)
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics over seeds and task pairs
+
+def ranks(xs):
+    """1-based ranks; ties share the mean of the ranks they span: [10, 20, 20, 5] -> [2, 3.5, 3.5, 1]."""
+    return [sum(y < x for y in xs) + (sum(y == x for y in xs) + 1) / 2 for x in xs]
+
+
+def spearman(xs, ys):
+    """Spearman's rank correlation: the Pearson correlation of the ranks. NaN when either side is constant."""
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)
+    return cov / math.sqrt(var) if var > 0 else math.nan
+
+
+def permutation_p(xs, ys, seed=0, n=10000):
+    """One-sided p-value of Spearman ρ < 0: the share of n seeded shuffles of ys (and the data) whose ρ is
+    at most the observed one. NaN where ρ is undefined."""
+    rho, shuffled, rng = spearman(xs, ys), list(ys), random.Random(seed)
+    if math.isnan(rho):
+        return math.nan
+    low = 0
+    for _ in range(n):
+        rng.shuffle(shuffled)
+        low += spearman(xs, shuffled) <= rho + 1e-12
+    return (low + 1) / (n + 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,41 +258,6 @@ def format_report(results):
     return "\n".join(lines)
 
 
-def heatmap(tasks, A, title="", rows="after {}", note="columns: task evaluated"):
-    """Draw the accuracy matrix (or any task x task grid of 0-100) with Pillow: white 0, dark green 100."""
-    cell, left, top = 44, 110, 40
-    img = Image.new("RGB", (left + cell * len(tasks) + 10, top + cell * len(A) + 70), "white")
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=11)
-    draw.text((8, 8), title, fill="black", font=ImageFont.load_default(size=13))
-    for i, row in enumerate(A):
-        draw.text((left - 6, top + i * cell + cell / 2), rows.format(tasks[i])[:16], fill="black", font=font,
-                  anchor="rm")
-        for j, a in enumerate(row):
-            if a is None:  # undefined, e.g. content where no answer had the right format
-                x, y = left + j * cell + cell / 2, top + i * cell + cell / 2
-                draw.text((x, y), "-", fill="gray", font=font, anchor="mm")
-                continue
-            g = a / 100
-            color = (int(255 - 215 * g), int(255 - 110 * g), int(255 - 195 * g))
-            x, y = left + j * cell, top + i * cell
-            draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=color)
-            draw.text((x + cell / 2, y + cell / 2), f"{a:.0f}", font=font, anchor="mm",
-                      fill="white" if g > 0.6 else "black")
-    for j, t in enumerate(tasks):
-        x, y = left + j * cell + cell / 2, top + len(A) * cell + 6
-        draw.text((x, y), t[:7], fill="black", font=font, anchor="mt")
-    draw.text((left, top + len(A) * cell + 28), note, fill="gray", font=font)
-    return img
-
-
-def human_bytes(n):
-    for unit in ("B", "KB", "MB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
 def comparison_rows(runs):
     """results.json dicts -> the comparison table as rows of strings, header first, best AA first.
 
@@ -293,23 +289,6 @@ def format_table(rows):
 def markdown_table(rows):
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows[1:]]) + "\n"
-
-
-def table_image(rows, title):
-    """The table drawn with Pillow, column by column (the bundled font is not monospaced)."""
-    font, title_font, pad = ImageFont.load_default(size=13), ImageFont.load_default(size=14), 18
-    widths = [max(font.getlength(row[i]) for row in rows) for i in range(len(rows[0]))]
-    width = max(sum(widths) + pad * (len(widths) + 1), title_font.getlength(title) + 2 * pad)
-    img = Image.new("RGB", (int(width), 50 + 20 * len(rows)), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((pad, 10), title, fill="black", font=title_font)
-    for r, row in enumerate(rows):
-        x = pad
-        for i, (cell, w) in enumerate(zip(row, widths)):  # names left-aligned, numbers right-aligned
-            draw.text((x if i == 0 else x + w, 38 + 20 * r), cell, font=font, anchor="la" if i == 0 else "ra",
-                      fill="dimgray" if r == 0 else "black")
-            x += w + pad
-    return img
 
 
 def compare(run_dirs, out):

@@ -480,8 +480,11 @@ class ExpertOracle(Strategy):
         return self.expansion.generate_with(model, images, ids, max_new_tokens, eos_id, chosen)
 
 
-class Compose(Strategy):
-    """Several strategies at once ('replay+ewc'): hooks run in order; each part keeps its own state."""
+class Compose:
+    """Several strategies at once ('replay+ewc'), each part keeping its own state. A hook whose results add up
+    combines them below: batches pass from part to part, penalties and bytes add, results merge, one part may
+    route. Every other hook (before_task, after_task, restore, and any new one that Strategy gains) is passed
+    to each part in order by __getattr__, so a new hook needs no edit here."""
 
     def __init__(self, parts):
         self.parts, self.name = parts, "+".join(p.name for p in parts)
@@ -493,17 +496,14 @@ class Compose(Strategy):
             raise ValueError(f"{self.name}: only one part may route, but {names} all do")
         self.router = routers[0] if routers else Strategy(None)  # a plain Strategy lets the model answer
 
-    def each(self, hook, *args):  # every part's hook, in order -> their results
-        return [getattr(p, hook)(*args) for p in self.parts]
+    def __getattr__(self, hook):  # called only for names not defined in this class
+        if not callable(getattr(Strategy, hook, None)):
+            raise AttributeError(f"{type(self).__name__} has no attribute {hook!r}")
 
-    def before_task(self, model, task_id, train):
-        self.each("before_task", model, task_id, train)
-
-    def after_task(self, model, task_id, train):
-        self.each("after_task", model, task_id, train)
-
-    def restore(self, model):
-        self.each("restore", model)
+        def every_part(*args):
+            for part in self.parts:
+                getattr(part, hook)(*args)
+        return every_part
 
     def batch(self, fresh, gen):
         for p in self.parts:  # each part sees the rows the one before it chose
@@ -511,24 +511,24 @@ class Compose(Strategy):
         return fresh
 
     def penalty(self, model, batch, logits):
-        terms = [t for t in self.each("penalty", model, batch, logits) if t is not None]
+        terms = [t for t in (p.penalty(model, batch, logits) for p in self.parts) if t is not None]
         return sum(terms) if terms else None
 
     def stored_rows(self):
-        stored = [rows for rows in self.each("stored_rows") if rows is not None]
+        stored = [rows for rows in (p.stored_rows() for p in self.parts) if rows is not None]
         return data.Examples.concat(stored, "stored") if stored else None
 
     def generate(self, model, images, ids, max_new_tokens, eos_id):
         return self.router.generate(model, images, ids, max_new_tokens, eos_id)
 
-    def extra_bytes(self):
-        return sum(self.each("extra_bytes"))
-
-    def extra_results(self, model, tests):
-        return {k: v for results in self.each("extra_results", model, tests) for k, v in results.items()}
-
     def oracle(self, task_id):
         return self.router.oracle(task_id)
+
+    def extra_bytes(self):
+        return sum(p.extra_bytes() for p in self.parts)
+
+    def extra_results(self, model, tests):
+        return {k: v for p in self.parts for k, v in p.extra_results(model, tests).items()}
 
     def state_dict(self):
         return {p.name: p.state_dict() for p in self.parts}

@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -22,16 +21,15 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+import runner
 import strategies
-import train
 import eval as ev
-from eval import LEARNT, format_table, heatmap, human_bytes, markdown_table  # LEARNT: in finding 6
+from eval import LEARNT, format_table, markdown_table  # LEARNT: in finding 6
+from pictures import bar_chart, heatmap, human_bytes, scatter, tile
 
 BASES = ("pretrained", "multitask")  # alignment only, and that base tuned jointly on the held-in tasks
-COLORS = dict(zip(BASES, [(31, 119, 180), (214, 39, 40)]))  # one colour per base in every chart
 RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks", "--base-only",
             "--first-task-from")  # the study sets these for each run
 UNCOMPARED = ("vocab_size", "run_dir", "cache_dir",
@@ -41,19 +39,6 @@ COLUMNS = [("AA", "{:.1f}"), ("BWT", "{:+.1f}"), ("forgetting", "{:.1f}"), ("FWT
            ("FWT_random", "{:+.1f}"), ("format drop", "{:.1f}"), ("task ID", "{:.1f}"),
            ("oracle AA", "{:.1f}"), ("gain", "{:+.1f}"), ("extra memory", None), ("extra time", "{:+.0f} s")]
 
-
-def ranks(xs):
-    """1-based ranks; ties share the mean of the ranks they span: [10, 20, 20, 5] -> [2, 3.5, 3.5, 1]."""
-    return [sum(y < x for y in xs) + (sum(y == x for y in xs) + 1) / 2 for x in xs]
-
-
-def spearman(xs, ys):
-    """Spearman's rank correlation: the Pearson correlation of the ranks. NaN when either side is constant."""
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    var = sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)
-    return cov / math.sqrt(var) if var > 0 else math.nan
 
 
 def task_pairs(A, similarity):
@@ -73,19 +58,6 @@ def interference(runs, seed=None):
             for i, pair in task_pairs(r["matrix"], runs[base, "tir", sd]["task_similarity"]).items():
                 cells.setdefault(i, []).append(pair)
     return [tuple(map(statistics.fmean, zip(*cells[i]))) for i in sorted(cells)]
-
-
-def permutation_p(xs, ys, seed=0, n=10000):
-    """One-sided p-value of Spearman ρ < 0: the share of n seeded shuffles of ys (and the data) whose ρ is
-    at most the observed one. NaN where ρ is undefined."""
-    rho, shuffled, rng = spearman(xs, ys), list(ys), random.Random(seed)
-    if math.isnan(rho):
-        return math.nan
-    low = 0
-    for _ in range(n):
-        rng.shuffle(shuffled)
-        low += spearman(xs, shuffled) <= rho + 1e-12
-    return (low + 1) / (n + 1)
 
 
 def run_numbers(r, naive):
@@ -164,7 +136,7 @@ def finding_numbers(runs, seed, bases):
             {f"{s} gain ({b})": gain(s, b) for s in ("replay", "expansion") for b in bases},
             {f"{s} gain, multitask - pretrained": minus(gain(s, M), gain(s, P)) for s in ("ewc", "mas")},
             {f"tir - ewc AA ({b})": minus(m(b, "tir", "AA"), m(b, "ewc", "AA")) for b in bases},
-            {"ρ": None if len(pairs) < 2 or math.isnan(r := spearman(*zip(*pairs))) else r}]
+            {"ρ": None if len(pairs) < 2 or math.isnan(r := ev.spearman(*zip(*pairs))) else r}]
 
 
 CLAIMS = [  # each finding, and the test its numbers must pass on a seed for it to hold there
@@ -199,8 +171,8 @@ def findings(runs, bases):
         checks.append(dict(claim=claim, verdict=verdict(per_seed), per_seed=per_seed,
                            differences=differences))
     pairs = interference(runs)
-    rho = spearman(*zip(*pairs)) if len(pairs) > 1 else math.nan
-    p = permutation_p(*zip(*pairs)) if len(pairs) > 1 else math.nan
+    rho = ev.spearman(*zip(*pairs)) if len(pairs) > 1 else math.nan
+    p = ev.permutation_p(*zip(*pairs)) if len(pairs) > 1 else math.nan
     checks[5].update(rho=None if math.isnan(rho) else rho, p=None if math.isnan(p) else p, n_pairs=len(pairs),
                      pairs=pairs)
     if checks[5]["verdict"] == "holds" and not p < 0.05:
@@ -223,101 +195,6 @@ def finding_text(check):
 
 
 # pictures: a frame with a y axis, then bars or points in it
-
-PLOT_W, PLOT_H, LEFT, TOP = 380, 220, 64, 44  # plot area and the margins left of and above it
-
-
-def span(values, zero=True):
-    """A range holding every value (and 0), padded so no mark sits on the frame."""
-    values = list(values) + [0] * zero
-    lo, hi = min(values), max(values)
-    pad = (hi - lo) * 0.08 or 1
-    return lo - pad, hi + pad
-
-
-def ticks(lo, hi):
-    """About five round values in [lo, hi]: steps of 1, 2 or 5 times a power of ten."""
-    raw = (hi - lo) / 5
-    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
-    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
-
-
-def frame(title, ylabel, ys, width=PLOT_W, legend=()):
-    """A blank chart: title, y axis spanning ys and 0, dashed line at 0, legend -> (img, draw, y -> pixel)."""
-    y0, y1 = span(ys)
-    img = Image.new("RGB", (LEFT + width + 20, TOP + PLOT_H + 56), "white")
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=11)
-
-    def to_y(y):
-        return TOP + (y1 - y) / (y1 - y0) * PLOT_H
-    draw.text((8, 8), title, fill="black", font=ImageFont.load_default(size=13))
-    draw.text((8, 26), ylabel, fill="dimgray", font=font)
-    draw.rectangle([LEFT, TOP, LEFT + width, TOP + PLOT_H], outline="gray")
-    for y in ticks(y0, y1):
-        draw.line([LEFT - 4, to_y(y), LEFT, to_y(y)], fill="gray")
-        draw.text((LEFT - 6, to_y(y)), f"{y:g}", fill="black", font=font, anchor="rm")
-    for x in range(LEFT, LEFT + width - 4, 8):
-        draw.line([x, to_y(0), x + 4, to_y(0)], fill="gray")
-    x = 8
-    for name in legend:  # a swatch and the name of each base
-        draw.rectangle([x, TOP + PLOT_H + 42, x + 8, TOP + PLOT_H + 50], fill=COLORS[name])
-        draw.text((x + 12, TOP + PLOT_H + 40), f"{name} base", fill=COLORS[name], font=font)
-        x += 24 + font.getlength(f"{name} base")
-    return img, draw, to_y
-
-
-def bar_chart(values, groups, title, ylabel):
-    """{(group, base): [values over seeds]} -> bars grouped by strategy, a colour per base, std whiskers."""
-    bases = [b for b in BASES if any((g, b) in values for g in groups)]
-    width = max(PLOT_W, 64 * len(groups))
-    img, draw, to_y = frame(title, ylabel, [statistics.fmean(v) for v in values.values()], width, bases)
-    slot, font = width / len(groups), ImageFont.load_default(size=11)
-    bar = slot / (len(bases) + 1)
-    for g, group in enumerate(groups):
-        draw.text((LEFT + (g + 0.5) * slot, TOP + PLOT_H + 6), group, fill="black", font=font, anchor="mt")
-        for k, base in enumerate(bases):
-            if (group, base) in values:
-                v, x = values[group, base], LEFT + g * slot + bar * (k + 0.5)
-                y = sorted([to_y(statistics.fmean(v)), to_y(0)])
-                draw.rectangle([x, y[0], x + bar - 2, y[1]], fill=COLORS[base])
-                if len(v) > 1:
-                    m, s = statistics.fmean(v), statistics.stdev(v)
-                    draw.line([x + bar / 2 - 1, to_y(m - s), x + bar / 2 - 1, to_y(m + s)], fill="black")
-    return img
-
-
-def scatter(points, title, xlabel, ylabel, bytes_x=False, legend=True):
-    """[(x, y, label, base)] -> labelled points, a colour per base; bytes_x puts x (bytes) on a log scale."""
-    xs = [math.log10(max(x, 1)) if bytes_x else x for x, *_ in points]
-    bases = [b for b in BASES if b in {base for *_, base in points} and legend]
-    img, draw, to_y = frame(title, ylabel, [y for _, y, *_ in points], legend=bases)
-    (x0, x1), font = span(xs, zero=not bytes_x), ImageFont.load_default(size=11)
-
-    def to_x(x):
-        return LEFT + (x - x0) / (x1 - x0) * PLOT_W
-    if bytes_x:  # 1 KB, 10 KB, 100 KB, ... on a narrow range; else 1 KB, 1 MB
-        steps = (1, 10, 100) if x1 - x0 < 3 else (1,)
-        marks = [(math.log10(m * 1024 ** k), human_bytes(m * 1024 ** k)) for k in range(4) for m in steps]
-    else:
-        marks = [(x, f"{x:g}") for x in ticks(x0, x1)]
-    for x, text in marks:
-        if x0 <= x <= x1:
-            draw.line([to_x(x), TOP + PLOT_H, to_x(x), TOP + PLOT_H + 4], fill="gray")
-            draw.text((to_x(x), TOP + PLOT_H + 6), text, fill="black", font=font, anchor="mt")
-    draw.text((LEFT + PLOT_W / 2, TOP + PLOT_H + 26), xlabel, fill="dimgray", font=font, anchor="mt")
-    for x, (_, y, label, base) in zip(xs, points):
-        draw.ellipse([to_x(x) - 3, to_y(y) - 3, to_x(x) + 3, to_y(y) + 3], fill=COLORS[base])
-        draw.text((to_x(x) + 5, to_y(y)), label, fill=COLORS[base], font=font, anchor="lm")
-    return img
-
-
-def tile(images, columns):
-    """Paste images into a grid, row by row, on white."""
-    w, h = max(i.width for i in images), max(i.height for i in images)
-    grid = Image.new("RGB", (w * min(columns, len(images)), h * math.ceil(len(images) / columns)), "white")
-    for k, img in enumerate(images):
-        grid.paste(img, (w * (k % columns), h * (k // columns)))
-    return grid
 
 
 def study_pictures(summary, pairs, rho, tasks, strategies, bases):
@@ -432,7 +309,7 @@ def write_report(out, runs, strategies, bases, notes=(), others=None):
     return rows
 
 
-# the runner
+# running the study: its plan, its jobs
 
 def orders_of(args):
     """The task orders the study runs -> {folder name: train.py --tasks}: --tasks alone, else --orders."""
@@ -443,16 +320,16 @@ def orders_of(args):
 
 def study_plan(args, names, bases, extra):
     """Every run of the study -> {(order, base, strategy, seed): (train.py flags, run folder, config)}.
-    Raises train.CLIError on bad input, before anything is written."""
+    Raises runner.CLIError on bad input, before anything is written."""
     for b in bases:
         if b not in BASES:
-            raise train.CLIError(f"unknown base {b!r}; choose from {', '.join(BASES)}")
+            raise runner.CLIError(f"unknown base {b!r}; choose from {', '.join(BASES)}")
     for name in ("seeds", "jobs"):
         if getattr(args, name) < 1:
-            raise train.CLIError(f"--{name} must be at least 1, got {getattr(args, name)}")
+            raise runner.CLIError(f"--{name} must be at least 1, got {getattr(args, name)}")
     for flag in extra:
         if flag.split("=")[0] in RESERVED:
-            raise train.CLIError(f"{flag} after -- is set by the study for each run; "
+            raise runner.CLIError(f"{flag} after -- is set by the study for each run; "
                                  "use --strategies, --bases, --seeds, --orders or --tasks")
     plan = {}
     for order, tasks in orders_of(args).items():
@@ -462,7 +339,7 @@ def study_plan(args, names, bases, extra):
                     run_dir = Path(args.out) / "runs" / order / base / s / f"seed{seed}"
                     flags = ["--threads", "1", *extra, "--tasks", tasks, "--strategy", s, "--base", base,
                              "--seed", str(seed), "--run-dir", str(run_dir)]
-                    cfg, mcfg, scfg = train.parse(flags)  # train.py checks strategy, tasks and flags after --
+                    cfg, mcfg, scfg = runner.parse(flags)  # train.py checks strategy, tasks and flags after --
                     config = dict(train=asdict(cfg), model=asdict(mcfg), strategy=asdict(scfg))
                     plan[order, base, s, seed] = flags, run_dir, config
     return plan
@@ -470,12 +347,9 @@ def study_plan(args, names, bases, extra):
 
 def finished(run_dir, config):
     """The run's results if this configuration made its results.json, else None: a killed study resumes."""
-    def comparable(config):
-        return {part: {k: v for k, v in values.items() if k not in UNCOMPARED}
-                for part, values in config.items()}
     path = run_dir / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else None
-    return results if results and comparable(results["config"]) == comparable(config) else None
+    return results if results and not runner.config_diff(results["config"], config, UNCOMPARED) else None
 
 
 def train_run(flags):
@@ -506,7 +380,7 @@ def study(args, names, bases, extra):
     t0, out = time.time(), Path(args.out)
     try:
         plan = study_plan(args, names, bases, extra)
-    except train.CLIError as e:
+    except runner.CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     runs = {k: r for k, (_, run_dir, config) in plan.items() if (r := finished(run_dir, config))}

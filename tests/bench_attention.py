@@ -7,7 +7,7 @@ timed with CUDA events. One row per (dtype, T) holds the three paths' times and 
 of the others' (below 1: the kernel is faster). TFLOP/s counts useful work in the FlashAttention papers'
 convention: 4·T²·d per head for the forward, halved by the causal mask, and 2.5 times that for the backward.
 A second table times the shapes the GPU presets train on (batch 64, their heads, T = image patches + text)
-and prints the set that model.KERNEL_FASTER should hold on this GPU: the (head size, dtype) pairs where the
+and prints the set that attention.KERNEL_FASTER should hold on this GPU: the (head size, dtype) pairs where the
 kernel's forward+backward beat SDPA's. `--attn auto` takes the kernel only there.
 A line checks the bar: fp32 forward+backward at T ≥ 512 at least as fast as manual attention.
 Without a CUDA device it prints one line and exits 0 (the CPU tests cover the twin instead).
@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import PRESETS, FlashAttention, ModelConfig, attention, load_cuda_attention  # noqa: E402
+from attention import FlashAttention, attend, load_cuda_attention  # noqa: E402
+from model import PRESETS, ModelConfig  # noqa: E402
 
 BATCH, HEADS, HEAD_DIM = 4, 8, 64
 LENGTHS = (128, 512, 2048)
@@ -66,8 +67,8 @@ def main():
         return 1
     paths = {"kernel": lambda q, k, v: FlashAttention.apply(q, k, v, True, kernels.forward,
                                                           kernels.backward)[0],  # O, not L
-             "sdpa": lambda q, k, v: attention(q, k, v, True, "sdpa"),
-             "manual": lambda q, k, v: attention(q, k, v, True, "manual")}
+             "sdpa": lambda q, k, v: attend(q, k, v, True, "sdpa"),
+             "manual": lambda q, k, v: attend(q, k, v, True, "manual")}
     print(f"{torch.cuda.get_device_name()} | causal, B={BATCH}, nh={HEADS}, d={HEAD_DIM} | times in ms; "
           "'k/sdpa', 'k/man' = the kernel's time over SDPA's, manual's (below 1: the kernel is faster)")
     print(f"{'':12}| {'forward':^46} | {'forward + backward':^46}")

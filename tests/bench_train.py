@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["TQDM_DISABLE"] = "1"  # train_steps' progress bar would scroll over the table (train.py reads it)
 import data  # noqa: E402
 import strategies  # noqa: E402
+import runner
 import train  # noqa: E402
 from model import PRESETS, VLM, ModelConfig  # noqa: E402
 
@@ -64,7 +65,7 @@ def setup(preset, batch_size):
     """A model of `preset` after a few steps, its training rows and a TrainConfig as train.py would build them."""
     tok = data.train_tokenizer(data.ALL_TASKS, 0)
     mcfg = ModelConfig(**{**PRESETS[preset], "vocab_size": tok.get_vocab_size()})
-    cfg = train.TrainConfig(batch_size=batch_size)
+    cfg = runner.TrainConfig(batch_size=batch_size)
     rows = data.make_split(data.TASKS["attribute"], "train", 512, 0, tok, mcfg.image_size, mcfg.max_text_len)[0]
     model = VLM(mcfg, seed=0)
     model.vision.requires_grad_(False)  # as in task tuning
@@ -298,13 +299,13 @@ def main():
             default_rows, default_model = rows, model
     print("\nwhere a default step's time goes (ms, median of 30): "
           + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
-    print(f"evaluation of all {len(data.TASKS)} tasks ({train.TrainConfig().n_test} rows each): {once:.1f} s; "
+    print(f"evaluation of all {len(data.TASKS)} tasks ({runner.TrainConfig().n_test} rows each): {once:.1f} s; "
           f"run for the base row and after each task, it is {share:.1%} of a default run's training and evaluation")
     rows, model = default_rows, default_model
 
     print(f"\nlevers, train.py's loop at the default size ({args.steps} steps a round, alternating rounds, "
           "median of 5; MFU on the FLOPs each one does):")
-    cfg = train.TrainConfig()
+    cfg = runner.TrainConfig()
     levers, batch = compare_levers(model, rows, cfg, args.steps), data.to_batch(rows, range(cfg.batch_size), "cpu")
     before = levers["before: no vision cache"]
     with torch.no_grad():

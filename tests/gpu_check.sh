@@ -85,9 +85,9 @@ print(f"arch {major}.{minor}")'
 
 build() {  # from cold, so that the time is the build's; one architecture, this GPU's
   rm -rf build/attention
-  "$PY" -c 'import sys, time, model
+  "$PY" -c 'import sys, time, attention
 t0 = time.time()
-if model.load_cuda_attention() is None:
+if attention.load_cuda_attention() is None:
     sys.exit("attention.cu: not built (the warning above says why)")
 print(f"attention.cu: built and loaded in {time.time() - t0:.1f} s")'
 }

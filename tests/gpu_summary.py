@@ -52,7 +52,7 @@ def call_2(work):
               f"BWT {m['BWT']:+6.1f}")
     if runs["auto"] and runs["cuda"]:
         print(f"  step time, kernel / auto: {step_ms(runs['cuda']) / step_ms(runs['auto']):.2f} (auto: "
-              "SDPA unless model.KERNEL_FASTER names the shape)")
+              "SDPA unless attention.KERNEL_FASTER names the shape)")
     study = [r for r in map(results, (p.parent for p in (work / "study").glob("runs/**/results.json"))) if r]
     print(f"\nstudy: {len(study)} runs with results; "
           + last_match(r"^study: .*$", log(work, "study"), "its log has no 'study:' line"))

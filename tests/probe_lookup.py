@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import strategies  # noqa: E402
+import runner
 import train  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -30,10 +31,10 @@ ap.add_argument("--cache-dir", default="runs/probe-cache")
 args, rest = ap.parse_known_args()  # the rest are train.py flags, e.g. --steps 800 --base-steps 3000
 
 data.GROUNDED = args.grounded
-cfg, mcfg, _ = train.parse(["--base", args.base, "--seed", str(args.seed), "--checkpoint-every", str(args.every),
+cfg, mcfg, _ = runner.parse(["--base", args.base, "--seed", str(args.seed), "--checkpoint-every", str(args.every),
                             "--cache-dir", f"{args.cache_dir}/grounded-{args.grounded}", *rest])
 torch.set_num_threads(cfg.threads)
-device = train.pick_device(cfg.device)
+device = runner.pick_device(cfg.device)
 tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed)
 mcfg.vocab_size = tok.get_vocab_size()
 t0 = time.time()

@@ -3,7 +3,7 @@
     python -m pytest tests/test_attention.py -q              # CPU: the twin, the fallback, an nvcc compile
     python -m pytest tests/test_attention.py -k gpu -v       # GPU: the kernel itself against SDPA
 
-The twin (model.flash_attention_reference*) is attention.cu written in PyTorch, loop for loop, so the CPU
+The twin (attention.flash_attention_reference*) is attention.cu written in PyTorch, loop for loop, so the CPU
 tests check the algorithm the kernel runs; the GPU tests check the kernel's translation of it. Both also
 run strategies.importance() down the kernel's path: vmap(grad(...)) over it, as EWC, MAS and TIR use it.
 """
@@ -27,7 +27,9 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import model  # noqa: E402
 import strategies  # noqa: E402
-from model import FlashAttention, attention, flash_attention_reference, flash_attention_reference_backward  # noqa: E402
+import attention  # noqa: E402
+from attention import (FlashAttention, attend, flash_attention_reference,  # noqa: E402
+                       flash_attention_reference_backward)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -72,7 +74,7 @@ TILES = [(32, 32), (4, 8), (8, 4)]  # the kernel's tiles, and unequal ones so th
 def test_twin_forward_matches_exact_attention(N, causal, Br, Bc):
     q, k, v = qkv(2, 3, N, 16)
     O, L = flash_attention_reference(q, k, v, causal, Br, Bc)
-    assert_close("O", O, attention(q, k, v, causal, "manual"), atol=1e-12)
+    assert_close("O", O, attend(q, k, v, causal, "manual"), atol=1e-12)
     assert_close("L", L, exact_logsumexp(q, k, causal), atol=1e-12)
 
 
@@ -82,7 +84,7 @@ def test_twin_forward_matches_exact_attention(N, causal, Br, Bc):
 def test_twin_gradients_match_exact_attention(N, causal, Br, Bc):
     q, k, v = qkv(2, 3, N, 16)
     dO = torch.randn(2, 3, N, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    want = torch.autograd.grad(attention(q, k, v, causal, "manual"), (q, k, v), dO)
+    want = torch.autograd.grad(attend(q, k, v, causal, "manual"), (q, k, v), dO)
     got = torch.autograd.grad(FlashAttention.apply(q, k, v, causal, *twin(Br, Bc))[0], (q, k, v), dO)
     for name, g, w in zip(("dQ", "dK", "dV"), got, want):
         assert_close(name, g, w, atol=1e-12)
@@ -114,7 +116,7 @@ def test_twin_survives_scores_that_overflow_exp(causal):
     assert S.abs().max() > 100  # exp(100) is past float32's largest value: without the max, inf / inf
     O, L = flash_attention_reference(q.detach(), k.detach(), v.detach(), causal, Br=8, Bc=8)
     q64, k64, v64 = (t.detach().double() for t in (q, k, v))
-    assert_close("O", O, attention(q64, k64, v64, causal, "manual"), atol=1e-4)
+    assert_close("O", O, attend(q64, k64, v64, causal, "manual"), atol=1e-4)
     assert_close("L", L, exact_logsumexp(q64, k64, causal), atol=1e-3, rtol=1e-6)
 
 
@@ -122,20 +124,20 @@ def test_twin_bfloat16_accumulates_in_float32():
     q, k, v = (t.detach().to(torch.bfloat16) for t in qkv(2, 2, 33, 32))
     O, L = flash_attention_reference(q, k, v, True)
     assert O.dtype == torch.bfloat16 and L.dtype == torch.float32
-    want = attention(q.float(), k.float(), v.float(), True, "manual")  # the same rounded inputs, in fp32
+    want = attend(q.float(), k.float(), v.float(), True, "manual")  # the same rounded inputs, in fp32
     assert_close("bf16 O", O, want, atol=2e-2)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_twin_visits_only_the_tiles_it_needs(causal, monkeypatch):
     """Score matrices are at most Br × Bc, and with `causal` no tile above the diagonal is computed."""
-    seen, tile_scores = [], model.tile_scores
+    seen, tile_scores = [], attention.tile_scores
 
     def recording_tile_scores(Qi, Kj, i, j, *rest):
         seen.append((i, j, Qi.size(-2), Kj.size(-2)))
         return tile_scores(Qi, Kj, i, j, *rest)
 
-    monkeypatch.setattr(model, "tile_scores", recording_tile_scores)
+    monkeypatch.setattr(attention, "tile_scores", recording_tile_scores)
     q, k, v = qkv(1, 1, 40, 8)
     O, L = flash_attention_reference(q, k, v, causal, 8, 8)
     flash_attention_reference_backward(q, k, v, O, L, torch.ones_like(O), causal, 8, 8)
@@ -165,7 +167,7 @@ def recording(forward, backward, monkeypatch):
         batch_sizes.append(q.size(0))
         return forward(q, k, v, causal)
     kernels = types.SimpleNamespace(forward=recorded_forward, backward=backward)
-    monkeypatch.setattr(model, "load_cuda_attention", lambda: kernels)
+    monkeypatch.setattr(attention, "load_cuda_attention", lambda: kernels)
     return batch_sizes
 
 
@@ -187,7 +189,7 @@ def test_importance_through_the_kernel_path_matches_manual_attention(measure, mo
     want = importances("manual", measure, "cpu")
     batch_sizes = recording(reads_raw_memory(flash_attention_reference),
                             reads_raw_memory(flash_attention_reference_backward), monkeypatch)
-    monkeypatch.setattr(model, "kernel_fits", lambda q, k: q.size(-2) == k.size(-2))  # CPU tensors too
+    monkeypatch.setattr(attention, "kernel_fits", lambda q, k: q.size(-2) == k.size(-2))  # CPU tensors too
     got = importances("cuda", measure, "cpu")
     assert batch_sizes == [6, 6]  # one call per layer (ViT, decoder), all six rows of the chunk in it
     assert got.keys() == want.keys()
@@ -204,7 +206,7 @@ def test_kernels_that_return_lists_still_train_every_attention_weight(monkeypatc
     """The extension's forward and backward return Python lists, not tuples. Autograd takes a list as one
     output with no gradient, so the wrapper must unpack it, or every attn.qkv weight silently stays frozen."""
     recording(as_lists(flash_attention_reference), as_lists(flash_attention_reference_backward), monkeypatch)
-    monkeypatch.setattr(model, "kernel_fits", lambda q, k: q.size(-2) == k.size(-2))  # CPU tensors too
+    monkeypatch.setattr(attention, "kernel_fits", lambda q, k: q.size(-2) == k.size(-2))  # CPU tensors too
     grads = {}
     for attn in ("cuda", "manual"):  # head size 32: one the kernel covers
         cfg = model.ModelConfig(vocab_size=32, vit_dim=64, d_model=64, n_head=2, vit_layers=1, n_layer=1,
@@ -222,33 +224,33 @@ def test_kernels_that_return_lists_still_train_every_attention_weight(monkeypatc
 
 def test_auto_takes_the_kernel_only_where_it_was_timed_faster(monkeypatch):
     batch_sizes = recording(flash_attention_reference, flash_attention_reference_backward, monkeypatch)
-    monkeypatch.setattr(model, "kernel_fits", lambda q, k: q.size(-2) == k.size(-2))  # CPU tensors too
+    monkeypatch.setattr(attention, "kernel_fits", lambda q, k: q.size(-2) == k.size(-2))  # CPU tensors too
     q, k, v = qkv(2, 2, 9, 32, dtype=torch.float32)
-    attention(q, k, v, True, "auto")
+    attend(q, k, v, True, "auto")
     assert batch_sizes == []  # no shape timed faster: SDPA
-    monkeypatch.setattr(model, "KERNEL_FASTER", {(32, torch.float32)})
-    assert_close("auto", attention(q, k, v, True, "auto"), attention(q, k, v, True, "manual"), atol=1e-5)
+    monkeypatch.setattr(attention, "KERNEL_FASTER", {(32, torch.float32)})
+    assert_close("auto", attend(q, k, v, True, "auto"), attend(q, k, v, True, "manual"), atol=1e-5)
     assert batch_sizes == [2]
-    attention(*qkv(2, 2, 9, 64, dtype=torch.float32), True, "auto")
-    attention(*qkv(2, 2, 9, 32, dtype=torch.float64), True, "auto")
+    attend(*qkv(2, 2, 9, 64, dtype=torch.float32), True, "auto")
+    attend(*qkv(2, 2, 9, 32, dtype=torch.float64), True, "auto")
     assert batch_sizes == [2]  # another head size, another dtype: SDPA
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the 'cuda' path builds instead of falling back")
 def test_cuda_path_without_cuda_warns_once_and_uses_sdpa():
-    model.load_cuda_attention.cache_clear()
+    attention.load_cuda_attention.cache_clear()
     q, k, v = qkv(2, 2, 9, 32, dtype=torch.float32)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # so that a second warning would be recorded, not hidden
-            outs = [attention(q, k, v, True, "cuda") for _ in range(3)]
+            outs = [attend(q, k, v, True, "cuda") for _ in range(3)]
         messages = [str(w.message) for w in caught]
         assert len(messages) == 1 and "CUDA attention unavailable" in messages[0], messages
         for out in outs:
-            assert_close("fallback", out, attention(q, k, v, True, "manual"), atol=1e-6)
+            assert_close("fallback", out, attend(q, k, v, True, "manual"), atol=1e-6)
         assert model.ModelConfig(attn="cuda").attn == "cuda"
     finally:
-        model.load_cuda_attention.cache_clear()
+        attention.load_cuda_attention.cache_clear()
 
 
 # The only check of attention.cu that a machine without a GPU can make. -cubin compiles the device code to the
@@ -280,7 +282,7 @@ def test_attention_cu_compiles_with_nvcc(tmp_path):
 # GPU: attention.cu against SDPA (in float64, so the reference adds no error of its own)
 
 def cuda_kernels():
-    kernels = model.load_cuda_attention()
+    kernels = attention.load_cuda_attention()
     assert kernels is not None, "attention.cu did not build on this GPU machine: see the warning above"
     return kernels
 
@@ -297,7 +299,7 @@ def test_gpu_kernel_matches_sdpa(N, d, causal, dtype):
     O, _ = FlashAttention.apply(q, k, v, causal, kernels.forward, kernels.backward)
     grads = torch.autograd.grad(O, (q, k, v), dO)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    O64 = attention(q64, k64, v64, causal, "sdpa")
+    O64 = attend(q64, k64, v64, causal, "sdpa")
     grads64 = torch.autograd.grad(O64, (q64, k64, v64), dO.double())
     fp32 = dtype == torch.float32
     assert_close("O", O, O64, atol=1e-4 if fp32 else 2e-2, rtol=0 if fp32 else 2e-2)
@@ -314,7 +316,7 @@ def test_gpu_kernel_survives_scores_that_overflow_exp(causal):
     q, k, v = sharp_qkv(2, 3, 200, 64, torch.float32, device="cuda", scale=6.0)  # scores in the hundreds
     O, L = kernels.forward(q.detach(), k.detach(), v.detach(), causal)
     q64, k64, v64 = (t.detach().double() for t in (q, k, v))
-    assert_close("O", O, attention(q64, k64, v64, causal, "manual"), atol=1e-3)
+    assert_close("O", O, attend(q64, k64, v64, causal, "manual"), atol=1e-3)
     assert_close("L", L, exact_logsumexp(q64.cpu(), k64.cpu(), causal).cuda(), atol=1e-2, rtol=1e-5)
 
 
@@ -335,11 +337,11 @@ def test_gpu_attention_picks_the_kernel_where_told_and_leaves_decoding_to_sdpa()
     kernels = cuda_kernels()
     q, k, v = (t.detach() for t in qkv(2, 2, 50, 64, dtype=torch.float32, device="cuda"))
     O, _ = kernels.forward(q, k, v, True)
-    auto = O if (64, torch.float32) in model.KERNEL_FASTER else attention(q, k, v, True, "sdpa")
-    assert torch.equal(attention(q, k, v, True, "auto"), auto)  # the forward kernel is deterministic
-    assert torch.equal(attention(q, k, v, True, "cuda"), O)
+    auto = O if (64, torch.float32) in attention.KERNEL_FASTER else attend(q, k, v, True, "sdpa")
+    assert torch.equal(attend(q, k, v, True, "auto"), auto)  # the forward kernel is deterministic
+    assert torch.equal(attend(q, k, v, True, "cuda"), O)
     q_last = q[:, :, -1:]  # one new query against the whole cache: Tq != Tk
-    assert_close("decoding", attention(q_last, k, v, True, "cuda"), O[:, :, -1:], atol=1e-4)
+    assert_close("decoding", attend(q_last, k, v, True, "cuda"), O[:, :, -1:], atol=1e-4)
 
 
 @gpu

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import runner
 from data import Obj, Scene
 
 ALL_TASKS = list(data.TASKS.values()) + [data.ALIGN]
@@ -63,7 +64,7 @@ def test_no_stage_trains_on_any_test_layout(tok, tmp_path, monkeypatch):
     """Every training split that train.py builds (alignment, multitask, each task) avoids the test layouts of
     every task, built-in and held-in. Without the union, 142/150 classify test layouts were alignment rows."""
     import train
-    cfg, mcfg, _ = train.parse(["--base", "multitask", "--base-steps", "1", "--multitask-steps", "1",
+    cfg, mcfg, _ = runner.parse(["--base", "multitask", "--base-steps", "1", "--multitask-steps", "1",
                                 "--n-base", "3000", "--n-train", "600", "--n-test", "150",
                                 "--cache-dir", str(tmp_path), "--device", "cpu"])
     mcfg.vocab_size = tok.get_vocab_size()

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import eval as ev
+import pictures
 
 A = [[90, 10, 20],  # row i: accuracy on each task after training task i
      [60, 80, 30],
@@ -73,9 +74,9 @@ def test_token_f1(pred, ref, score):
 
 def test_heatmap_draws_each_cell_in_its_colour():
     tasks = ["classify", "attribute", "count"]
-    img = ev.heatmap(tasks, [[0, 100, 50], [100, 0, 50], [50, 50, 100]], "title")
+    img = pictures.heatmap(tasks, [[0, 100, 50], [100, 0, 50], [50, 50, 100]], "title")
     assert isinstance(img, Image.Image) and img.mode == "RGB"
-    wide = ev.heatmap(tasks + ["read"], [[0] * 4] * 4)
+    wide = pictures.heatmap(tasks + ["read"], [[0] * 4] * 4)
     assert wide.size[0] > img.size[0] and wide.size[1] > img.size[1]  # one more task: one more row and column
     cell, left, top = 44, 110, 40  # the layout heatmap() draws with
 

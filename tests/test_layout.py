@@ -8,10 +8,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["data", "llava", "model", "strategies", "eval", "train", "study"]  # top to bottom
+ORDER = ["data", "llava", "attention", "model", "strategies", "pictures", "eval", "runner", "train",
+         "study"]  # top to bottom
 ALLOWED = {  # which of our files each may import; every one lies above it in ORDER
-    "data": set(), "llava": {"data"}, "model": set(), "strategies": {"data", "model"}, "eval": {"data"},
-    "train": {"data", "llava", "model", "strategies", "eval"}, "study": {"train", "eval", "strategies"},
+    "data": set(), "llava": {"data"}, "attention": set(), "model": {"attention"},
+    "strategies": {"data", "model"}, "pictures": set(), "eval": {"data", "pictures"},
+    "runner": {"data", "llava", "model", "strategies"},
+    "train": {"data", "llava", "model", "strategies", "pictures", "eval", "runner"},
+    "study": {"runner", "eval", "strategies", "pictures"},
 }
 
 

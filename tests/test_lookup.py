@@ -20,6 +20,7 @@ import torch
 
 import data
 import strategies
+import runner
 import train
 
 STEPS = 2000  # of the default 3000. The lookup formed at 1000-1750 steps on seeds 0-2 (1500 was too few
@@ -53,7 +54,7 @@ def ask(k):
 
 
 def test_the_base_finds_objects_by_the_colour_named(tmp_path):
-    cfg, mcfg, _ = train.parse(["--base-steps", str(STEPS), "--cache-dir", str(tmp_path)])
+    cfg, mcfg, _ = runner.parse(["--base-steps", str(STEPS), "--cache-dir", str(tmp_path)])
     tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed)
     mcfg.vocab_size = tok.get_vocab_size()
     tasks = [data.Task("lookup", "", ("",), two_colour_scene, ask(k)) for k in range(3)]
@@ -66,7 +67,7 @@ def test_the_base_finds_objects_by_the_colour_named(tmp_path):
     tests = [data.make_split(task, "test", SCENES, 99, tok, mcfg.image_size, mcfg.max_text_len)[0]
              for task in tasks]
 
-    cpu = train.pick_device("cpu")
+    cpu = runner.pick_device("cpu")
     torch.set_num_threads(2)  # not conftest's one: the default model is big enough to gain (70 s, not 88 s)
     try:
         base, _ = train.base_model(cfg, mcfg, tok, cpu)

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from model import VLM, ModelConfig, attention
+from attention import attend
+from model import VLM, ModelConfig
 
 VOCAB = 50
 
@@ -110,7 +111,7 @@ def test_attention_paths_agree_with_a_reference(causal, Tq, Tk):
     q = torch.randn(2, 3, Tq, 8, generator=gen)
     k, v = torch.randn(2, 3, Tk, 8, generator=gen), torch.randn(2, 3, Tk, 8, generator=gen)
     ref = reference_attention(q, k, v, causal)
-    outs = {path: attention(q, k, v, causal, path) for path in ("manual", "sdpa", "auto")}
+    outs = {path: attend(q, k, v, causal, path) for path in ("manual", "sdpa", "auto")}
     for path, out in outs.items():
         assert out.shape == q.shape and out.dtype == q.dtype
         assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5), path
@@ -120,7 +121,7 @@ def test_attention_paths_agree_with_a_reference(causal, Tq, Tk):
 def test_attention_rejects_an_unknown_path():
     q = torch.zeros(1, 1, 2, 4)
     with pytest.raises(ValueError, match="unknown attention path"):
-        attention(q, q, q, True, "flash")
+        attend(q, q, q, True, "flash")
     with pytest.raises(ValueError, match="unknown attention path"):
         ModelConfig(attn="flash")
 

@@ -205,18 +205,18 @@ OPTIONS = {"ewc": ["--importance-samples", "8"], "tir": ["--importance-samples",
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
-import strategies, train
+import runner, strategies, train
 where, at = sys.argv[2], int(sys.argv[3])
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 if where == "step":
-    write = train.checkpoint
+    write = runner.checkpoint
     def checkpoint(path, progress, *args, **kw):
         state = write(path, progress, *args, **kw)
         if progress["task"] == 1 and progress["step"] == at:
             die()
         return state
-    train.checkpoint = checkpoint
+    runner.checkpoint = checkpoint
 else:
     build = strategies.build
     def build_with_trap(*args, **kw):

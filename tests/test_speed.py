@@ -11,6 +11,7 @@ import torch
 import data
 import strategies
 import study
+import runner
 import train
 from model import VLM, ModelConfig
 
@@ -36,7 +37,7 @@ def count_vision_rows(model):
 
 
 def tune(model, rows, strategy, steps=12):
-    cfg = train.TrainConfig(batch_size=8, checkpoint_every=1000)
+    cfg = runner.TrainConfig(batch_size=8, checkpoint_every=1000)
     gen = torch.Generator().manual_seed(1)
     train.train_steps(model, rows, strategy, steps, 1e-3, cfg, gen, torch.device("cpu"), "test")
     return model.state_dict()

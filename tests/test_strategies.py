@@ -250,3 +250,21 @@ def test_compose_routes_through_its_one_router(registry):
 
 def test_compose_penalty_is_none_when_no_part_has_one():
     assert strategies.build("naive+replay", config()).penalty(None, None, None) is None
+
+
+def test_compose_passes_a_new_hook_to_every_part_in_order(monkeypatch):
+    """A hook that Strategy gains (A-GEM's after-backward one, say) reaches each part of a composition, in
+    order, with no edit of Compose; a name that is no hook is still an AttributeError."""
+    monkeypatch.setattr(Strategy, "after_backward", lambda self, model: None, raising=False)
+    calls = []
+
+    class Part(Strategy):
+        def after_backward(self, model):
+            calls.append((self.name, model))
+    first, second = Part(None), Part(None)
+    first.name, second.name = "first", "second"
+    both = Compose([first, second])
+    both.after_backward("the model")
+    assert calls == [("first", "the model"), ("second", "the model")]
+    with pytest.raises(AttributeError):
+        both.no_such_hook

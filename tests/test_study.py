@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import eval as ev
+import runner
 import study
 import train
 
@@ -37,8 +38,8 @@ SIMILARITY = [[1.0, 0.8, 0.2],
 # Spearman and task pairs
 
 def test_ranks_average_ties():
-    assert study.ranks([10, 20, 20, 5]) == [2, 3.5, 3.5, 1]
-    assert study.ranks([7, 7, 7]) == [2, 2, 2]
+    assert ev.ranks([10, 20, 20, 5]) == [2, 3.5, 3.5, 1]
+    assert ev.ranks([7, 7, 7]) == [2, 2, 2]
 
 
 @pytest.mark.parametrize("xs,ys,rho", [
@@ -48,12 +49,12 @@ def test_ranks_average_ties():
     ([1, 2, 2, 3], [1, 3, 2, 4], math.sqrt(0.9)),  # x ranks 1, 2.5, 2.5, 4: cov 4.5 / sqrt(4.5 * 5)
 ])
 def test_spearman_on_known_cases(xs, ys, rho):
-    assert study.spearman(xs, ys) == pytest.approx(rho)
-    assert study.spearman(ys, xs) == pytest.approx(rho)  # symmetric
+    assert ev.spearman(xs, ys) == pytest.approx(rho)
+    assert ev.spearman(ys, xs) == pytest.approx(rho)  # symmetric
 
 
 def test_spearman_of_a_constant_is_undefined():
-    assert math.isnan(study.spearman([1, 2, 3], [5, 5, 5]))
+    assert math.isnan(ev.spearman([1, 2, 3], [5, 5, 5]))
 
 
 def test_task_pairs_pair_forgetting_with_similarity():
@@ -190,7 +191,7 @@ def test_each_seeds_base_is_trained_once_by_a_job_of_its_own_before_that_seeds_r
     assert "| tir | multitask |" in (tmp_path / "study" / "study.md").read_text()  # seed 0's is there
 
 
-needs_base = pytest.mark.skipif("base" not in {f.name for f in fields(train.TrainConfig)},
+needs_base = pytest.mark.skipif("base" not in {f.name for f in fields(runner.TrainConfig)},
                                 reason="needs train.py --base (the multitask base of issue 8), not merged yet")
 
 
@@ -268,14 +269,14 @@ def test_tiny_study_fails_resumes_and_reports(tmp_path, capsys):
 TRAPPED_STUDY = """
 import os, signal, subprocess, sys
 sys.path.insert(0, %r)
-import study, train
-write = train.checkpoint
+import runner, study, train
+write = runner.checkpoint
 def checkpoint(path, progress, *args, **kw):
     state = write(path, progress, *args, **kw)
     if "tir" in str(path) and progress["task"] == 1 and progress["step"] == 20:
         os.kill(os.getpid(), signal.SIGKILL)
     return state
-train.checkpoint = checkpoint
+runner.checkpoint = checkpoint
 study.train_run = lambda flags: subprocess.CompletedProcess(flags, train.main(flags), stderr="")
 sys.exit(study.main(sys.argv[1:]))
 """ % str(Path(study.__file__).parent)

@@ -155,6 +155,7 @@ def test_threads_default_to_torchs_count_up_to_two_and_key_the_base(runs, tmp_pa
     """--threads 0 (the default) takes torch's thread count (OMP_NUM_THREADS, else the cores), at most two,
     and config.json records the number taken; a base trained with one thread is not reused with two (their
     sums run in another order, so the bits differ): it is trained again."""
+    import runner
     import train
     tmp, (first, _) = runs
     assert first.returncode == 0, first.stderr[-2000:]
@@ -162,8 +163,8 @@ def test_threads_default_to_torchs_count_up_to_two_and_key_the_base(runs, tmp_pa
     try:
         for torch_threads, taken in ((1, 1), (2, 2), (4, 2)):
             torch.set_num_threads(torch_threads)
-            assert train.parse(SMALL)[0].threads == taken
-        assert train.parse([*SMALL, "--threads", "3"])[0].threads == 3  # given: as given
+            assert runner.parse(SMALL)[0].threads == taken
+        assert runner.parse([*SMALL, "--threads", "3"])[0].threads == 3  # given: as given
         two = [*ARGS, "--threads", "2", "--run-dir", str(tmp_path / "two"), "--cache-dir", str(tmp / "cache")]
         assert train.main(two) == 0
     finally:
@@ -230,3 +231,28 @@ def test_evaluate_flag_reprints_a_checkpoints_row_and_refuses_a_foreign_one(runs
 def test_old_spellings_point_to_the_new_commands(tmp_path):
     assert_one_line_error(run("eval.py", "--study"), "python study.py")
     assert_one_line_error(run("eval.py", tmp_path, "--checkpoint", "x.pt"), "python train.py --evaluate x.pt")
+
+
+def test_the_base_key_covers_the_base_stage_and_not_the_task_loop(tmp_path):
+    """An edit of the task loop (an exercise's new hook) keeps every cached base; an edit of base_model, or of
+    model.py, retrains it. Each edit is made in a copy of the files, loaded as a module of its own."""
+    import importlib.util
+    for name in ("data.py", "attention.py", "model.py", "train.py"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+
+    def digest(edit=None, old=None, new=None):
+        if edit:
+            text = (tmp_path / edit).read_text()
+            assert text.count(old) == 1
+            (tmp_path / edit).write_text(text.replace(old, new))
+        spec = importlib.util.spec_from_file_location(f"train_copy_{len(seen)}", tmp_path / "train.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        seen.append(module.base_code())
+        return seen[-1]
+    seen = []
+    before = digest()
+    assert digest("train.py", "    strategy.after_task(model, t, rows)\n",
+                  "    strategy.after_task(model, t, rows)  # an exercise's edit\n") == before
+    assert digest("train.py", "    return model, paths[-1]\n", "    return model, paths[-1]  # edited\n") != before
+    assert digest("model.py", "class VLM(nn.Module):", "class VLM(nn.Module):  # edited") not in seen[:-1]
