@@ -281,24 +281,6 @@ HELD_IN = {t.name: t for t in [
 ]}
 
 
-# Answer spaces: for a task, is this answer text of the right kind, right or wrong? eval.py splits accuracy
-# into format (the answer lies in its task's space) and content (right, given the format). A task without an
-# entry, such as a task file, falls back on its train split's answers.
-_PLACES = tuple(where(c) for c in range(9))
-_DESCRIPTIONS = {describe(Obj(shape, color, size, cell))  # every object a caption can mention: 450 phrases
-                 for shape in SHAPES for color in COLORS for size in SIZES for cell in range(9)}
-ANSWER_SPACES = {
-    "classify": lambda a: a in SHAPES,
-    "attribute": lambda a: a in SHAPES,
-    "count": lambda a: a.isdigit(),  # a number, right or wrong
-    "read": lambda a: a != "" and all(ch in GLYPHS for ch in a),  # a glyph string
-    "ground": lambda a: a in _PLACES,
-    "spatial": lambda a: a in ("left", "right", "top", "bottom"),
-    "caption": lambda a: all(part in _DESCRIPTIONS for part in a.removesuffix(".").split(" and ")),
-    "unanswerable": lambda a: a in SHAPES or a == "unanswerable",
-}
-
-
 def _align_scene(rng):
     text = "".join(rng.choice(GLYPHS) for _ in range(3)) if rng.random() < 0.3 else ""
     cells = (0, 1, 2, 6, 7, 8) if text else range(9)

@@ -158,11 +158,30 @@ def score_tests(answer, tests, tok, batch_size):
 # ----------------------------------------------------------------------------------------------
 # forgetting taken apart: format (the answer is of the right kind) and content (it is right)
 
+# Answer spaces: for a task, is this answer text of the right kind, right or wrong? Accuracy splits into
+# format (the answer lies in its task's space) and content (right, given the format). A task without an
+# entry, such as a task file, falls back on its train split's answers.
+_PLACES = tuple(data.where(c) for c in range(9))
+_DESCRIPTIONS = {data.describe(data.Obj(shape, color, size, cell))  # every object a caption can mention
+                 for shape in data.SHAPES for color in data.COLORS for size in data.SIZES
+                 for cell in range(9)}
+ANSWER_SPACES = {
+    "classify": lambda a: a in data.SHAPES,
+    "attribute": lambda a: a in data.SHAPES,
+    "count": lambda a: a.isdigit(),  # a number, right or wrong
+    "read": lambda a: a != "" and all(ch in data.GLYPHS for ch in a),  # a glyph string
+    "ground": lambda a: a in _PLACES,
+    "spatial": lambda a: a in ("left", "right", "top", "bottom"),
+    "caption": lambda a: all(part in _DESCRIPTIONS for part in a.removesuffix(".").split(" and ")),
+    "unanswerable": lambda a: a in data.SHAPES or a == "unanswerable",
+}
+
+
 def answer_space(name, train_answers):
-    """A task's answer space as a predicate on an answer's text: data.ANSWER_SPACES, else (a task file, or
+    """A task's answer space as a predicate on an answer's text: ANSWER_SPACES, else (a task file, or
     a task whose answers may change, like spatial) the answers its train split contains, as normalize()d."""
     seen = frozenset(map(normalize, train_answers))
-    return data.ANSWER_SPACES.get(name) or (lambda text: normalize(text) in seen)
+    return ANSWER_SPACES.get(name) or (lambda text: normalize(text) in seen)
 
 
 def format_content(answered, in_space):
@@ -319,15 +338,7 @@ def main(argv=None):
     ap.add_argument("run_dir", nargs="?", help="a run folder written by train.py")
     ap.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="put these runs side by side in a table")
     ap.add_argument("--out", default="runs/compare", help="where --compare writes table.md and table.png")
-    ap.add_argument("--checkpoint", help="moved: python train.py --evaluate FILE re-evaluates a checkpoint")
-    ap.add_argument("--study", action="store_true", help="moved: python study.py runs the study")
-    args, extra = ap.parse_known_args(argv)
-    if args.study or args.checkpoint:  # the old spellings: a pointer to where each command lives now
-        new = "python study.py" if args.study else f"python train.py --evaluate {args.checkpoint}"
-        print(f"error: this moved; run {new}", file=sys.stderr)
-        return 2
-    if extra:
-        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = ap.parse_args(argv)
     if args.compare:
         return compare(args.compare, args.out)
     if args.run_dir is None:

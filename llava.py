@@ -7,7 +7,6 @@ Examples the procedural tasks make (data.py), with decoded images cached in the 
 `python llava.py --export DIR` writes the built-in benchmark in this format (train.py --tasks reads it back).
 The format follows LLaVA 1.5's instruction data (Liu et al. 2023).
 """
-import argparse
 import hashlib
 import json
 import random
@@ -91,6 +90,9 @@ def read_records(path, root, metric):
             where = f"{path} record {len(values)}" if jsonl else str(path)
             line = first + e.lineno - 1  # counted in the file, not in the chunk
             raise TaskFileError(f"{where}: invalid JSON at line {line} column {e.colno}: {e.msg}") from None
+        except RecursionError:  # Python's parser gives up past about a thousand levels of [ or {
+            where = f"{path} record {len(values)}" if jsonl else str(path)
+            raise TaskFileError(f"{where}: JSON nested too deeply to read (from line {first})") from None
     values = values if jsonl else values[0]
     if not isinstance(values, list) or not values:
         raise TaskFileError(f"{path}: expected a non-empty list of records")
@@ -248,16 +250,3 @@ def file_texts(tasks):
     """Every question and answer of the task files among `tasks`: the words the tokenizer must add."""
     return [s for task in tasks if isinstance(task, FileTask) for s in task.texts]
 
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Write the built-in benchmark as LLaVA-format task files.")
-    ap.add_argument("--export", metavar="DIR", required=True,
-                    help="write DIR/<task>.json and <task>.test.json")
-    ap.add_argument("--n-train", type=int, default=1000, help="train rows per task (train.py's default)")
-    ap.add_argument("--n-test", type=int, default=150, help="test rows per task (train.py's default)")
-    ap.add_argument("--seed", type=int, default=0, help="the seed of the train.py run to match")
-    ap.add_argument("--image-size", type=int, default=48, help="pixels per side (the tiny preset's)")
-    args = ap.parse_args()
-    export(args.export, args.n_train, args.n_test, args.seed, args.image_size)
-    files = ", ".join(f"{name}.json" for name in TASKS)
-    print(f"wrote {len(TASKS)} tasks to {args.export}: {files} and their .test.json")

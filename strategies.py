@@ -23,17 +23,17 @@ class StrategyConfig:
     """Options of the strategies; each strategy lists the ones it reads in `options`."""
     buffer_size: int = arg(200, "replay buffer capacity in rows (the paper replays ~1 %; we afford more)")
     replay_ratio: float = arg(0.25, "fraction of each batch drawn from the replay buffer")
-    ewc_lambda: float = arg(1e5, "EWC: penalty weight; Fisher entries are ~6e-6: 1e4 holds little, 1e6 stops")
-    mas_lambda: float = arg(1.0, "MAS: penalty weight; importances are ~7: at 10 new tasks no longer train")
-    tir_lambda: float = arg(10.0, "TIR: penalty weight on importances scaled to mean 1 (1 holds too little)")
+    ewc_lambda: float = arg(1e5, "EWC: penalty weight λ; too small holds nothing, too large stops learning")
+    mas_lambda: float = arg(1.0, "MAS: penalty weight λ on its importances, which are larger than EWC's")
+    tir_lambda: float = arg(10.0, "TIR: penalty weight λ on importances scaled to mean 1")
     importance_decay: float = arg(1.0, "online EWC/MAS: γ in F ← γF + F_new; 1 keeps every task in full")
     importance_samples: int = arg(256, "rows whose per-sample gradients estimate the importances")
     tir_importance: str = arg("ewc", "TIR: importance measure, ewc (Fisher) or mas")
-    tir_temperature: float = arg(0.5, "TIR: τ of similarity exp(-Σ(1-cos)/τ); on the tiny base 0.5 gives "
-                                 ">0.9 to one task's two splits, ~0.1 to most pairs of tasks")
-    lwf_alpha: float = arg(1.0, "LwF: weight of distillation beside the task loss; 3 already stops new tasks")
+    tir_temperature: float = arg(0.5, "TIR: τ of similarity exp(-Σ(1-cos)/τ): a smaller τ tells tasks "
+                                 "apart more sharply")
+    lwf_alpha: float = arg(1.0, "LwF: weight of distillation beside the task loss; larger stops new tasks")
     lwf_temperature: float = arg(2.0, "LwF: softens both distributions so small logits still teach")
-    lora_rank: int = arg(8, "LoRA: rank r of each adapter: ~4 % of the tiny model per adapter set")
+    lora_rank: int = arg(8, "LoRA: rank r of each adapter: a few % of the tiny model per adapter set")
     lora_alpha: float = arg(16.0, "LoRA: scaling α/r = 2 lets the zero-initialised B grow quickly")
     lora_targets: str = arg("attn.qkv,attn.proj,mlp.0,mlp.2", "LoRA layers: " + ", ".join(LORA_SITES))
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 import runner
 import strategies
+from data import atomic_write
 import eval as ev
 from eval import LEARNT, format_table, markdown_table  # LEARNT: in finding 6
 from pictures import bar_chart, heatmap, human_bytes, scatter, tile
@@ -194,7 +196,7 @@ def finding_text(check):
     return text
 
 
-# pictures: a frame with a y axis, then bars or points in it
+# the study's pictures, drawn by pictures.py
 
 
 def study_pictures(summary, pairs, rho, tasks, strategies, bases):
@@ -251,7 +253,28 @@ def format_section(summary, tasks, bases):
     return lines or ["No naive run holds format and content matrices."]
 
 
-def study_markdown(tasks, rows, checks, pictures, notes, others=(), format_lines=()):
+def learnt_section(runs, tasks, strategies, bases):
+    """Is every task learnt? Naive's diagonal (each task right after its own training) for each base and seed,
+    then each strategy's lowest diagonal entry and the tasks it leaves below LEARNT."""
+    lines = ["| naive, base, seed | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for (b, s, seed), r in sorted(runs.items(), key=lambda kv: (bases.index(kv[0][0]), kv[0][2])):
+        if s == "naive":
+            diagonal = [f"{r['matrix'][i][i]:.1f}" for i in range(len(tasks))]
+            lines.append(f"| {b}, {seed} | " + " | ".join(diagonal) + " |")
+    lines += ["", f"| strategy | base | lowest diagonal entry | tasks below {LEARNT} (seed: task entry) |",
+              "|---|---|---:|---|"]
+    for b in bases:
+        for s in strategies:
+            mine = {seed: r["matrix"] for (base, name, seed), r in runs.items() if (base, name) == (b, s)}
+            if mine:
+                low = [f"{seed}: {tasks[i]} {A[i][i]:.1f}" for seed, A in sorted(mine.items())
+                       for i in range(len(tasks)) if A[i][i] < LEARNT]
+                lowest = min(A[i][i] for A in mine.values() for i in range(len(tasks)))
+                lines.append(f"| {s} | {b} | {lowest:.1f} | {'; '.join(low) or 'none'} |")
+    return lines
+
+
+def study_markdown(tasks, rows, checks, pictures, notes, others=(), format_lines=(), learnt_lines=()):
     """study.md. others: [(order, its checks)] of the other task orders, each finding's verdict there."""
     lines = []
     for k, check in enumerate(checks):
@@ -279,14 +302,17 @@ def study_markdown(tasks, rows, checks, pictures, notes, others=(), format_lines
          "## The paper's findings", "",
          "A finding *holds* when it holds on every seed, *fails* when it fails on every seed, and is *mixed* "
          "otherwise; the numbers are the paired differences it tests, mean ± std over seeds.", ""]
-        + lines + ["", "## Task similarity and forgetting", "", similarity, "",
+        + lines + ["", "## Is every task learnt?", "",
+                   f"A task never learnt (below {LEARNT} right after its own training) cannot be forgotten, "
+                   "so a strategy that leaves one unlearnt can look stable without being so.", ""]
+        + list(learnt_lines) + ["", "## Task similarity and forgetting", "", similarity, "",
                    "## Forgetting taken apart: format and content", ""] + list(format_lines)
         + ["", "## Pictures", ""] + [f"![{name}]({name})" for name in pictures]) + "\n"
 
 
-def write_report(out, runs, strategies, bases, notes=(), others=None):
+def write_report(out, runs, strategies, bases, notes=(), others=None, about=None):
     """{(base, strategy, seed): finished results} of the first task order, and {order: such runs} of the
-    others -> study.md, study.json, pictures in out -> table rows."""
+    others -> study.md, study.json, pictures in out -> table rows. about: how the study was made."""
     out, summary, tasks = Path(out), summarize(runs), next(iter(runs.values()))["tasks"]
     strategies = [s for s in strategies if any((b, s) in summary for b in bases)]
     bases = [b for b in bases if any((b, s) in summary for s in strategies)]
@@ -299,9 +325,11 @@ def write_report(out, runs, strategies, bases, notes=(), others=None):
     for name, img in pictures.items():
         img.save(out / name)
     format_lines = format_section(summary, tasks, bases)
+    learnt_lines = learnt_section(runs, tasks, strategies, bases)
     (out / "study.md").write_text(study_markdown(tasks, rows, checks, pictures, notes, other_checks,
-                                                 format_lines))
-    report = dict(tasks=tasks, summary={f"{b}/{s}": numbers for (b, s), numbers in summary.items()},
+                                                 format_lines, learnt_lines))
+    report = dict(about=about, tasks=tasks,
+                  summary={f"{b}/{s}": numbers for (b, s), numbers in summary.items()},
                   task_pairs=[dict(similarity=x, relative_drop=y) for x, y in six["pairs"]],
                   spearman=six["rho"], permutation_p=six["p"], findings=checks,
                   orders={order: c for order, c in other_checks})
@@ -339,7 +367,7 @@ def study_plan(args, names, bases, extra):
                     run_dir = Path(args.out) / "runs" / order / base / s / f"seed{seed}"
                     flags = ["--threads", "1", *extra, "--tasks", tasks, "--strategy", s, "--base", base,
                              "--seed", str(seed), "--run-dir", str(run_dir)]
-                    cfg, mcfg, scfg = runner.parse(flags)  # train.py checks strategy, tasks and flags after --
+                    cfg, mcfg, scfg = runner.parse(flags)  # checks strategy, tasks and flags after --
                     config = dict(train=asdict(cfg), model=asdict(mcfg), strategy=asdict(scfg))
                     plan[order, base, s, seed] = flags, run_dir, config
     return plan
@@ -444,11 +472,49 @@ def study(args, names, bases, extra):
         by_order = {order: {k[1:]: r for k, r in runs.items() if k[0] == order} for order in orders_of(args)}
         first_order, *others = [order for order, r in by_order.items() if r]
         rows = write_report(out, by_order[first_order], names, bases, notes,
-                            {order: by_order[order] for order in others})
+                            {order: by_order[order] for order in others}, about(args, extra, t0, runs))
         print(format_table(rows) + f"\nwrote {out}/study.md, study.json and pictures")
     print(f"study: {len(runs)} of {len(plan)} runs finished, {len(plan) - len(runs)} failed, "
           f"wall time {time.time() - t0:.0f} s")
     return 1 if failed else 0
+
+
+def about(args, extra, t0, runs):
+    """How the study was made, for RESULTS.md: the command, the machine, the code and the wall time."""
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "write_results"
+             and v is not None and not isinstance(v, bool)]
+    flags += [f"--{'' if args.share_first_task else 'no-'}share-first-task"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    r = next(iter(runs.values()))
+    return dict(command=" ".join(["python study.py", *flags] + (["--", *extra] if extra else [])),
+                machine=f"{platform.machine()}, {os.cpu_count()} cores, {r['device']}, torch {r['torch']}, "
+                f"Python {platform.python_version()}", commit=commit or "unknown",
+                wall_seconds=round(time.time() - t0))
+
+
+def write_results(folder, path):
+    """RESULTS.md from a finished study folder: how it was made, then its study.md without the pictures,
+    which stay in the folder -> exit code."""
+    folder, path = Path(folder), Path(path)
+    try:
+        report, md = json.loads((folder / "study.json").read_text()), (folder / "study.md").read_text()
+    except (OSError, ValueError):
+        print(f"error: {folder} holds no finished study (study.json and study.md); run python study.py "
+              f"--out {folder} first", file=sys.stderr)
+        return 2
+    made = report.get("about") or {}
+    body = md.split("\n## Pictures")[0].split("\n", 1)[1].strip()  # without its title and its pictures
+    text = "\n".join([
+        "# nanoCIT results", "",
+        f"Written by `python study.py --out {folder} --write-results {path}` from a finished study, never by "
+        "hand. The study was made by", "", f"    {made.get('command', '(not recorded)')}", "",
+        f"on {made.get('machine', '(not recorded)')}, at commit {made.get('commit', '(not recorded)')}, in "
+        f"{made.get('wall_seconds', '?')} s of wall time. Its pictures are in {folder}.", "", body, ""])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: p.write_text(text))
+    print(f"wrote {path} from {folder}")
+    return 0
 
 
 def main(argv=None):
@@ -476,7 +542,11 @@ def main(argv=None):
                     "(the same bits)")
     ap.add_argument("--out", default="runs/study",
                     help="where the runs, study.md, study.json and pictures go")
+    ap.add_argument("--write-results", metavar="FILE",
+                    help="write FILE (RESULTS.md) from the finished study in --out, train nothing")
     args = ap.parse_args(argv)
+    if args.write_results:
+        return write_results(args.out, args.write_results)
     return study(args, args.strategies.split(","), args.bases.split(","), extra)
 
 

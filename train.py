@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import data
@@ -36,11 +35,9 @@ import llava
 import runner
 import strategies
 from data import atomic_write
-from eval import (all_metrics, answer_space, format_header, format_matrix, format_report, format_row,
-                  score_tests, stage_rows)
-from model import VLM, ModelConfig
-from pictures import heatmap
-from runner import RANK, WORLD, CLIError, Stop
+from eval import all_metrics, answer_space, format_header, format_matrix, format_row, score_tests, stage_rows
+from model import VLM
+from runner import RANK, WORLD, Stop
 
 
 def run(cfg, mcfg, scfg):
@@ -48,7 +45,7 @@ def run(cfg, mcfg, scfg):
     clock = {"start": time.time()}
     device, run_dir, tasks, tok, config, saved, shared = runner.set_up(cfg, mcfg, scfg)
     names = list(tasks)  # a task file's name is its stem
-    trains, tests = task_rows(tasks, cfg, mcfg, tok, cfg.n_train)
+    trains, tests = runner.task_rows(tasks, cfg, mcfg, tok, cfg.n_train)
     clock["base"] = time.time()
     model, base_path = base_model(cfg, mcfg, tok, device)
     atomic_write(run_dir / "base.pt", lambda p: p.write_bytes(base_path.read_bytes()))
@@ -68,18 +65,13 @@ def run(cfg, mcfg, scfg):
                                f"{names[t]}", saved, save, shared if t == 0 else None)
         t1 = time.time()
         results = evaluate(model, strategy, tests, tok, device, cfg)
-        for key, row in stage_rows(results, spaces).items():  # accuracy, format, content, answer spaces
-            progress[key].append(row)
         reused = shared["timings"][0]["train_seconds"] if shared and t == 0 else 0  # counted as if trained
-        progress["timings"].append(dict(task=names[t], train_seconds=t1 - t0 + reused, reused_seconds=reused,
-                                        eval_seconds=time.time() - t1, trainable=trainable))
-        progress["losses"].append(loss)
-        progress.update(task=t + 1, step=0)
-        tqdm.write(format_row(names[t], progress["matrix"][-1], names))
-        state = runner.checkpoint(run_dir / "checkpoint.pt", progress, config, model, strategy)
-        atomic_write(run_dir / f"task{t + 1}-{names[t]}.pt", lambda p: torch.save({**state, "task": t}, p))
+        timing = dict(task=names[t], train_seconds=t1 - t0 + reused, reused_seconds=reused,
+                      eval_seconds=time.time() - t1, trainable=trainable)
+        runner.finish_task(run_dir, progress, names, stage_rows(results, spaces), loss, timing, config, model,
+                           strategy)
     out = results_of(progress, first, clock, config, names, model, strategy, tests, tok, device, cfg)
-    report(run_dir, out, results, cfg.show_mistakes)
+    runner.report(run_dir, out, results, cfg.show_mistakes)
     return out
 
 
@@ -231,23 +223,8 @@ def base_code():
 def prepare_base(cfg, mcfg):
     """--base-only: train the base model of these settings (or find it in --cache-dir), then stop. Before a
     class; and the study's first step for each seed, so that its runs do not each train the same base."""
-    tasks = llava.read_tasks(runner.task_names(cfg.tasks), cfg.image_root, cfg.truncate, Path(cfg.run_dir) / "cache")
-    runner.writable(Path(cfg.cache_dir), "--cache-dir")
-    device = runner.pick_device(cfg.device)
-    torch.set_num_threads(cfg.threads)
-    tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed, llava.file_texts(tasks.values()))
-    mcfg.vocab_size = tok.get_vocab_size()
-    _, path = base_model(cfg, mcfg, tok, device)
+    _, path = base_model(cfg, mcfg, *runner.set_up_base(cfg, mcfg))
     print(f"base model ready: {path}")
-
-
-def task_rows(tasks, cfg, mcfg, tok, n_train):
-    """-> (train splits, test splits) in task order: built-in tasks are drawn, task files are read."""
-    def rows(task):
-        if isinstance(task, llava.FileTask):
-            return llava.load_file_task(task, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)
-        return data.make_task(task, n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)
-    return tuple(zip(*[rows(task) for task in tasks.values()]))
 
 
 def tune(t, model, strategy, rows, cfg, device, desc, saved, save, shared=None):
@@ -281,7 +258,8 @@ def start_or_resume(model, strategy, saved, run_dir, names, tests, tok, device, 
     if saved:
         runner.load_state(model, strategy, saved)
         done, where = saved["task"] == len(names), f"task {saved['task'] + 1}, step {saved['step']}"
-        print(f"resuming from {run_dir}/checkpoint.pt: " + ("finished, nothing left to train" if done else where))
+        print(f"resuming from {run_dir}/checkpoint.pt: "
+              + ("finished, nothing left to train" if done else where))
     stages = ("matrix", "format_matrix", "content_matrix", "space_shares", "timings", "losses")  # a row each
     progress = {k: saved[k] for k in ("task", "step", "base_row", "random_row", *stages)} if saved else dict(
         task=0, step=0, base_row=[acc for acc, *_ in evaluate(model, strategy, tests, tok, device, cfg)],
@@ -313,42 +291,10 @@ def results_of(progress, first, clock, config, names, model, strategy, tests, to
     return out
 
 
-def report(run_dir, out, results, show_mistakes):
-    """results.json, accuracy.png, format.png and content.png into the run folder; the report and the first
-    mistakes printed."""
-    atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(out, indent=1)))
-    pictures = [("accuracy", "matrix", "accuracy (%)"), ("content", "content_matrix", "content (% right)"),
-                ("format", "format_matrix", "format (% in the task's space)")]
-    for name, key, what in pictures:
-        def draw(path):  # called by rank 0 alone: the other ranks have no scores to draw
-            title = f"{out['config']['train']['strategy']}: {what}"
-            heatmap(out["tasks"], out[key], title).save(path, format="PNG")
-        atomic_write(run_dir / f"{name}.png", draw)
-    print("\n" + format_report(out))
-    for (acc, mistakes, _), name in zip(results, out["tasks"]):
-        for q, pred, ref in mistakes[:show_mistakes]:
-            print(f"  {name}: {q!r} -> {pred!r} (expected {ref!r})")
-    print(f"wrote {run_dir}/results.json, accuracy.png, format.png and content.png")
-
-
-def reevaluate(run_dir, path):
-    """Evaluate a saved checkpoint of a run on all of that run's tasks, through its strategy -> accuracies."""
-    try:
-        config = json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        raise CLIError(f"{path}: its folder {run_dir} holds no readable config.json of a run") from None
-    cfg, mcfg = runner.TrainConfig(**config["train"]), ModelConfig(**config["model"])
-    strategy = strategies.build(cfg.strategy, strategies.StrategyConfig(**config["strategy"]), cfg.seed)
-    model = VLM(mcfg)
-    try:
-        runner.load_state(model, strategy, runner.load_checkpoint(path))
-    except (RuntimeError, KeyError) as e:  # another run's or a foreign checkpoint
-        raise CLIError(f"{path} does not fit the run in {run_dir}: {str(e).splitlines()[0][:80]}") from None
-    tok = Tokenizer.from_file(str(Path(run_dir) / "tokenizer.json"))
-    tasks = llava.read_tasks(runner.task_names(cfg.tasks), cfg.image_root, cfg.truncate, Path(run_dir) / "cache")
-    tests = task_rows(tasks, cfg, mcfg, tok, 1)[1]  # one train row: only the tests are needed
+def reevaluate(path):
+    """A saved checkpoint, evaluated on all of its run's tasks through the run's strategy -> accuracies."""
+    cfg, model, strategy, tok, names, tests = runner.load_run(path)
     accs = [acc for acc, *_ in evaluate(model, strategy, tests, tok, torch.device("cpu"), cfg)]
-    names = list(tasks)
     print(f"re-evaluated {path}:\n{format_header(names)}\n{format_row(Path(path).stem, accs, names)}")
     return accs
 
@@ -357,7 +303,12 @@ def main(argv=None):
     try:
         cfg, mcfg, scfg = runner.parse(argv)
         if cfg.evaluate:  # a checkpoint evaluated again, with the settings of the run folder it lies in
-            reevaluate(Path(cfg.evaluate).parent, cfg.evaluate)
+            reevaluate(cfg.evaluate)
+            return 0
+        if cfg.export:  # the same rows that a run with these settings draws, as files anyone can read
+            llava.export(cfg.export, cfg.n_train, cfg.n_test, cfg.seed, mcfg.image_size)
+            print(f"wrote the {len(data.TASKS)} built-in tasks to {cfg.export}: <task>.json, "
+                  "<task>.test.json, images/")
             return 0
         if WORLD > 1:  # launched by torchrun: join the others; only rank 0 prints
             cuda = "cuda" in cfg.device or cfg.device == "auto" and torch.cuda.is_available()

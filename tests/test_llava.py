@@ -207,6 +207,9 @@ BAD_JSON = {  # case: (file name, text, fragments), as in test_invalid_json_name
     "json: not a list": ("dict.json", json.dumps(record(0)), ["expected a non-empty list of records"]),
     "jsonl: empty": ("empty.jsonl", "\n", ["expected a non-empty list"]),
     "json: not UTF-8": ("latin1.json", b"[\xe9]", ["not UTF-8 text"]),
+    "json: nested too deeply": ("deep.json", "[" * 5000 + "]" * 5000, ["nested too deeply"]),
+    "jsonl: nested too deeply": ("deep.jsonl", json.dumps(record(0)) + "\n" + "[" * 5000 + "]" * 5000,
+                                 ["record 1", "nested too deeply"]),
 }
 
 
@@ -320,7 +323,7 @@ N_TRAIN, N_TEST = 12, 6
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "bench"
-    proc = run_script("llava.py", "--export", out, "--n-train", N_TRAIN, "--n-test", N_TEST)
+    proc = run_script("train.py", "--export", out, "--n-train", N_TRAIN, "--n-test", N_TEST)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -364,4 +367,4 @@ def test_training_on_the_export_repeats_the_built_in_run(exported, tmp_path):
     for name in ("task1-classify.pt", "task2-caption.pt"):
         a, b = (torch.load(tmp_path / d / name, weights_only=True)["model"] for d in ("builtin", "files"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    assert train.reevaluate(tmp_path / "files", tmp_path / "files" / "task2-caption.pt") == results[1]["matrix"][1]
+    assert train.reevaluate(tmp_path / "files" / "task2-caption.pt") == results[1]["matrix"][1]

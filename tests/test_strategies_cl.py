@@ -491,7 +491,7 @@ def test_tiny_end_to_end_run(spec, tmp_path_factory):
             assert all(torch.equal(v, ckpt["model"][n]) for n, v in state["experts"][k].items())
         assert not all(torch.equal(state["experts"][0][n], v) for n, v in state["experts"][1].items())
     # train.py --evaluate: adapters and experts load back, and the last row comes out again
-    assert train.reevaluate(run, run / "task2-read.pt") == results["matrix"][1]
+    assert train.reevaluate(run / "task2-read.pt") == results["matrix"][1]
 
 
 def test_compare_puts_runs_side_by_side(tmp_path):

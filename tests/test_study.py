@@ -251,6 +251,9 @@ def test_tiny_study_fails_resumes_and_reports(tmp_path, capsys):
     results = json.loads(naive.read_text())
     assert f"| naive | pretrained | {results['metrics']['AA']:.1f} |" in md and "| tir | pretrained |" in md
     assert data["summary"]["pretrained/naive"]["AA"] == [results["metrics"]["AA"]]
+    diagonal = " | ".join(f"{results['matrix'][i][i]:.1f}" for i in range(2))
+    assert f"| pretrained, 0 | {diagonal} |" in md  # naive's diagonal, under "Is every task learnt?"
+    assert data["about"]["command"].startswith("python study.py") and data["about"]["wall_seconds"] >= 0
     assert len(data["task_pairs"]) <= 1 and data["spearman"] is None  # one pair of tasks: no correlation
     for name in ("aa_bwt", "cost_benefit", "matrices-pretrained", "similarity-pretrained"):
         with Image.open(out / f"{name}.png") as img:
@@ -320,3 +323,25 @@ def test_a_study_killed_mid_run_resumes_to_the_report_of_an_uninterrupted_one(tm
     resumed, whole = (json.loads((d / "runs/tasks/pretrained/tir/seed0/results.json").read_text())
                       for d in (tmp_path / "killed", tmp_path / "whole"))
     assert resumed["matrix"] == whole["matrix"] and resumed["task_similarity"] == whole["task_similarity"]
+
+
+def test_results_md_is_written_from_a_finished_study_folder(tmp_path, capsys):
+    """--write-results copies a finished study's report, with how it was made, and without its pictures; from a
+    folder with no finished study it refuses in one line and writes nothing."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    about = dict(command="python study.py --seeds 1", machine="x86_64, 2 cores, cpu", commit="abc1234",
+                 wall_seconds=1069)
+    (folder / "study.json").write_text(json.dumps({"about": about}))
+    (folder / "study.md").write_text("# nanoCIT study\n\nTasks in order: a -> b.\n\n| table |\n\n"
+                                     "## Is every task learnt?\n\nnone below 90\n\n## Pictures\n\n![x](x.png)\n")
+    assert study.main(["--out", str(folder), "--write-results", str(tmp_path / "RESULTS.md")]) == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    for fragment in ("python study.py --seeds 1", "x86_64, 2 cores", "abc1234", "1069 s", "Tasks in order: a -> b",
+                     "## Is every task learnt?"):
+        assert fragment in text, fragment
+    assert "## Pictures" not in text and "# nanoCIT study" not in text
+    capsys.readouterr()
+    assert study.main(["--out", str(tmp_path / "none"), "--write-results", str(tmp_path / "R2.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and not (tmp_path / "R2.md").exists()

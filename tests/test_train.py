@@ -212,8 +212,8 @@ def test_reevaluating_the_last_checkpoint_gives_the_last_row(runs):
     tmp, _ = runs
     results = json.loads((tmp / "run1" / "results.json").read_text())
     assert any(a > 0 for row in results["matrix"] for a in row), "all scores 0: train longer so this can fail"
-    assert train.reevaluate(tmp / "run1", tmp / "run1" / "task1-classify.pt") == results["matrix"][0]
-    assert train.reevaluate(tmp / "run1", tmp / "run1" / "task2-attribute.pt") == results["matrix"][1]
+    assert train.reevaluate(tmp / "run1" / "task1-classify.pt") == results["matrix"][0]
+    assert train.reevaluate(tmp / "run1" / "task2-attribute.pt") == results["matrix"][1]
 
 
 def test_evaluate_flag_reprints_a_checkpoints_row_and_refuses_a_foreign_one(runs, tmp_path):
@@ -226,11 +226,6 @@ def test_evaluate_flag_reprints_a_checkpoints_row_and_refuses_a_foreign_one(runs
     (tmp_path / "config.json").write_text((tmp / "run1" / "config.json").read_text())
     assert_one_line_error(run("train.py", "--evaluate", tmp_path / "foreign.pt"), "foreign.pt", "does not fit")
     assert_one_line_error(run("train.py", "--evaluate", tmp / "missing" / "x.pt"), "config.json")
-
-
-def test_old_spellings_point_to_the_new_commands(tmp_path):
-    assert_one_line_error(run("eval.py", "--study"), "python study.py")
-    assert_one_line_error(run("eval.py", tmp_path, "--checkpoint", "x.pt"), "python train.py --evaluate x.pt")
 
 
 def test_the_base_key_covers_the_base_stage_and_not_the_task_loop(tmp_path):
