@@ -261,7 +261,7 @@ def learnt_section(runs, tasks, strategies, bases):
         if s == "naive":
             diagonal = [f"{r['matrix'][i][i]:.1f}" for i in range(len(tasks))]
             lines.append(f"| {b}, {seed} | " + " | ".join(diagonal) + " |")
-    lines += ["", f"| strategy | base | lowest diagonal entry | tasks below {LEARNT} (seed: task entry) |",
+    lines += ["", f"| base | strategy | lowest diagonal entry | tasks below {LEARNT} (seed: task entry) |",
               "|---|---|---:|---|"]
     for b in bases:
         for s in strategies:
@@ -270,7 +270,7 @@ def learnt_section(runs, tasks, strategies, bases):
                 low = [f"{seed}: {tasks[i]} {A[i][i]:.1f}" for seed, A in sorted(mine.items())
                        for i in range(len(tasks)) if A[i][i] < LEARNT]
                 lowest = min(A[i][i] for A in mine.values() for i in range(len(tasks)))
-                lines.append(f"| {s} | {b} | {lowest:.1f} | {'; '.join(low) or 'none'} |")
+                lines.append(f"| {b} | {s} | {lowest:.1f} | {'; '.join(low) or 'none'} |")
     return lines
 
 
@@ -488,8 +488,8 @@ def about(args, extra, t0, runs):
                             cwd=Path(__file__).parent).stdout.strip()
     r = next(iter(runs.values()))
     return dict(command=" ".join(["python study.py", *flags] + (["--", *extra] if extra else [])),
-                machine=f"{platform.machine()}, {os.cpu_count()} cores, {r['device']}, torch {r['torch']}, "
-                f"Python {platform.python_version()}", commit=commit or "unknown",
+                machine=f"{platform.machine()}, {os.cpu_count()} cores, {r.get('device')}, "
+                f"torch {r.get('torch')}, Python {platform.python_version()}", commit=commit or "unknown",
                 wall_seconds=round(time.time() - t0))
 
 

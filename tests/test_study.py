@@ -289,8 +289,9 @@ KILLABLE = ["--steps", "30", "--checkpoint-every", "10", "--base-steps", "2", "-
 
 
 def report_without_times(out):
-    """study.json without what the clock decides (extra training time)."""
+    """study.json without what the clock decides (extra training time) and how the study was called."""
     report = json.loads((out / "study.json").read_text())
+    report.pop("about")
     for numbers in report["summary"].values():
         numbers.pop("extra time", None)
     return report
