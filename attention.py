@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 ATTENTION_PATHS = ("auto", "manual", "sdpa", "cuda")
 CUDA_HEAD_DIMS = (32, 64, 128)  # the head sizes attention.cu is compiled for
-# (head size, dtype) where tests/bench_attention.py timed attention.cu's forward + backward faster than SDPA
+# (head size, dtype) where tools/bench_attention.py timed attention.cu's forward + backward faster than SDPA
 # at a preset's shape: 'auto' takes the kernel only there. Steps this short are launch-bound, and SDPA
 # runs on tensor cores; until a GPU has shown otherwise, none.
 KERNEL_FASTER = set()

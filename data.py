@@ -167,7 +167,7 @@ def _spatial(scene, rng):
     GQA's position questions in the choose form: the answer names the side. Only a side the object is on is
     asked: left/right not in the middle column, top/bottom not in the middle row. Two earlier forms, the
     relation of two objects ('Is the red object left or right of the blue one?') and its yes/no form, stayed
-    near chance on most seeds (README, Caveats): two lookups and a comparison in two layers."""
+    near chance on most seeds (docs/benchmark.md): two lookups and a comparison in two layers."""
     o = rng.choice([o for o in scene.objects if o.cell != 4])
     axes = []
     if o.cell % 3 != 1:
@@ -215,7 +215,7 @@ def _unanswerable(scene, rng):
 
 
 # Questions name objects by colour, not by shape: the tiny model learns to look for a colour in a
-# few hundred steps, but not for a shape (README, Caveats). The shapes are what it answers.
+# few hundred steps, but not for a shape (docs/benchmark.md). The shapes are what it answers.
 TASKS = {t.name: t for t in [
     Task("classify", "ImageNet", ("What object is this?", "What shape is shown?",
          "Name the object in the picture.", "Which shape do you see?"), some_objects(1, 1), _classify),
@@ -317,7 +317,7 @@ def _align(scene, rng):
 # decoder to look an object up by a word of the prompt before any task asks it to. Without them the base only
 # captions the cells in a fixed order, and each colour-lookup task must first find that circuit itself.
 # Naming two colours makes it find both and put them in reading order, i.e. compare where they are. Saying how
-# many objects have the colour teaches it to count what it looked up (count reached 79-81 % without, README).
+# many objects have the colour teaches it to count what it looked up (docs/benchmark.md: count without it).
 NUMBERS = ("none", "one", "two", "three", "four", "five")  # words: the base must not answer count zero-shot
 GROUNDED = 0.5         # share of alignment rows that name colours
 GROUNDED_TWO = 0.5     # of those, the share naming two colours

@@ -4,7 +4,7 @@ A task file is a JSON list (or JSONL) of LLaVA records: {"image": path, "convers
 "value": "<image>\\nWhat shape is it?"}, {"from": "gpt", "value": "circle"}, ...]}. read_tasks checks every
 record and names the file and record of anything wrong; load_file_task turns a checked file into the same
 Examples the procedural tasks make (data.py), with decoded images cached in the run folder.
-`python llava.py --export DIR` writes the built-in benchmark in this format (train.py --tasks reads it back).
+`python train.py --export DIR` writes the built-in benchmark in this format (train.py --tasks reads it back).
 The format follows LLaVA 1.5's instruction data (Liu et al. 2023).
 """
 import hashlib

@@ -404,7 +404,7 @@ def study(args, names, bases, extra):
     """Train every (order, base, strategy, seed) not already finished, args.jobs at a time, then write the
     report -> exit code. Each seed's base is trained first, by a job of its own; that seed's runs start when
     it is cached (not when every base is). A strategy that trains its first task as naive does starts from
-    naive's (train.py --first-task-from): the same bits, a task less to train (tests/test_speed.py)."""
+    naive's (train.py --first-task-from): the same bits, a task less to train (a test checks it)."""
     t0, out = time.time(), Path(args.out)
     try:
         plan = study_plan(args, names, bases, extra)

@@ -46,6 +46,7 @@ def run(cfg, mcfg, scfg):
     device, run_dir, tasks, tok, config, saved, shared = runner.set_up(cfg, mcfg, scfg)
     names = list(tasks)  # a task file's name is its stem
     trains, tests = runner.task_rows(tasks, cfg, mcfg, tok, cfg.n_train)
+    print(f"data: {len(names)} tasks, {sum(map(len, trains))} train + {sum(map(len, tests))} test rows")
     clock["base"] = time.time()
     model, base_path = base_model(cfg, mcfg, tok, device)
     atomic_write(run_dir / "base.pt", lambda p: p.write_bytes(base_path.read_bytes()))
@@ -84,7 +85,9 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
     if opt_state:
         opt.load_state_dict(opt_state)
     # torchrun: torch's DDP all-reduces the gradients in buckets while backward still runs. Wrapped afresh
-    # for every stage, since a strategy may add parameters between tasks (LoRA adapters, experts).
+    # for every stage, since a strategy may add parameters between tasks (LoRA adapters, experts). The hooks
+    # get the unwrapped model: per-sample importances (vmap) run on it, and a penalty's gradient still joins
+    # the all-reduce, which DDP hooks on each parameter's gradient, not on the forward.
     module = DistributedDataParallel(model) if WORLD > 1 else model
     forward = torch.compile(module) if cfg.compile else module
     frozen = not cfg.bf16 and not any(p.requires_grad for p in model.vision.parameters())
