@@ -12,7 +12,7 @@
 // Covers fp32, and bf16 inputs with fp32 accumulation; d ∈ {32, 64, 128}; any N ≥ 1 (every tile load
 // is guarded); causal or not; Tq == Tk only (model.py sends KV-cached decoding to SDPA).
 //
-// Version log (speed: `python tests/bench_attention.py`, causal, d = 64, fp32, ms and TFLOP/s):
+// Version log (speed: `python tools/bench_attention.py`, causal, d = 64, fp32, ms and TFLOP/s):
 //   v1  one warp per row, one lane per key, fp32 FMAs on CUDA cores (no tensor cores); the backward is
 //       two kernels (dQ by query tiles, then dK, dV by key tiles) so no atomics are needed.
 //       Not yet measured on a GPU: written and compile-checked (nvcc 13.0, sm_80 and sm_90) without one.

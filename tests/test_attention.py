@@ -1,6 +1,7 @@
-"""The CUDA attention path: the tiled PyTorch twin against exact attention, and attention.cu against both.
+"""Every attention path (attention.py): manual, SDPA and auto against a float64 reference, the tiled PyTorch
+twin against exact attention, and attention.cu against both.
 
-    python -m pytest tests/test_attention.py -q              # CPU: the twin, the fallback, an nvcc compile
+    python -m pytest tests/test_attention.py -q              # CPU: the paths, the twin, the fallback, nvcc
     python -m pytest tests/test_attention.py -k gpu -v       # GPU: the kernel itself against SDPA
 
 The twin (attention.flash_attention_reference*) is attention.cu written in PyTorch, loop for loop, so the CPU
@@ -9,6 +10,7 @@ run strategies.importance() down the kernel's path: vmap(grad(...)) over it, as 
 """
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -22,15 +24,17 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
-import model  # noqa: E402
-import strategies  # noqa: E402
-import attention  # noqa: E402
-from attention import (FlashAttention, attend, flash_attention_reference,  # noqa: E402
-                       flash_attention_reference_backward)
+import attention
+import data
+import model
+import strategies
+from attention import FlashAttention, attend, flash_attention_reference, flash_attention_reference_backward
+from background import background
+from background import run as run_in_background
+from model import VLM, ModelConfig
+from test_model import inputs, tiny
 
+ROOT = Path(__file__).resolve().parent.parent
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -44,7 +48,8 @@ def assert_close(name, got, want, atol, rtol=0.0):
 
 def qkv(B, nh, N, d, dtype=torch.float64, device="cpu", seed=0):
     gen = torch.Generator(device=device).manual_seed(seed)
-    return [torch.randn(B, nh, N, d, generator=gen, device=device, dtype=dtype).requires_grad_() for _ in range(3)]
+    return [torch.randn(B, nh, N, d, generator=gen, device=device, dtype=dtype).requires_grad_()
+            for _ in range(3)]
 
 
 def twin(Br, Bc):
@@ -60,6 +65,52 @@ def exact_logsumexp(q, k, causal):
     if causal:
         S = S.masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf"))
     return S.logsumexp(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# every path against a row-by-row reference in float64
+
+def reference_attention(q, k, v, causal):
+    """Row by row in float64: query i (the (Tk-Tq+i)-th position) sees keys 0..Tk-Tq+i when causal."""
+    q, k, v = q.double(), k.double(), v.double()
+    Tq, Tk = q.size(-2), k.size(-2)
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for i in range(Tq):
+        last = Tk - Tq + i + 1 if causal else Tk
+        scores = q[..., i:i + 1, :] @ k[..., :last, :].transpose(-2, -1)  # (B, nh, 1, last)
+        scores = scores / math.sqrt(q.size(-1))
+        out[..., i:i + 1, :] = scores.softmax(-1) @ v[..., :last, :]
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Tq,Tk", [(7, 7), (1, 9), (3, 9)])
+def test_attention_paths_agree_with_a_reference(causal, Tq, Tk):
+    gen = torch.Generator().manual_seed(Tq * 100 + Tk)
+    q = torch.randn(2, 3, Tq, 8, generator=gen)
+    k, v = torch.randn(2, 3, Tk, 8, generator=gen), torch.randn(2, 3, Tk, 8, generator=gen)
+    ref = reference_attention(q, k, v, causal)
+    outs = {path: attend(q, k, v, causal, path) for path in ("manual", "sdpa", "auto")}
+    for path, out in outs.items():
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5), path
+    assert torch.allclose(outs["manual"], outs["sdpa"], atol=1e-5, rtol=0)
+
+
+def test_attention_rejects_an_unknown_path():
+    q = torch.zeros(1, 1, 2, 4)
+    with pytest.raises(ValueError, match="unknown attention path"):
+        attend(q, q, q, True, "flash")
+    with pytest.raises(ValueError, match="unknown attention path"):
+        ModelConfig(attn="flash")
+
+
+def test_model_logits_agree_across_attention_paths():
+    images, ids = inputs(6)
+    with torch.no_grad():
+        manual, _ = VLM(tiny(attn="manual"), seed=0).eval()(images, ids)
+        sdpa, _ = VLM(tiny(attn="sdpa"), seed=0).eval()(images, ids)
+    assert torch.allclose(manual, sdpa, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +287,8 @@ def test_auto_takes_the_kernel_only_where_it_was_timed_faster(monkeypatch):
     assert batch_sizes == [2]  # another head size, another dtype: SDPA
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the 'cuda' path builds instead of falling back")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a GPU the 'cuda' path builds instead of falling back")
 def test_cuda_path_without_cuda_warns_once_and_uses_sdpa():
     attention.load_cuda_attention.cache_clear()
     q, k, v = qkv(2, 2, 9, 32, dtype=torch.float32)
@@ -255,27 +307,37 @@ def test_cuda_path_without_cuda_warns_once_and_uses_sdpa():
 
 # The only check of attention.cu that a machine without a GPU can make. -cubin compiles the device code to the
 # end (ptxas reports any spill) and has nvcc's front end parse and type-check the host code too, but does not
-# hand the host code to gcc: 17 s here instead of 57 s for -c, and a host-side error still fails it.
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-def test_attention_cu_compiles_with_nvcc(tmp_path):
+# hand the host code to gcc: 17 s here instead of 57 s for -c, and a host-side error still fails it. The
+# compile runs in the background from the session's start (tests/background.py).
+@background
+def nvcc_compile(folder):
+    """nvcc -cubin on attention.cu -> (the finished nvcc, the cubin), or None where nvcc is not on PATH."""
+    if shutil.which("nvcc") is None:
+        return None
     from torch.utils import cpp_extension
     includes = cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
     macros = Path(includes[0]) / "c10/cuda/impl/cuda_cmake_macros.h"
     if not macros.exists():  # a CPU wheel ships c10/cuda but not this one file that a CUDA build generates
-        (tmp_path / macros.parent.relative_to(includes[0])).mkdir(parents=True)
-        (tmp_path / macros.relative_to(includes[0])).write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-        includes.append(str(tmp_path))
-    cmd = ["nvcc", "-cubin", str(ROOT / "attention.cu"), "-o", str(tmp_path / "attention.cubin"),
+        (folder / macros.parent.relative_to(includes[0])).mkdir(parents=True)
+        macros_here = folder / macros.relative_to(includes[0])
+        macros_here.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        includes.append(str(folder))
+    cmd = ["nvcc", "-cubin", str(ROOT / "attention.cu"), "-o", str(folder / "attention.cubin"),
            "-std=c++20",  # what torch.utils.cpp_extension.load passes for this PyTorch
            "-gencode=arch=compute_80,code=sm_80", "-O3", "-Xptxas", "-warn-spills",
            "-DTORCH_EXTENSION_NAME=nanocit_attention", "-DTORCH_API_INCLUDE_EXTENSION_H",
            *cpp_extension.COMMON_NVCC_FLAGS, *[f"-I{p}" for p in includes]]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return run_in_background(cmd, timeout=600), folder / "attention.cubin"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_attention_cu_compiles_with_nvcc(nvcc_compile):
+    result, cubin = nvcc_compile
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     ours = [line for line in log.splitlines() if re.search(r"attention\.cu[(:]\d+.*warning|spill", line)]
     assert ours == [], "\n".join(ours)  # PyTorch's own headers may warn; attention.cu must not
-    assert (tmp_path / "attention.cubin").stat().st_size > 0
+    assert cubin.stat().st_size > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,7 +366,8 @@ def test_gpu_kernel_matches_sdpa(N, d, causal, dtype):
     fp32 = dtype == torch.float32
     assert_close("O", O, O64, atol=1e-4 if fp32 else 2e-2, rtol=0 if fp32 else 2e-2)
     _, L = kernels.forward(q.detach(), k.detach(), v.detach(), causal)
-    assert_close("L", L, exact_logsumexp(q64.cpu(), k64.cpu(), causal).cuda(), atol=1e-4)  # fp32 in both cases
+    L64 = exact_logsumexp(q64.cpu(), k64.cpu(), causal).cuda()
+    assert_close("L", L, L64, atol=1e-4)  # fp32 in both cases
     for name, g, w in zip(("dQ", "dK", "dV"), grads, grads64):
         assert_close(name, g, w, atol=1e-3 if fp32 else 2e-2, rtol=0 if fp32 else 2e-2)
 
@@ -324,7 +387,8 @@ def test_gpu_kernel_survives_scores_that_overflow_exp(causal):
 def test_gpu_kernel_rejects_what_it_does_not_cover():
     kernels = cuda_kernels()
     q = torch.randn(1, 2, 8, 32, device="cuda")
-    for bad in (q.half(), torch.randn(1, 2, 8, 48, device="cuda"), q.transpose(2, 3).contiguous().transpose(2, 3),
+    for bad in (q.half(), torch.randn(1, 2, 8, 48, device="cuda"),
+                q.transpose(2, 3).contiguous().transpose(2, 3),
                 q.cpu()):
         with pytest.raises(RuntimeError):
             kernels.forward(bad, bad, bad, True)
@@ -359,14 +423,17 @@ def test_gpu_importance_through_the_kernel_matches_manual_attention(measure, mon
 
 @gpu
 def test_gpu_training_run_with_the_kernel_matches_sdpa(tmp_path):
-    """Same seed, same data: a short run with --attn cuda ends where one with --attn sdpa does, within noise."""
+    """Same seed, same data: a short run with --attn cuda ends where one with --attn sdpa does, within
+    noise."""
     cuda_kernels()  # build here first, so that a build failure reads as one, not as a failed run
     results = {}
     for attn in ("cuda", "sdpa"):
-        cmd = [sys.executable, "train.py", "--strategy", "naive", "--tasks", "classify,attribute", "--steps", "60",
-               "--base-steps", "150", "--n-train", "256", "--n-test", "64", "--n-base", "1024",
-               "--d-model", "128", "--vit-dim", "128", "--n-head", "4",  # head size 32: one the kernel covers
-               "--attn", attn, "--run-dir", str(tmp_path / attn), "--cache-dir", str(tmp_path / f"cache-{attn}")]
+        cmd = [sys.executable, "train.py", "--strategy", "naive", "--tasks", "classify,attribute",
+               "--steps", "60", "--base-steps", "150", "--n-train", "256", "--n-test", "64",
+               "--n-base", "1024", "--d-model", "128", "--vit-dim", "128",
+               "--n-head", "4",  # head size 32: one the kernel covers
+               "--attn", attn, "--run-dir", str(tmp_path / attn),
+               "--cache-dir", str(tmp_path / f"cache-{attn}")]
         run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                              env={**os.environ, "PYTHONWARNINGS": "always"})
         assert run.returncode == 0, run.stderr[-3000:]

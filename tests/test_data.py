@@ -1,5 +1,5 @@
-"""The benchmark: determinism, train/test separation, answers checked by an independent solver,
-tokenizer round trips, batch targets and rendering.
+"""The benchmark (data.py): determinism, train/test separation (no test layout in any training split of any
+stage), answers checked by an independent solver, tokenizer round trips, batch targets and rendering.
 
 Run: python -m pytest tests/test_data.py -q
 """
@@ -125,7 +125,8 @@ def one(items):
 
 def find(scene, color=None, shape=None):
     """The one object with this colour and/or shape (the tasks promise it is unique)."""
-    return one([o for o in scene.objects if (color is None or o.color == color) and (shape is None or o.shape == shape)])
+    return one([o for o in scene.objects
+                if (color is None or o.color == color) and (shape is None or o.shape == shape)])
 
 
 def mentioned(text, vocabulary):
@@ -153,7 +154,8 @@ def solve(task, scene, instruction):
     if task == "ground":
         return POSITION[find(scene, color=mentioned(instruction, colors)).cell]
     if task == "caption":
-        parts = [f"a {o.size} {o.color} {o.shape} " + ("in the center" if o.cell == 4 else f"at the {POSITION[o.cell]}")
+        parts = [f"a {o.size} {o.color} {o.shape} "
+                 + ("in the center" if o.cell == 4 else f"at the {POSITION[o.cell]}")
                  for o in sorted(scene.objects, key=lambda o: o.cell)]
         return " and ".join(parts) + "."
     if task == "unanswerable":
@@ -273,6 +275,18 @@ def test_different_scenes_give_different_images():
     assert len(set(seen.values())) == len(seen)
     base = Obj("circle", "red", "large", 4)
     variants = [base, Obj("square", "red", "large", 4), Obj("circle", "green", "large", 4),
-                Obj("circle", "red", "small", 4), Obj("circle", "red", "large", 5), Obj("circle", "red", "large", 4, 1, 0)]
-    images = [data.render(Scene((o,))).tobytes() for o in variants] + [data.render(Scene((base,), "K7A")).tobytes()]
+                Obj("circle", "red", "small", 4), Obj("circle", "red", "large", 5),
+                Obj("circle", "red", "large", 4, 1, 0)]
+    images = [data.render(Scene((o,))).tobytes() for o in variants]
+    images.append(data.render(Scene((base,), "K7A")).tobytes())
     assert len(set(images)) == len(images)
+
+
+def test_the_loaded_once_glyph_font_draws_the_pixels_a_fresh_font_draws(monkeypatch):
+    """data.glyph_font keeps Pillow's font after its first load; the text must come out the same pixels."""
+    rng = random.Random(0)
+    scenes = [data.Scene(data.random_objects(rng, 2), "".join(rng.sample(data.GLYPHS, 3))) for _ in range(20)]
+    cached = [data.render(s) for s in scenes]
+    monkeypatch.setattr(data, "glyph_font", lambda px: data.ImageFont.load_default(size=px))  # the old way
+    assert all((data.render(s) == img).all() for s, img in zip(scenes, cached))
+    assert (data.render(scenes[0]) != data.render(data.Scene(scenes[0].objects))).any()  # text drawn

@@ -1,26 +1,36 @@
-"""Metrics on hand-built accuracy matrices, answer scoring, the heatmap and the text report.
+"""Metrics on hand-built accuracy matrices, answer scoring, answer spaces and the format/content split, the
+statistics (ranks, Spearman, the permutation test), the text report and the comparison table (eval.py).
 
 Every expected number below was worked out by hand from the definitions in eval.py's docstrings.
-Run: python -m pytest tests/test_eval.py -q
+Run: python -m pytest tests/test_eval.py -q   (a few seconds)
 """
-import pytest
-from PIL import Image
+import json
+import math
+import random
 
+import pytest
+
+import data
 import eval as ev
-import pictures
 
 A = [[90, 10, 20],  # row i: accuracy on each task after training task i
      [60, 80, 30],
      [40, 50, 70]]
+
+
 BASE = [5, 10, 15]
 
+
+# ----------------------------------------------------------------------------------------------
+# metrics
 
 def test_metrics_of_a_hand_built_matrix():
     assert ev.average_accuracy(A) == pytest.approx((40 + 50 + 70) / 3)                # 53.33
     assert ev.backward_transfer(A) == pytest.approx(((40 - 90) + (50 - 80)) / 2)      # -40
     assert ev.forgetting(A) == pytest.approx(((90 - 40) + (80 - 50)) / 2)             # 40
     assert ev.forward_transfer(A, BASE) == pytest.approx(((10 - 10) + (30 - 15)) / 2)  # 7.5
-    assert ev.mean_average_accuracy(A) == pytest.approx((90 + (60 + 80) / 2 + (40 + 50 + 70) / 3) / 3)  # 71.11
+    maa = (90 + (60 + 80) / 2 + (40 + 50 + 70) / 3) / 3
+    assert ev.mean_average_accuracy(A) == pytest.approx(maa)  # 71.11
     assert ev.worst_drop_bwt(A) == pytest.approx((min(60 - 90, 40 - 90) + (50 - 80)) / 2)  # -40
     assert ev.all_metrics(A, BASE) == pytest.approx(dict(AA=53.3333333, BWT=-40, forgetting=40, FWT=7.5,
                                                          MAA=71.1111111, BWT_worst=-40))
@@ -47,6 +57,16 @@ def test_one_task_has_no_transfer():
     assert ev.all_metrics(one, [10]) == dict(AA=70, BWT=0.0, forgetting=0.0, FWT=0.0, MAA=70, BWT_worst=0.0)
 
 
+def test_fwt_random_uses_the_random_models_row():
+    A, base, random_row = [[90, 40], [50, 80]], [10, 30], [0, 5]
+    m = ev.all_metrics(A, base, random_row)
+    assert m["FWT"] == pytest.approx(40 - 30) and m["FWT_random"] == pytest.approx(40 - 5)
+    assert "FWT_random" not in ev.all_metrics(A, base)
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring, answer spaces, format and content
+
 @pytest.mark.parametrize("pred,ref,score", [
     ("top left", "top left", 1.0),
     ("Top Left.", "top left", 1.0),       # case and punctuation do not count
@@ -72,20 +92,70 @@ def test_token_f1(pred, ref, score):
     assert ev.token_f1(pred, ref) == pytest.approx(score)
 
 
-def test_heatmap_draws_each_cell_in_its_colour():
-    tasks = ["classify", "attribute", "count"]
-    img = pictures.heatmap(tasks, [[0, 100, 50], [100, 0, 50], [50, 50, 100]], "title")
-    assert isinstance(img, Image.Image) and img.mode == "RGB"
-    wide = pictures.heatmap(tasks + ["read"], [[0] * 4] * 4)
-    assert wide.size[0] > img.size[0] and wide.size[1] > img.size[1]  # one more task: one more row and column
-    cell, left, top = 44, 110, 40  # the layout heatmap() draws with
+def test_answer_spaces_hold_every_answer_their_task_makes_and_refuse_other_kinds():
+    for name, task in data.TASKS.items():
+        rng = random.Random(name)
+        answers = [task.make(task.scene(rng), rng)[1] for _ in range(200)]
+        in_space = ev.answer_space(name, answers[:100])
+        assert all(in_space(a) for a in answers), name
+    assert not ev.answer_space("count", [])("circle") and ev.answer_space("count", [])("7")
+    assert not ev.answer_space("classify", [])("3") and not ev.answer_space("caption", [])("top left")
+    # a task without an entry (a task file) falls back on its train answers
+    assert ev.answer_space("my_file", ["yes", "no"])("No") and not ev.answer_space("my_file", ["yes"])("2")
 
-    def corner(i, j):  # a pixel of cell (i, j) away from its printed number
-        return img.getpixel((left + j * cell + 3, top + i * cell + 3))
-    assert corner(0, 0) == corner(1, 1) == (255, 255, 255)   # 0 %: white
-    assert corner(0, 1) == corner(1, 0) == (40, 145, 60)     # 100 %: dark green
-    assert sum(corner(0, 0)) > sum(corner(0, 2)) > sum(corner(0, 1))  # 50 % is in between
 
+def test_format_and_content_split_an_accuracy():
+    answered = [("circle", 1.0), ("square", 0.0), ("3", 0.0), ("top left", 0.0)]  # of a shape task
+    fmt, content = ev.format_content(answered, ev.answer_space("classify", []))
+    assert fmt == 50 and content == 50  # 2 of 4 are shapes; 1 of those 2 is right
+    assert ev.format_content([("3", 0.0)], ev.answer_space("classify", [])) == (0, None)
+    shares = ev.space_shares([[("3", 0.0)], [("2", 1.0), ("circle", 0.0)]],
+                             [ev.answer_space("classify", []), ev.answer_space("count", [])])
+    assert shares == pytest.approx([100 / 3, 200 / 3])
+    story = ev.format_story(["classify", "count"], [[90, 0], [10, 100]])
+    assert story[1] == "after count, 100 % of all answers (to every task's questions) are of count's kind"
+
+
+def test_format_drop_is_the_part_of_minus_bwt_that_format_explains():
+    A = [[90, 0], [30, 80]]  # task 0 drops 60 points
+    F = [[100, 0], [40, 100]]  # ... and 60 % of its answers leave its space
+    C = [[90, None], [75, 80]]
+    assert ev.format_drop(A, F, C) == pytest.approx(60 * 0.9)  # 54 of the 60 points: format
+    assert -ev.backward_transfer(A) == 60
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics
+
+def test_ranks_average_ties():
+    assert ev.ranks([10, 20, 20, 5]) == [2, 3.5, 3.5, 1]
+    assert ev.ranks([7, 7, 7]) == [2, 2, 2]
+
+
+@pytest.mark.parametrize("xs,ys,rho", [
+    ([1, 2, 3, 4], [1, 8, 27, 64], 1.0),        # monotone but not linear: Pearson would be < 1
+    ([1, 2, 3, 4], [40, 30, 20, 10], -1.0),
+    ([1, 2, 3, 4, 5], [2, 1, 4, 3, 5], 0.8),    # no ties: 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 24/120
+    ([1, 2, 2, 3], [1, 3, 2, 4], math.sqrt(0.9)),  # x ranks 1, 2.5, 2.5, 4: cov 4.5 / sqrt(4.5 * 5)
+])
+def test_spearman_on_known_cases(xs, ys, rho):
+    assert ev.spearman(xs, ys) == pytest.approx(rho)
+    assert ev.spearman(ys, xs) == pytest.approx(rho)  # symmetric
+
+
+def test_spearman_of_a_constant_is_undefined():
+    assert math.isnan(ev.spearman([1, 2, 3], [5, 5, 5]))
+
+
+def test_the_permutation_test_finds_a_strong_correlation_and_not_a_weak_one():
+    xs = list(range(8))
+    assert ev.permutation_p(xs, [-x for x in xs]) < 0.001
+    assert ev.permutation_p(xs, [3, 1, 4, 1, 5, 9, 2, 6]) > 0.3
+    assert math.isnan(ev.permutation_p(xs, [1] * 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# reports
 
 def test_format_report_on_a_minimal_result():
     results = dict(config=dict(train=dict(strategy="replay")), tasks=["classify", "attribute", "count"],
@@ -95,13 +165,8 @@ def test_format_report_on_a_minimal_result():
     assert "strategy replay" in lines[0]
     assert lines[2].split() == ["base", "5.0", "10.0", "15.0", "10.0"]
     assert lines[5].split() == ["count", "40.0", "50.0", "70.0", "53.3"]
-    assert "BWT -40.0" in report and "FWT +7.5" in report and "forgetting 40.0" in report and "MAA 71.1" in report
-
-
-def test_eval_main_refuses_a_missing_run(tmp_path, capsys):
-    assert ev.main([str(tmp_path / "nothing")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert "BWT -40.0" in report and "FWT +7.5" in report
+    assert "forgetting 40.0" in report and "MAA 71.1" in report
 
 
 def test_the_report_names_the_worst_diagonal_entry_and_every_task_not_learnt():
@@ -110,3 +175,37 @@ def test_the_report_names_the_worst_diagonal_entry_and_every_task_not_learnt():
     assert "worst task right after its own training: spatial 62.0" in line
     assert "NOT LEARNT (below 90): spatial 62.0" in line and "read" not in line.split("NOT LEARNT")[1]
     assert ev.learnt_line(["a"], [[90]]).endswith("every task learnt (>= 90)")
+
+
+def test_the_report_shows_routed_and_oracle_accuracy_with_task_id_accuracy():
+    results = dict(config=dict(train=dict(strategy="expansion")), tasks=["a", "b"], base_row=[0, 0],
+                   matrix=[[90, 0], [60, 80]], oracle_row=[90, 80], task_id_accuracy=75.0)
+    report = ev.format_report(results)
+    assert "routed AA 70.0, with oracle routing (each task's own expert) 85.0" in report
+    assert "task-ID accuracy 75.0 %" in report
+
+
+def test_eval_main_refuses_a_missing_run(tmp_path, capsys):
+    assert ev.main([str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+def test_compare_puts_runs_side_by_side(tmp_path):
+    def fake_run(strategy, aa, **extra):
+        results = dict(config={"train": {"strategy": strategy}}, tasks=["a", "b"], wall_seconds=12.3,
+                       metrics=dict(AA=aa, BWT=-4.0, forgetting=4.0, FWT=1.5), extra_bytes=3 * 1024 ** 2,
+                       timings=[{"trainable": 10}, {"trainable": 1234}], **extra)
+        folder = tmp_path / strategy
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(results))
+        return folder
+    runs = [fake_run("naive", 20.0), fake_run("expansion", 55.5, task_id_accuracy=97.25)]
+    out = tmp_path / "out"
+    assert ev.main(["--compare", *map(str, runs), str(tmp_path / "empty"), "--out", str(out)]) == 0
+    table = (tmp_path / "out" / "table.md").read_text().splitlines()
+    assert table[0].startswith("| strategy | AA | BWT |") and table[0].endswith("task ID |")
+    best = "| expansion | 55.5 | -4.0 | 4.0 | +1.5 | 1,234 | 3.0 MB | 12 s | 97.2 |"
+    assert table[2] == best  # best AA first
+    assert table[3].startswith("| naive | 20.0 |") and table[3].endswith("| - |")
+    assert (tmp_path / "out" / "table.png").stat().st_size > 0

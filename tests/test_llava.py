@@ -16,7 +16,7 @@ from PIL import Image
 import data
 import llava
 import train
-from test_train import assert_one_line_error, run as run_script  # the command line, as a user runs it
+from test_runner import assert_one_line_error, run as run_script  # the command line, as a user runs it
 
 SIZE, MAX_LEN = 48, 40  # the tiny preset's image size and row length
 BUILTIN = list(data.TASKS.values()) + [data.ALIGN]
@@ -44,13 +44,15 @@ def record(i, *texts, image=None):
 
 
 def task_file(folder, records, name="mytask.json", images=True):
-    """Write records as a task file in `folder`, and a PNG for each image under images/ (unless images=False)."""
+    """Write records as a task file in `folder`, and a PNG for each image under images/ (unless
+    images=False)."""
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
     for r in records if images else []:
         if isinstance(r, dict) and str(r.get("image")).startswith("images/"):
             png(folder / r["image"])
-    path.write_text("\n".join(json.dumps(r) for r in records) if name.endswith(".jsonl") else llava.records_json(records))
+    jsonl = "\n".join(json.dumps(r) for r in records)
+    path.write_text(jsonl if name.endswith(".jsonl") else llava.records_json(records))
     return path
 
 
@@ -75,13 +77,16 @@ def load_error(path, **kw):
 
 GOOD = [record(i) for i in range(4)]
 BAD = {  # name: (records, expected fragments after the file's name)
-    "no image": ([*GOOD[:2], {"id": "q2", "conversations": turns("Q?", "A")}], ["record 2 (id 'q2')", "no 'image'"]),
-    "no conversations": ([{"id": 7, "image": "images/0.png"}, *GOOD[1:]], ["record 0 (id 7)", "no 'conversations'"]),
+    "no image": ([*GOOD[:2], {"id": "q2", "conversations": turns("Q?", "A")}],
+                 ["record 2 (id 'q2')", "no 'image'"]),
+    "no conversations": ([{"id": 7, "image": "images/0.png"}, *GOOD[1:]],
+                         ["record 0 (id 7)", "no 'conversations'"]),
     "not an object": ([*GOOD[:3], ["images/3.png"]], ["record 3", "JSON object, not list"]),
     "missing image": ([*GOOD[:3], record(3, image="gone/3.png")], ["record 3 (id 'q3')", "gone/3.png",
                                                                           "No such file"]),
     "empty answer": ([*GOOD[:3], record(3, "Q?", "  ")], ["record 3 (id 'q3')", "turn 2 is an empty answer"]),
-    "not alternating": ([{**record(0), "conversations": [*turns("Q?", "A"), {"from": "gpt", "value": "B"}]}, *GOOD[1:]],
+    "not alternating": ([{**record(0), "conversations": [*turns("Q?", "A"), {"from": "gpt", "value": "B"}]},
+                         *GOOD[1:]],
                         ["record 0 (id 'q0')", "turn 3 is from 'gpt' but a 'human' turn was expected"]),
     "unknown from": ([*GOOD[:1], {**record(1), "conversations": [{"from": "system", "value": "Be brief."},
                                                                   *turns("Q?", "A")]}],
@@ -89,9 +94,11 @@ BAD = {  # name: (records, expected fragments after the file's name)
     "question without answer": ([*GOOD[:2], record(2, "Q?", "A", "And then?")],
                                 ["record 2 (id 'q2')", "turn 3 is a question without an answer"]),
     "duplicate id": ([*GOOD[:3], record(1)], ["record 3 (id 'q1')", "duplicate id: record 1"]),
-    "unknown metric": ([*GOOD[:1], {**record(1), "metric": "bleu"}], ["record 1 (id 'q1')", "unknown metric 'bleu'"]),
-    "mixed metrics": ([*GOOD[:2], {**record(2), "metric": "f1"}], ["record 2 (id 'q2')", "metric 'f1' differs"]),
-    "too long": ([*GOOD[:2], record(2, "Q?", " ".join(["circle"] * 40))],  # [BOS] Q ? [SEP] + 40 words + [EOS]
+    "unknown metric": ([*GOOD[:1], {**record(1), "metric": "bleu"}],
+                       ["record 1 (id 'q1')", "unknown metric 'bleu'"]),
+    "mixed metrics": ([*GOOD[:2], {**record(2), "metric": "f1"}],
+                      ["record 2 (id 'q2')", "metric 'f1' differs"]),
+    "too long": ([*GOOD[:2], record(2, "Q?", " ".join(["circle"] * 40))],  # [BOS] Q ? [SEP], 40 words, [EOS]
                  ["record 2 (id 'q2')", "pair 1 is 45 tokens, more than max_text_len=40", "--truncate"]),
 }
 
@@ -106,8 +113,10 @@ def test_bad_record_names_file_and_record(tmp_path, case):
 
 
 @pytest.mark.parametrize("name,text,fragments", [
-    ("bad.json", '[\n{"id": 1, "image": "a.png",\n "conversations": [}\n]', ["bad.json: invalid JSON at line 3 column 20"]),
-    ("bad.jsonl", json.dumps(record(0)) + "\n\n" + '{"id": "q1", "image": }\n', ["bad.jsonl record 1", "line 3"]),
+    ("bad.json", '[\n{"id": 1, "image": "a.png",\n "conversations": [}\n]',
+     ["bad.json: invalid JSON at line 3 column 20"]),
+    ("bad.jsonl", json.dumps(record(0)) + "\n\n" + '{"id": "q1", "image": }\n',
+     ["bad.jsonl record 1", "line 3"]),
     ("dict.json", json.dumps(record(0)), ["dict.json: expected a non-empty list of records"]),
     ("empty.jsonl", "\n", ["empty.jsonl: expected a non-empty list"]),
     ("latin1.json", b"[\xe9]", ["latin1.json: not UTF-8 text"]),
@@ -140,13 +149,15 @@ def test_unreadable_image_and_nothing_half_written(tmp_path, kind, fragment):
 
 def test_truncate_cuts_the_answer_and_counts(tmp_path, capsys):
     long_answer = " ".join(["circle"] * 40)
-    path = task_file(tmp_path, [*GOOD[:2], record(2, "What is it?", long_answer), record(3, "Q?", long_answer)])
+    path = task_file(tmp_path, [*GOOD[:2], record(2, "What is it?", long_answer),
+                                record(3, "Q?", long_answer)])
     path.with_name("mytask.test.json").write_text(llava.records_json([record(0)]))
     train_rows, _, tok = load(path, truncate=True)
     assert "--truncate cut 2 rows to 40 tokens" in capsys.readouterr().out
     cut = train_rows.subset([2])
     assert int((cut.tokens != data.PAD).sum()) == MAX_LEN and data.EOS not in cut.tokens.tolist()[0]
-    assert cut.answers[0] == " ".join(["circle"] * (MAX_LEN - int(cut.prompt_len[0])))  # scored on what is left
+    # scored on what is left
+    assert cut.answers[0] == " ".join(["circle"] * (MAX_LEN - int(cut.prompt_len[0])))
     assert train_rows.answers[:2] == ["circle", "circle"]  # rows that fit are untouched
     too_long_question = task_file(tmp_path / "q", [record(0, " ".join(["red"] * 40), "circle"), *GOOD[1:]])
     assert "question alone is too long" in load_error(too_long_question, truncate=True)
@@ -167,7 +178,8 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
                           "--n-test", "2", "--n-base", "4", "--device", "cpu", "--run-dir", tmp_path / "run",
                           "--cache-dir", tmp_path / "cache")
 
-    assert_one_line_error(train_py(f"classify,{tmp_path / 'nope.json'}"), "nope.json: No such file or directory")
+    missing = train_py(f"classify,{tmp_path / 'nope.json'}")
+    assert_one_line_error(missing, "nope.json: No such file or directory")
     jsonl = tmp_path / "files" / "broken.jsonl"
     task_file(jsonl.parent, GOOD, jsonl.name).write_text(json.dumps(record(0)) + "\n{oops\n")
     assert_one_line_error(train_py(f"classify,{jsonl}"), "broken.jsonl record 1", "invalid JSON at line 2")
@@ -238,27 +250,32 @@ def test_every_bad_input_through_the_cli_is_one_line_exit_2_and_writes_nothing(t
 # what a good file becomes
 
 def test_multi_turn_record_becomes_one_row_per_pair(tmp_path, capsys):
-    conversation = record(0, "<image>\nWhat shape is the red object?", "circle", "Where is it?<image>", "top left",
-                          "  And its size?  ", "small")
+    conversation = record(0, "<image>\nWhat shape is the red object?", "circle", "Where is it?<image>",
+                          "top left", "  And its size?  ", "small")
     path = task_file(tmp_path, [conversation, record(1, "<image>\nCount the blue objects.", "2")])
     path.with_name("mytask.test.json").write_text(llava.records_json([record(2, "Is it red?", "yes")]))
     png(tmp_path / "images" / "0.png", color=(1, 2, 3))
     png(tmp_path / "images" / "2.png")
     train_rows, test_rows, tok = load(path)
     assert "mytask: 3 records, 5 pairs -> 4 train + 1 test rows; images decoded" in capsys.readouterr().out
-    questions = [tok.decode(row[1:p - 1]) for row, p in zip(train_rows.tokens.tolist(), train_rows.prompt_len.tolist())]
-    assert questions == ["What shape is the red object?", "Where is it?", "And its size?", "Count the blue objects."]
+    questions = [tok.decode(row[1:p - 1])
+                 for row, p in zip(train_rows.tokens.tolist(), train_rows.prompt_len.tolist())]
+    assert questions == ["What shape is the red object?", "Where is it?", "And its size?",
+                         "Count the blue objects."]
     assert train_rows.answers == ["circle", "top left", "small", "2"] and test_rows.answers == ["yes"]
-    assert all(torch.equal(train_rows.images[i], train_rows.images[0]) for i in (1, 2))  # one image, three pairs
-    assert train_rows.images[0, :, 0, 0].tolist() == [1, 2, 3] and train_rows.images[3, :, 0, 0].tolist() == [200, 30, 30]
+    assert all(torch.equal(train_rows.images[i], train_rows.images[0]) for i in (1, 2))  # one image, 3 pairs
+    assert train_rows.images[0, :, 0, 0].tolist() == [1, 2, 3]
+    assert train_rows.images[3, :, 0, 0].tolist() == [200, 30, 30]
     assert train_rows.metric == test_rows.metric == "exact" and train_rows.name == "mytask"
-    for row in train_rows.tokens.tolist():  # every row reads [BOS] question [SEP] answer [EOS] and no unknown word
-        assert row[0] == data.BOS and data.SEP in row and data.EOS in row and tok.token_to_id("[UNK]") not in row
+    for row in train_rows.tokens.tolist():  # every row: [BOS] question [SEP] answer [EOS], no unknown word
+        assert row[0] == data.BOS and data.SEP in row and data.EOS in row
+        assert tok.token_to_id("[UNK]") not in row
 
 
 def test_new_words_get_new_ids_and_benchmark_ids_stay(tmp_path, tok):
     path = task_file(tmp_path, [record(0, "What breed is the dog?", "a beagle"), *GOOD[1:]])
-    mixed = data.train_tokenizer(BUILTIN, 0, llava.file_texts(llava.read_tasks(["classify", str(path)]).values()))
+    tasks = llava.read_tasks(["classify", str(path)])
+    mixed = data.train_tokenizer(BUILTIN, 0, llava.file_texts(tasks.values()))
     old, new = tok.get_vocab(), mixed.get_vocab()
     assert {w: new[w] for w in old} == old  # the benchmark's words keep their ids
     assert sorted(set(new) - set(old)) == ["▁beagle", "▁breed", "▁dog"]
@@ -279,16 +296,19 @@ def test_images_resolve_against_the_file_folder_or_image_root(tmp_path, monkeypa
     for i in range(4):
         png(path.parent / "images" / f"{i}.png", color=(i, 50, 60))
     train_rows, test_rows, _ = load(path, cache=tmp_path / "cache2")  # now the file's own folder has them
-    assert sorted(int(x) for x in torch.cat([train_rows.images, test_rows.images])[:, 0, 0, 0]) == [0, 1, 2, 3]
+    pixels = torch.cat([train_rows.images, test_rows.images])[:, 0, 0, 0]
+    assert sorted(int(x) for x in pixels) == [0, 1, 2, 3]
 
 
 def test_held_out_split_is_seeded_and_keeps_records_whole(tmp_path, tok):
-    records = [record(i, "What shape is the red object?", "circle", "Where is it?", "center") for i in range(30)]
+    records = [record(i, "What shape is the red object?", "circle", "Where is it?", "center")
+               for i in range(30)]
     path = task_file(tmp_path, records)
     (task,) = llava.read_tasks([str(path)], cache=tmp_path / "cache").values()
 
     def split(seed):
-        return [sorted(set(ex.images[:, 0, 0, 0].tolist())) for ex in llava.load_file_task(task, seed, tok, SIZE, MAX_LEN)]
+        return [sorted(set(ex.images[:, 0, 0, 0].tolist()))
+                for ex in llava.load_file_task(task, seed, tok, SIZE, MAX_LEN)]
 
     for i, r in enumerate(records):  # the record number in the pixels tells where each row came from
         png(tmp_path / r["image"], color=(i, 0, 0))
@@ -306,12 +326,14 @@ def test_second_load_reads_the_cache_until_something_changes(tmp_path, capsys):
     assert "images decoded" in capsys.readouterr().out
     second = load(path)
     assert "images cached" in capsys.readouterr().out
-    assert all(torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens) for a, b in zip(first[:2], second[:2]))
+    assert all(torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens)
+               for a, b in zip(first[:2], second[:2]))
     assert len(list((tmp_path / "run" / "cache").iterdir())) == 1  # one file, no .tmp left over
     png(tmp_path / "images" / "1.png", color=(0, 0, 255))  # an image changes: its pixels are read again
     third = load(path)
     assert "images decoded" in capsys.readouterr().out
-    assert not torch.equal(torch.cat([third[0].images, third[1].images]), torch.cat([first[0].images, first[1].images]))
+    assert not torch.equal(torch.cat([third[0].images, third[1].images]),
+                           torch.cat([first[0].images, first[1].images]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,8 +364,10 @@ def test_export_writes_every_task_as_llava_records(exported):
 
 
 def test_reimported_benchmark_is_identical_to_the_built_in_path(exported, tok):
-    tasks = llava.read_tasks([str(exported / f"{n}.json") for n in data.TASKS], cache=exported.parent / "cache")
-    assert data.train_tokenizer(BUILTIN, 0, llava.file_texts(tasks.values())).to_str() == tok.to_str()  # no new word, no new id
+    tasks = llava.read_tasks([str(exported / f"{n}.json") for n in data.TASKS],
+                             cache=exported.parent / "cache")
+    reread = data.train_tokenizer(BUILTIN, 0, llava.file_texts(tasks.values()))
+    assert reread.to_str() == tok.to_str()  # no new word, no new id
     for name, task in tasks.items():
         built_in = data.make_task(data.TASKS[name], N_TRAIN, N_TEST, 0, tok, SIZE, MAX_LEN)
         for a, b in zip(built_in, llava.load_file_task(task, 0, tok, SIZE, MAX_LEN)):
@@ -353,7 +377,8 @@ def test_reimported_benchmark_is_identical_to_the_built_in_path(exported, tok):
 
 
 def test_training_on_the_export_repeats_the_built_in_run(exported, tmp_path):
-    """The same command with files for names: the same base (reused), bit-identical weights, the same matrix."""
+    """The same command with files for names: the same base (reused), bit-identical weights, the same
+    matrix."""
     names = ["classify", "caption"]
     args = ["--steps", "30", "--base-steps", "5", "--n-train", N_TRAIN, "--n-test", N_TEST, "--n-base", "40",
             "--device", "cpu", "--cache-dir", tmp_path / "cache"]
@@ -361,7 +386,7 @@ def test_training_on_the_export_repeats_the_built_in_run(exported, tmp_path):
     for tasks, run_dir in ((",".join(names), "builtin"), (files, "files")):
         assert train.main(["--tasks", tasks, "--run-dir", str(tmp_path / run_dir), *map(str, args)]) == 0
     results = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("builtin", "files")]
-    assert any(a > 0 for row in results[0]["matrix"] for a in row), "all scores 0: train longer so this can fail"
+    assert any(a > 0 for row in results[0]["matrix"] for a in row), "all 0: train longer so this can fail"
     assert results[0]["matrix"] == results[1]["matrix"] and results[0]["base_row"] == results[1]["base_row"]
     assert results[0]["tasks"] == results[1]["tasks"] == names
     for name in ("task1-classify.pt", "task2-caption.pt"):

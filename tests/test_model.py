@@ -1,5 +1,5 @@
-"""The tiny VLM: causality, initial loss, overfitting one batch, attention paths that agree,
-KV-cached generation against recomputation, and seeded initialisation.
+"""The tiny VLM (model.py): causality, initial loss, overfitting one batch, KV-cached generation against
+recomputation, seeded initialisation, and LoRA: the adapter starts as the identity and merges exactly.
 
 Run: python -m pytest tests/test_model.py -q
 """
@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 
-from attention import attend
-from model import VLM, ModelConfig
+from model import VLM, LoRALinear, ModelConfig, add_lora
 
 VOCAB = 50
 
@@ -24,18 +24,6 @@ def inputs(seed, B=3, T=10):
     images = torch.rand(B, 3, 48, 48, generator=gen) * 2 - 1
     ids = torch.randint(5, VOCAB, (B, T), generator=gen)
     return images, ids
-
-
-def reference_attention(q, k, v, causal):
-    """Row by row in float64: query i (the (Tk-Tq+i)-th position) sees keys 0..Tk-Tq+i when causal."""
-    q, k, v = q.double(), k.double(), v.double()
-    Tq, Tk = q.size(-2), k.size(-2)
-    out = torch.empty(q.shape, dtype=torch.float64)
-    for i in range(Tq):
-        last = Tk - Tq + i + 1 if causal else Tk
-        scores = (q[..., i:i + 1, :] @ k[..., :last, :].transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, 1, last)
-        out[..., i:i + 1, :] = scores.softmax(-1) @ v[..., :last, :]
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,8 +42,8 @@ def test_a_future_token_cannot_change_past_logits(attn):
         other = model.decode(torch.cat([prefix, model.tok_emb(changed)], 1))
         logits, _ = model(images, ids)
     assert torch.equal(logits, full[:, P:])
-    assert torch.allclose(full[:, :P + t], other[:, :P + t], atol=1e-6, rtol=0)  # image prefix and text before t
-    assert (full[:, P + t:] - other[:, P + t:]).abs().amax(-1).min() > 1e-4      # every later position sees it
+    assert torch.allclose(full[:, :P + t], other[:, :P + t], atol=1e-6, rtol=0)  # the image and text before t
+    assert (full[:, P + t:] - other[:, P + t:]).abs().amax(-1).min() > 1e-4  # every later position sees it
 
 
 def test_every_text_position_sees_the_image():
@@ -99,39 +87,6 @@ def test_overfits_one_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05
-
-
-# ----------------------------------------------------------------------------------------------
-# attention paths
-
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("Tq,Tk", [(7, 7), (1, 9), (3, 9)])
-def test_attention_paths_agree_with_a_reference(causal, Tq, Tk):
-    gen = torch.Generator().manual_seed(Tq * 100 + Tk)
-    q = torch.randn(2, 3, Tq, 8, generator=gen)
-    k, v = torch.randn(2, 3, Tk, 8, generator=gen), torch.randn(2, 3, Tk, 8, generator=gen)
-    ref = reference_attention(q, k, v, causal)
-    outs = {path: attend(q, k, v, causal, path) for path in ("manual", "sdpa", "auto")}
-    for path, out in outs.items():
-        assert out.shape == q.shape and out.dtype == q.dtype
-        assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5), path
-    assert torch.allclose(outs["manual"], outs["sdpa"], atol=1e-5, rtol=0)
-
-
-def test_attention_rejects_an_unknown_path():
-    q = torch.zeros(1, 1, 2, 4)
-    with pytest.raises(ValueError, match="unknown attention path"):
-        attend(q, q, q, True, "flash")
-    with pytest.raises(ValueError, match="unknown attention path"):
-        ModelConfig(attn="flash")
-
-
-def test_model_logits_agree_across_attention_paths():
-    images, ids = inputs(6)
-    with torch.no_grad():
-        manual, _ = VLM(tiny(attn="manual"), seed=0).eval()(images, ids)
-        sdpa, _ = VLM(tiny(attn="sdpa"), seed=0).eval()(images, ids)
-    assert torch.allclose(manual, sdpa, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,3 +176,34 @@ def test_initialisation_ignores_torch_global_generator():
         torch.rand(1000)  # move the global stream somewhere else
         b = VLM(tiny(), seed=0).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA
+
+def test_lora_starts_as_the_base_layer_and_merges_exactly():
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Linear(12, 7)
+    x = torch.randn(5, 12, generator=gen)
+    want, weight = base(x).detach(), base.weight.detach().clone()
+    lora = LoRALinear(base, rank=3, alpha=6.0, gen=gen)
+    assert torch.equal(lora(x), want)  # B = 0: the adapter adds exactly nothing
+    assert not lora.weight.requires_grad and lora.lora_A.requires_grad
+    with torch.no_grad():
+        lora.lora_B.copy_(torch.randn(7, 3, generator=gen))
+    unmerged = lora(x).detach()
+    assert not torch.allclose(unmerged, want)
+    lora.merge()
+    assert torch.allclose(lora(x), unmerged, atol=1e-5)
+    lora.unmerge()
+    assert torch.allclose(lora.weight, weight, atol=1e-6)
+    assert torch.allclose(lora(x), unmerged, atol=1e-5)
+
+
+def test_add_lora_keeps_state_dict_names_and_output():
+    model = VLM(ModelConfig(vocab_size=20, vit_dim=32, d_model=32, n_head=2, vit_layers=1, n_layer=1))
+    images, ids = torch.zeros(2, 3, 48, 48), torch.ones(2, 5, dtype=torch.long)
+    before, names = model(images, ids)[0], set(model.state_dict())
+    add_lora(model, ["attn.qkv", "attn.proj", "mlp.0", "mlp.2"], 4, 8.0, seed=0)
+    assert names <= set(model.state_dict())  # the base weights keep their names
+    assert torch.equal(model(images, ids)[0], before)

@@ -16,13 +16,16 @@ import pytest
 import torch
 
 import train
+from background import background
+from background import run as run_in_background
 from data import atomic_write
-from test_train import ENV, ROOT, assert_one_line_error, load, run
+from test_runner import ENV, ROOT, assert_one_line_error, load, run
 
 # 150 steps per task so that a kill lands inside a task; expansion exercises the most state on resume:
 # LoRA adapters to re-add before loading, experts, keys, and the replay buffer with its own generator
-ARGS = ["--strategy", "replay+expansion", "--tasks", "classify,attribute", "--steps", "150", "--base-steps", "5",
-        "--n-train", "40", "--n-test", "8", "--n-base", "40", "--buffer-size", "10", "--device", "cpu",
+ARGS = ["--strategy", "replay+expansion", "--tasks", "classify,attribute", "--steps", "150",
+        "--base-steps", "5", "--n-train", "40", "--n-test", "8", "--n-base", "40", "--buffer-size", "10",
+        "--device", "cpu",
         "--checkpoint-every", "10"]
 
 
@@ -35,17 +38,19 @@ def results_without_timings(run_dir):
     return results
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume")
-    proc = run("train.py", *ARGS, "--run-dir", tmp / "whole", "--cache-dir", tmp / "cache")
+@background
+def uninterrupted(folder):
+    """The run of ARGS, whole: folder/whole, its base in folder/cache."""
+    proc = run_in_background([sys.executable, ROOT / "train.py", *ARGS, "--run-dir", folder / "whole",
+                              "--cache-dir", folder / "cache"], timeout=240, cwd=ROOT, env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return tmp
+    return folder
 
 
 def test_a_run_killed_mid_task_resumes_to_the_same_bits(uninterrupted):
     tmp = uninterrupted
-    cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, "--run-dir", str(tmp / "killed"), "--cache-dir", str(tmp / "cache")]
+    cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, "--run-dir", str(tmp / "killed"),
+           "--cache-dir", str(tmp / "cache")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt, deadline = tmp / "killed" / "checkpoint.pt", time.time() + 60
     while time.time() < deadline and proc.poll() is None:
@@ -62,13 +67,13 @@ def test_a_run_killed_mid_task_resumes_to_the_same_bits(uninterrupted):
     resumed = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout and "task 2, step " in resumed.stdout
-    assert (tmp / "killed" / "task1-classify.pt").stat().st_mtime_ns == first_task  # the first task was not redone
+    assert (tmp / "killed" / "task1-classify.pt").stat().st_mtime_ns == first_task  # not redone
     leftover = [p.name for p in (tmp / "killed").glob("*.tmp") if f".{proc.pid}.tmp" not in p.name]
     assert leftover == []  # the killed writer may leave its own .tmp (a kill inside a write), the resume none
     assert results_without_timings(tmp / "killed") == results_without_timings(tmp / "whole")
     a, b = (load(tmp / d / "task2-attribute.pt") for d in ("whole", "killed"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    same_nest(a["strategy"], b["strategy"])  # replay buffer and its generator, experts, keys, the common start
+    same_nest(a["strategy"], b["strategy"])  # replay buffer and its generator, experts, keys, common start
 
 
 def test_atomic_write_never_shows_half_a_file(tmp_path):
@@ -107,7 +112,8 @@ def same_nest(a, b):
 def test_rerunning_a_finished_run_trains_nothing_and_repeats_its_results(uninterrupted):
     tmp = uninterrupted
     before = results_without_timings(tmp / "whole")
-    proc = run("train.py", "--resume", "--run-dir", tmp / "whole", "--cache-dir", tmp / "cache")  # settings from the folder
+    # the settings come from the folder
+    proc = run("train.py", "--resume", "--run-dir", tmp / "whole", "--cache-dir", tmp / "cache")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resuming from" in proc.stdout and "finished, nothing left to train" in proc.stdout
     assert results_without_timings(tmp / "whole") == before
@@ -129,13 +135,14 @@ def test_force_new_starts_a_fresh_folder_and_leaves_the_old_one(uninterrupted, t
     assert train.main([*args, "--run-dir", str(tmp_path / "r")]) == 0  # in this process: no start-up
     first = (tmp_path / "r" / "checkpoint.pt").read_bytes()
     assert train.main([*args, "--lr", "1e-3", "--force-new", "--run-dir", str(tmp_path / "r")]) == 0
-    assert (tmp_path / "r-2" / "results.json").is_file() and (tmp_path / "r" / "checkpoint.pt").read_bytes() == first
+    assert (tmp_path / "r-2" / "results.json").is_file()
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == first
     assert json.loads((tmp_path / "r-2" / "config.json").read_text())["train"]["lr"] == 1e-3
     capsys.readouterr()
     again = ["--resume", "--run-dir", str(tmp_path / "r-2"), "--cache-dir", str(tmp / "cache")]
     assert train.main(again) == 0
     assert "finished, nothing left to train" in capsys.readouterr().out
-    assert not (tmp_path / "r-2-2").exists() and not (tmp_path / "r-3").exists()  # resumed, not started afresh
+    assert not (tmp_path / "r-2-2").exists() and not (tmp_path / "r-3").exists()  # resumed, not afresh
 
 
 def test_an_unwritable_cache_folder_fails_before_any_work(tmp_path):
@@ -170,7 +177,8 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused(uninterrupted, tmp_pa
 
 def test_a_nan_loss_stops_the_run_naming_task_and_step_and_keeps_the_last_checkpoint(uninterrupted, tmp_path):
     args = ARGS[:-1] + ["1"]  # --checkpoint-every 1: a checkpoint after every step
-    proc = run("train.py", *args, "--lr", "1e30", "--run-dir", tmp_path / "r", "--cache-dir", uninterrupted / "cache")
+    proc = run("train.py", *args, "--lr", "1e30", "--run-dir", tmp_path / "r",
+               "--cache-dir", uninterrupted / "cache")
     assert proc.returncode == 1, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: the loss (") and "inf or nan in task 1/2: classify, step " in line

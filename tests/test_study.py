@@ -1,61 +1,47 @@
-"""The study (`python study.py`): Spearman and the task-pair analysis on hand-worked inputs, the
-findings and the report on hand-built results, bad input, the order of runs (with a stand-in for train.py),
-one tiny real study that fails, resumes and re-trains a run whose configuration changed, and a study
-SIGKILLed in the middle of a run that resumes to the report of an uninterrupted one.
+"""The study (study.py): the task-pair analysis, the findings with their per-seed verdicts and statistics,
+and the report on hand-built results; bad input; the order of runs (with a stand-in for train.py); tiny real
+studies: over two task orders, sharing naive's first task or not (the same study.json), one that fails,
+resumes and re-trains a run whose configuration changed, and one SIGKILLed in the middle of a run that
+resumes to the report of an uninterrupted one; and RESULTS.md written from a finished study.
 
-Run: python -m pytest tests/test_study.py -q   (about 20 s: the tiny study starts train.py 4 times)
+Run: python -m pytest tests/test_study.py -q   (about a minute: the tiny studies start train.py many times)
 """
 import argparse
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+import data
 import eval as ev
-import runner
 import study
 import train
+from background import background
+from background import run as run_in_background
+from test_runner import ENV, ROOT
 
 TASKS = ["classify", "attribute", "count"]
+
+
 A = [[90, 10, 20],  # the matrix of test_eval.py: AA 53.33, BWT -40, forgetting 40
      [60, 80, 30],
      [40, 50, 70]]
+
+
 SIMILARITY = [[1.0, 0.8, 0.2],
               [0.8, 1.0, 0.5],
               [0.2, 0.5, 1.0]]
 
 
 # ----------------------------------------------------------------------------------------------
-# Spearman and task pairs
-
-def test_ranks_average_ties():
-    assert ev.ranks([10, 20, 20, 5]) == [2, 3.5, 3.5, 1]
-    assert ev.ranks([7, 7, 7]) == [2, 2, 2]
-
-
-@pytest.mark.parametrize("xs,ys,rho", [
-    ([1, 2, 3, 4], [1, 8, 27, 64], 1.0),        # monotone but not linear: Pearson would be < 1
-    ([1, 2, 3, 4], [40, 30, 20, 10], -1.0),
-    ([1, 2, 3, 4, 5], [2, 1, 4, 3, 5], 0.8),    # no ties: 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 24/120
-    ([1, 2, 2, 3], [1, 3, 2, 4], math.sqrt(0.9)),  # x ranks 1, 2.5, 2.5, 4: cov 4.5 / sqrt(4.5 * 5)
-])
-def test_spearman_on_known_cases(xs, ys, rho):
-    assert ev.spearman(xs, ys) == pytest.approx(rho)
-    assert ev.spearman(ys, xs) == pytest.approx(rho)  # symmetric
-
-
-def test_spearman_of_a_constant_is_undefined():
-    assert math.isnan(ev.spearman([1, 2, 3], [5, 5, 5]))
-
+# task pairs
 
 def test_task_pairs_pair_forgetting_with_similarity():
     # adjacent pairs where task i was learnt (>= 90): only (i=0, i+1=1), a drop of (90-60)/90
@@ -71,9 +57,10 @@ def shifted(matrix, d):
 
 
 def result(strategy, matrix, seconds=30.0, extra_bytes=0, **extra):
+    timings = [dict(task=t, train_seconds=seconds / 3, eval_seconds=3, trainable=10) for t in TASKS]
     return dict(config=dict(train=dict(strategy=strategy)), tasks=TASKS, base_row=[0, 0, 0], matrix=matrix,
                 metrics=ev.all_metrics(matrix, [0, 0, 0]), extra_bytes=extra_bytes, wall_seconds=seconds + 9,
-                timings=[dict(task=t, train_seconds=seconds / 3, eval_seconds=3, trainable=10) for t in TASKS], **extra)
+                timings=timings, **extra)
 
 
 def study_runs(multitask_drift=0):
@@ -87,7 +74,8 @@ def study_runs(multitask_drift=0):
                 naive[-1] = [a + multitask_drift * (j < 2) for j, a in enumerate(naive[-1])]
             runs[base, "naive", seed] = result("naive", naive)
             runs[base, "replay", seed] = result("replay", shifted(naive, 20), 36.0, 2048)
-            runs[base, "tir", seed] = result("tir", shifted(naive, 5), 33.0 + seed, 3 << 20, task_similarity=SIMILARITY)
+            runs[base, "tir", seed] = result("tir", shifted(naive, 5), 33.0 + seed, 3 << 20,
+                                             task_similarity=SIMILARITY)
     return runs
 
 
@@ -95,7 +83,8 @@ def test_findings_follow_the_numbers():
     checks = study.findings(study_runs(), study.BASES)
     holds = [c["verdict"] for c in checks]  # 3-5 need expansion and ewc; 6 has one learnt pair only
     assert holds == ["holds", "fails"] + ["not measured"] * 4
-    assert "naive BWT (pretrained) -40.0 ± 0.0, naive BWT (multitask) -40.0 ± 0.0" in study.finding_text(checks[0])
+    numbers = "naive BWT (pretrained) -40.0 ± 0.0, naive BWT (multitask) -40.0 ± 0.0"
+    assert numbers in study.finding_text(checks[0])
     # the multitask base forgetting less turns 2 around
     checks = study.findings(study_runs(multitask_drift=10), study.BASES)
     assert checks[1]["verdict"] == "holds" and checks[1]["differences"] == {
@@ -113,7 +102,8 @@ def test_summary_lists_each_number_in_seed_order_whatever_order_the_runs_finishe
 def test_report_files_hold_the_numbers(tmp_path):
     rows = study.write_report(tmp_path, study_runs(), ["naive", "replay", "tir"], ["pretrained", "multitask"],
                            ["Seeds 0, 1."])
-    assert rows[0] == ["strategy", "base", "AA", "BWT", "forgetting", "FWT", "gain", "extra memory", "extra time"]
+    assert rows[0] == ["strategy", "base", "AA", "BWT", "forgetting", "FWT", "gain", "extra memory",
+                       "extra time"]
     md = (tmp_path / "study.md").read_text()
     table = {tuple(cells[:2]): cells[2:] for line in md.splitlines() if line.startswith("| ")
              for cells in [[c.strip() for c in line.strip("|").split("|")]]}
@@ -123,14 +113,15 @@ def test_report_files_hold_the_numbers(tmp_path):
     assert table["replay", "pretrained"] == ["68.3 ± 7.1", "-40.0 ± 0.0", "40.0 ± 0.0", "+35.0 ± 7.1",
                                              "+20.0 ± 0.0", "2.0 KB", "+6 s ± 0.0"]
     assert table["tir", "multitask"][4:] == ["+5.0 ± 0.0", "3.0 MB", "+4 s ± 0.7"]  # 3 s and 4 s more
-    assert "- [x] 1. Sequential (naive) tuning forgets" in md and "**fails**" in md and "**not measured**" in md
+    assert "- [x] 1. Sequential (naive) tuning forgets" in md
+    assert "**fails**" in md and "**not measured**" in md
     assert "1 independent pairs" in md  # task 0 is learnt (90) on seed 0 only; task 1 never
     data = json.loads((tmp_path / "study.json").read_text())
     assert data["spearman"] is None and len(data["task_pairs"]) == 1
     assert data["summary"]["multitask/replay"]["gain"] == pytest.approx([20, 20])
     assert [f["verdict"] for f in data["findings"]] == ["holds", "fails"] + ["not measured"] * 4
-    for name in ("aa_bwt", "cost_benefit", "matrices-pretrained", "matrices-multitask", "similarity-pretrained",
-                 "similarity-multitask", "task_pairs"):
+    for name in ("aa_bwt", "cost_benefit", "matrices-pretrained", "matrices-multitask",
+                 "similarity-pretrained", "similarity-multitask", "task_pairs"):
         with Image.open(tmp_path / f"{name}.png") as img:
             assert img.format == "PNG" and min(img.size) > 200
             assert len(img.convert("RGB").getcolors(1 << 16)) > 2  # something is drawn on the white
@@ -143,6 +134,71 @@ def test_a_study_without_tir_says_so(tmp_path):
     md = (tmp_path / "study.md").read_text()
     assert "The study ran no tir" in md and "| tir |" not in md
     assert not list(tmp_path.glob("similarity-*.png")) and not (tmp_path / "task_pairs.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# per-seed verdicts, finding 6's permutation test, task orders: on results of up to four tasks
+
+FOUR_TASKS = ["classify", "attribute", "count", "ground"]
+
+
+def four_task_result(strategy, matrix, similarity=None):
+    r = dict(config=dict(train=dict(strategy=strategy)), tasks=FOUR_TASKS[:len(matrix)], matrix=matrix,
+             base_row=[0] * len(matrix), metrics=ev.all_metrics(matrix, [0] * len(matrix)), extra_bytes=0,
+             wall_seconds=9,
+             timings=[dict(task=t, train_seconds=1, eval_seconds=1, trainable=1) for t in matrix])
+    return r if similarity is None else {**r, "task_similarity": similarity}
+
+
+def naive_matrix(drops, learnt=(95, 95, 95, 95)):
+    """A 4-task naive matrix: task i at learnt[i] when trained, then drops[i] points while task i+1 trains."""
+    T = len(learnt)
+    A = [[0.0] * T for _ in range(T)]
+    for i in range(T):
+        A[i][i] = learnt[i]
+        for j in range(i + 1, T):
+            A[j][i] = max(learnt[i] - drops[i], 0) if i < len(drops) else 0
+    return A
+
+
+SIMILAR = [[1, .9, .1, .1], [.9, 1, .5, .1], [.1, .5, 1, .2], [.1, .1, .2, 1]]  # of i+1 to i: .9, .5, .2
+
+
+def test_a_finding_holds_only_on_every_seed():
+    """Seeds 0 and 1 forget, seed 2 gains: the old mean over seeds said 'holds'; it is mixed."""
+    runs = {("pretrained", "naive", seed): four_task_result("naive", A) for seed, A in enumerate(
+        [[[90, 0], [40, 80]], [[90, 0], [50, 80]], [[60, 0], [70, 80]]])}
+    check = study.findings(runs, ["pretrained"])[0]
+    assert check["per_seed"] == [True, True, False] and check["verdict"] == "mixed"
+    assert check["differences"] == {"naive BWT (pretrained)": [-50, -40, 10]}
+    assert "per seed: holds, holds, fails" in study.finding_text(check)
+    assert study.verdict([False, None, False]) == "fails" and study.verdict([None]) == "not measured"
+
+
+def test_finding_6_uses_learnt_adjacent_pairs_averaged_over_seeds_and_bases():
+    runs = {}
+    for base in study.BASES:
+        for seed in range(3):  # task 2 is not learnt on seed 0: that seed leaves its pair out
+            learnt = (95, 95, 80 if seed == 0 else 95, 95)
+            runs[base, "naive", seed] = four_task_result("naive", naive_matrix([19, 57, 76], learnt))
+            runs[base, "tir", seed] = four_task_result("tir", naive_matrix([0, 0, 0]), SIMILAR)
+    pairs = study.interference(runs)
+    assert len(pairs) == 3  # three task pairs, not 3 x 2 bases x 3 seeds, nor every later task
+    assert pairs == [pytest.approx((.9, .2)), pytest.approx((.5, .6)), pytest.approx((.2, .8))]
+    check = study.findings(runs, list(study.BASES))[5]
+    assert check["rho"] == pytest.approx(-1) and check["n_pairs"] == 3
+    assert check["p"] == ev.permutation_p([.9, .5, .2], [.2, .6, .8])  # seeded: the same every time
+    assert 0.1 < check["p"] < 0.25  # 1 of 6 orderings: too few pairs to be significant, and it says so
+    assert check["verdict"] == "not significant" and "not significant" in study.finding_text(check)
+
+
+def test_the_report_says_whether_each_verdict_survives_the_other_order(tmp_path):
+    forgets = {("pretrained", "naive", 0): four_task_result("naive", [[90, 0], [40, 80]])}
+    keeps = {("pretrained", "naive", 0): four_task_result("naive", [[90, 0], [95, 80]])}
+    study.write_report(tmp_path, forgets, ["naive"], ["pretrained"], others={"easy-first": keeps})
+    md = (tmp_path / "study.md").read_text()
+    assert "tuning forgets: BWT < 0: **holds**; easy-first order: **fails** (does not survive)" in md
+    assert json.loads((tmp_path / "study.json").read_text())["orders"]["easy-first"][0]["verdict"] == "fails"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,21 +243,27 @@ def test_each_seeds_base_is_trained_once_by_a_job_of_its_own_before_that_seeds_r
     for b, s, seed in [(b, s, seed) for b in bases for s in names for seed in (0, 1)]:
         assert events.index(("start", b, s, seed)) > events.index(("end", "base", seed))
     # seed 0's runs do not wait for seed 1's slower base
-    assert all(events.index(("end", b, s, 0)) < events.index(("end", "base", 1)) for b in bases for s in names)
+    assert all(events.index(("end", b, s, 0)) < events.index(("end", "base", 1))
+               for b in bases for s in names)
     assert "| tir | multitask |" in (tmp_path / "study" / "study.md").read_text()  # seed 0's is there
 
 
-needs_base = pytest.mark.skipif("base" not in {f.name for f in fields(runner.TrainConfig)},
-                                reason="needs train.py --base (the multitask base of issue 8), not merged yet")
+def test_the_study_defaults_run_three_seeds_and_replay_with_tir_in_the_paper_order(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(study, "study", lambda args, names, bases, extra: seen.update(
+        args=args, names=names) or 0)
+    assert study.main([]) == 0
+    assert seen["args"].seeds == 3 and "replay+tir" in seen["names"] and "tir" in seen["names"]
+    assert study.orders_of(seen["args"]) == {"paper": "paper"}  # --orders paper,easy-first: twice the runs
 
 
 @pytest.mark.parametrize("args,fragment", [
-    pytest.param(["--strategies", "naive,foo"], "unknown strategy 'foo'", marks=needs_base),  # train.py's check
+    (["--strategies", "naive,foo"], "unknown strategy 'foo'"),  # train.py's check
     (["--bases", "pretrained,imagenet"], "unknown base 'imagenet'"),
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--jobs", "0"], "--jobs must be at least 1"),
     (["--", "--seed", "3"], "--seed after -- is set by the study"),
-    pytest.param(["--", "--bogus-flag"], "--bogus-flag", marks=needs_base),  # train.py's check too
+    (["--", "--bogus-flag"], "--bogus-flag"),  # train.py's check too
 ], ids=["strategy", "base", "seeds", "jobs", "reserved", "train-flag"])
 def test_bad_study_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, args, fragment):
     assert study.main(["--out", str(tmp_path / "study"), *args]) == 2
@@ -210,8 +272,82 @@ def test_bad_study_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, 
     assert list(tmp_path.iterdir()) == []
 
 
-TINY = ["--steps", "2", "--base-steps", "2", "--n-train", "8", "--n-test", "4", "--n-base", "8", "--batch-size", "4",
-        "--device", "cpu"]
+# ----------------------------------------------------------------------------------------------
+# tiny real studies
+
+TINY = ["--steps", "2", "--base-steps", "2", "--n-train", "8", "--n-test", "4", "--n-base", "8",
+        "--batch-size", "4", "--device", "cpu"]
+TINY_MODEL = [*TINY, "--vit-dim", "32", "--d-model", "32", "--n-head", "2", "--n-layer", "1",
+              "--vit-layers", "1"]
+
+
+@background
+def two_order_study(folder):
+    """python study.py: naive and tir from the pretrained base, one seed, in two task orders -> (the finished
+    study, its --out folder)."""
+    out = folder / "study"
+    argv = ["--strategies", "naive,tir", "--bases", "pretrained", "--seeds", "1",
+            "--orders", "paper,easy-first", "--out", out, "--", *TINY_MODEL, "--cache-dir", folder / "cache"]
+    return run_in_background([sys.executable, ROOT / "study.py", *argv], timeout=600, cwd=ROOT, env=ENV), out
+
+
+def test_tiny_study_over_two_orders_writes_every_part_of_the_report(two_order_study):
+    proc, out = two_order_study
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md, report = (out / "study.md").read_text(), json.loads((out / "study.json").read_text())
+    assert "per seed: " in md and "one-sided permutation" in md and "easy-first order: **" in md
+    assert "FWT_random" in md and "## Forgetting taken apart: format and content" in md
+    assert set(report["orders"]) == {"easy-first"} and len(report["findings"]) == 6
+    run_dir = out / "runs" / "easy-first" / "pretrained" / "tir" / "seed0"
+    run = json.loads((run_dir / "results.json").read_text())
+    assert run["tasks"] == list(data.ORDERS["easy-first"]) and len(run["random_row"]) == 8
+    assert len(run["format_matrix"]) == len(run["content_matrix"]) == 8 and "FWT_random" in run["metrics"]
+    assert [len(row) for row in run["task_similarity_used"]] == list(range(1, 9))
+    for name in ("format-pretrained.png", "content-pretrained.png", "similarity-pretrained.png"):
+        assert (out / name).is_file()
+
+
+# a first task shared with naive's run (train.py --first-task-from, which the study passes): the train.py
+# flags of test_train.py's first-task runs after its --tasks, on a smaller model (the same bits at any size)
+FIRST_TASK = ["--steps", "6", "--base-steps", "4", "--n-train", "16", "--n-test", "6", "--n-base", "16",
+              "--batch-size", "4", "--device", "cpu", "--checkpoint-every", "1000", "--vit-dim", "32",
+              "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--vit-layers", "1"]
+
+
+@background
+def sharing_studies(folder):
+    """The same study twice, sharing naive's first task and not -> {flag: (the finished study, its --out)}."""
+    outs = {}
+    for share in ("--share-first-task", "--no-share-first-task"):
+        argv = ["--strategies", "naive,replay,tir,lora", "--bases", "pretrained", "--tasks", "classify,count",
+                "--seeds", "1", "--out", folder / share, share, "--", *FIRST_TASK,
+                "--cache-dir", folder / "cache"]
+        outs[share] = run_in_background([sys.executable, ROOT / "study.py", *argv], timeout=600, cwd=ROOT,
+                                        env=ENV), folder / share
+    return outs
+
+
+def without_times(summary):
+    return {run: {k: v for k, v in m.items() if k != "extra time"} for run, m in summary.items()}
+
+
+def test_a_study_sharing_naives_first_task_writes_the_same_study_json(sharing_studies):
+    """replay and tir start from naive's first task in one study and train it in the other; lora never can."""
+    outs = {}
+    for share, (proc, out) in sharing_studies.items():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[share] = out
+    shared, trained = (json.loads((out / "study.json").read_text()) for out in outs.values())
+    runs = {(share, s): json.loads((out / "runs/tasks/pretrained" / s / "seed0" / "results.json").read_text())
+            for share, out in outs.items() for s in ("naive", "replay", "tir", "lora")}
+    reused = {s: r["timings"][0]["reused_seconds"] > 0 for (share, s), r in runs.items()
+              if share == "--share-first-task"}
+    assert reused == {"naive": False, "replay": True, "tir": True, "lora": False}
+    for s in ("replay", "tir"):  # the tiny runs learn little, so their losses are what tells them apart
+        assert runs["--share-first-task", s]["final_loss"] == runs["--no-share-first-task", s]["final_loss"]
+    assert without_times(shared.pop("summary")) == without_times(trained.pop("summary"))
+    shared.pop("about"), trained.pop("about")  # how each study was made: its command and wall time differ
+    assert shared == trained
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a device that is not there: cuda, on a CPU")
@@ -228,12 +364,12 @@ def test_a_study_whose_base_fails_starts_none_of_its_runs(tmp_path, capsys):
     assert not (tmp_path / "study" / "runs" / "tasks").exists()
 
 
-@needs_base
 def test_tiny_study_fails_resumes_and_reports(tmp_path, capsys):
     out, cache = tmp_path / "study", tmp_path / "cache"
     argv = ["--strategies", "naive,tir", "--bases", "pretrained", "--tasks", "classify,count", "--seeds", "1",
             "--out", str(out), "--", *TINY, "--cache-dir", str(cache)]
-    blocker = out / "runs" / "tasks" / "pretrained" / "tir" / "seed0"  # a file where tir's run folder goes: that run fails
+    # a file where tir's run folder goes: that run fails
+    blocker = out / "runs" / "tasks" / "pretrained" / "tir" / "seed0"
     blocker.parent.mkdir(parents=True)
     blocker.write_text("in the way")
     assert study.main(argv) == 1
@@ -283,6 +419,8 @@ runner.checkpoint = checkpoint
 study.train_run = lambda flags: subprocess.CompletedProcess(flags, train.main(flags), stderr="")
 sys.exit(study.main(sys.argv[1:]))
 """ % str(Path(study.__file__).parent)
+
+
 KILLABLE = ["--steps", "30", "--checkpoint-every", "10", "--base-steps", "2", "--n-train", "16",
             "--n-test", "4", "--n-base", "8", "--batch-size", "4", "--device", "cpu", "--vit-dim", "32",
             "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--vit-layers", "1"]
@@ -297,7 +435,6 @@ def report_without_times(out):
     return report
 
 
-@needs_base
 def test_a_study_killed_mid_run_resumes_to_the_report_of_an_uninterrupted_one(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
     def train_run(flags):  # train.main in this process, not a train.py process: as TRAPPED_STUDY does
@@ -305,8 +442,9 @@ def test_a_study_killed_mid_run_resumes_to_the_report_of_an_uninterrupted_one(tm
     monkeypatch.setattr(study, "train_run", train_run)
 
     def argv(out):
-        return ["--strategies", "naive,tir", "--bases", "pretrained", "--tasks", "classify,count", "--seeds", "1",
-                "--jobs", "1", "--out", str(out), "--", *KILLABLE, "--cache-dir", str(tmp_path / "cache")]
+        return ["--strategies", "naive,tir", "--bases", "pretrained", "--tasks", "classify,count",
+                "--seeds", "1", "--jobs", "1", "--out", str(out), "--", *KILLABLE,
+                "--cache-dir", str(tmp_path / "cache")]
     assert study.main(argv(tmp_path / "whole")) == 0
     env = {**os.environ, "TQDM_DISABLE": "1"}
     killed = subprocess.run([sys.executable, "-c", TRAPPED_STUDY, *argv(tmp_path / "killed")],
@@ -326,8 +464,12 @@ def test_a_study_killed_mid_run_resumes_to_the_report_of_an_uninterrupted_one(tm
     assert resumed["matrix"] == whole["matrix"] and resumed["task_similarity"] == whole["task_similarity"]
 
 
+# ----------------------------------------------------------------------------------------------
+# RESULTS.md
+
 def test_results_md_is_written_from_a_finished_study_folder(tmp_path, capsys):
-    """--write-results copies a finished study's report, with how it was made, and without its pictures; from a
+    """--write-results copies a finished study's report, with how it was made, and without its pictures;
+    from a
     folder with no finished study it refuses in one line and writes nothing."""
     folder = tmp_path / "study"
     folder.mkdir()
@@ -335,11 +477,12 @@ def test_results_md_is_written_from_a_finished_study_folder(tmp_path, capsys):
                  wall_seconds=1069)
     (folder / "study.json").write_text(json.dumps({"about": about}))
     (folder / "study.md").write_text("# nanoCIT study\n\nTasks in order: a -> b.\n\n| table |\n\n"
-                                     "## Is every task learnt?\n\nnone below 90\n\n## Pictures\n\n![x](x.png)\n")
+                                     "## Is every task learnt?\n\nnone below 90\n\n"
+                                     "## Pictures\n\n![x](x.png)\n")
     assert study.main(["--out", str(folder), "--write-results", str(tmp_path / "RESULTS.md")]) == 0
     text = (tmp_path / "RESULTS.md").read_text()
-    for fragment in ("python study.py --seeds 1", "x86_64, 2 cores", "abc1234", "1069 s", "Tasks in order: a -> b",
-                     "## Is every task learnt?"):
+    for fragment in ("python study.py --seeds 1", "x86_64, 2 cores", "abc1234", "1069 s",
+                     "Tasks in order: a -> b", "## Is every task learnt?"):
         assert fragment in text, fragment
     assert "## Pictures" not in text and "# nanoCIT study" not in text
     capsys.readouterr()

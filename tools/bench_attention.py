@@ -1,14 +1,14 @@
 """Time attention.cu against SDPA and manual attention on one GPU, forward and forward+backward.
 
-    python tests/bench_attention.py
+    python tools/bench_attention.py
 
 Causal, batch 4 × 8 heads, head size 64, T = 128, 512, 2048, in fp32 and bf16. Each path is warmed up, then
 timed with CUDA events. One row per (dtype, T) holds the three paths' times and the kernel's time over each
 of the others' (below 1: the kernel is faster). TFLOP/s counts useful work in the FlashAttention papers'
 convention: 4·T²·d per head for the forward, halved by the causal mask, and 2.5 times that for the backward.
 A second table times the shapes the GPU presets train on (batch 64, their heads, T = image patches + text)
-and prints the set that attention.KERNEL_FASTER should hold on this GPU: the (head size, dtype) pairs where the
-kernel's forward+backward beat SDPA's. `--attn auto` takes the kernel only there.
+and prints the set that attention.KERNEL_FASTER should hold on this GPU: the (head size, dtype) pairs where
+the kernel's forward+backward beat SDPA's. `--attn auto` takes the kernel only there.
 A line checks the bar: fp32 forward+backward at T ≥ 512 at least as fast as manual attention.
 Without a CUDA device it prints one line and exits 0 (the CPU tests cover the twin instead).
 """

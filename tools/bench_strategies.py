@@ -1,9 +1,11 @@
-"""What the continual-learning strategies cost on the tiny preset: a penalty per step, an importance pass per task.
+"""What the continual-learning strategies cost on the tiny preset: a penalty per step, an importance pass per
+task.
 
-    OMP_NUM_THREADS=1 python tests/bench_strategies.py
+    OMP_NUM_THREADS=1 python tools/bench_strategies.py
 
 Times one training step (forward, backward, AdamW) with and without each penalty, and the importance pass
-that EWC, MAS and TIR run after a task, against a task's training steps; and counts what LoRA and expansion add.
+that EWC, MAS and TIR run after a task, against a task's training steps; and counts what LoRA and expansion
+add.
 """
 import sys
 import time
@@ -16,7 +18,7 @@ import data  # noqa: E402
 import strategies  # noqa: E402
 from model import VLM, ModelConfig  # noqa: E402
 from strategies import StrategyConfig  # noqa: E402
-from train import TrainConfig  # noqa: E402
+from runner import TrainConfig  # noqa: E402
 
 
 def seconds(fn, repeat):
@@ -63,7 +65,8 @@ def main():
         print(f"{name} step: {1000 * t:.1f} ms, the penalty adds {100 * (t - base) / base:+.0f} % to a step")
     for measure in ("ewc", "mas"):
         gen = torch.Generator().manual_seed(0)
-        t = seconds(lambda: strategies.importance(model, rows[0], measure, StrategyConfig().importance_samples, gen), 3)
+        samples = StrategyConfig().importance_samples
+        t = seconds(lambda: strategies.importance(model, rows[0], measure, samples, gen), 3)
         print(f"importance pass ({measure}, {StrategyConfig().importance_samples} rows): {t:.2f} s, "
               f"{100 * t / (tcfg.steps * base):.0f} % of a task's training")
     n_params = sum(p.numel() for p in VLM(cfg).parameters())

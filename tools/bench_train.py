@@ -1,8 +1,9 @@
-"""Is train.py's loop as fast as a bare one, how busy does it keep the CPU, and what do evaluation and memory cost?
+"""Is train.py's loop as fast as a bare one, how busy does it keep the CPU, and what do evaluation and memory
+cost?
 
-    OMP_NUM_THREADS=1 python tests/bench_train.py            # about three minutes on the 2-core CPU
-    OMP_NUM_THREADS=1 python tests/bench_train.py --no-rss   # skip the short subprocess run that measures RSS
-    OMP_NUM_THREADS=1 python tests/bench_train.py --study runs/study   # and a study's per-run breakdown
+    OMP_NUM_THREADS=1 python tools/bench_train.py            # about three minutes on the 2-core CPU
+    OMP_NUM_THREADS=1 python tools/bench_train.py --no-rss   # skip the short subprocess run that measures RSS
+    OMP_NUM_THREADS=1 python tools/bench_train.py --study runs/study   # and a study's per-run breakdown
 
 Everything is measured in this one run, side by side, on the same model and the same batches: train.py's
 train_steps against a bare forward/backward/AdamW loop (alternating rounds, median of each), FLOPs counted by
@@ -62,11 +63,13 @@ def matmul_peak(n=512, repeat=20):
 
 
 def setup(preset, batch_size):
-    """A model of `preset` after a few steps, its training rows and a TrainConfig as train.py would build them."""
+    """A model of `preset` after a few steps, its training rows and a TrainConfig as train.py would build
+    them."""
     tok = data.train_tokenizer(data.ALL_TASKS, 0)
     mcfg = ModelConfig(**{**PRESETS[preset], "vocab_size": tok.get_vocab_size()})
     cfg = runner.TrainConfig(batch_size=batch_size)
-    rows = data.make_split(data.TASKS["attribute"], "train", 512, 0, tok, mcfg.image_size, mcfg.max_text_len)[0]
+    rows = data.make_split(data.TASKS["attribute"], "train", 512, 0, tok, mcfg.image_size,
+                           mcfg.max_text_len)[0]
     model = VLM(mcfg, seed=0)
     model.vision.requires_grad_(False)  # as in task tuning
     return tok, mcfg, cfg, rows, model
@@ -84,9 +87,11 @@ def bare_loop(model, batches):
 
 
 def compare_loops(model, rows, cfg, steps, rounds=5):
-    """Seconds per step of train.py's loop and of the bare loop, alternating rounds -> (median loop, median bare)."""
+    """Seconds per step of train.py's loop and of the bare loop, alternating rounds -> (median loop, median
+    bare)."""
     gen = torch.Generator().manual_seed(0)
-    batches = [data.to_batch(rows, torch.randint(len(rows), (cfg.batch_size,), generator=gen), "cpu") for _ in range(steps)]
+    batches = [data.to_batch(rows, torch.randint(len(rows), (cfg.batch_size,), generator=gen), "cpu")
+               for _ in range(steps)]
     loop, bare, cpu = [], [], torch.device("cpu")
     for _ in range(rounds + 1):  # the first round warms up both
         t0 = time.perf_counter()
@@ -193,7 +198,7 @@ def thread_candidates(steps, repeat=3):
         try:
             for _ in range(repeat):
                 for name, (env, n) in THREAD_CANDIDATES.items():
-                    cmd = [sys.executable, "-c", STEP_TIMER, str(ROOT / "tests"), str(n), str(steps)]
+                    cmd = [sys.executable, "-c", STEP_TIMER, str(ROOT / "tools"), str(n), str(steps)]
                     out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env, "TQDM_DISABLE": "1"},
                                          capture_output=True, text=True, check=True).stdout
                     times[name].append(float(out.split()[-1]))
@@ -225,11 +230,13 @@ def study_breakdown(folder):
         results = json.loads(path.read_text())
         if "breakdown" in results:
             parts.setdefault(results["config"]["train"]["strategy"], []).append(results["breakdown"])
-    return {s: {k: statistics.mean(b[k] for b in bs) for k in bs[0]} | {"runs": len(bs)} for s, bs in parts.items()}
+    return {s: {k: statistics.mean(b[k] for b in bs) for k in bs[0]} | {"runs": len(bs)}
+            for s, bs in parts.items()}
 
 
 def import_seconds(repeat=3):
-    """Seconds for a fresh Python to import train.py (torch and all): what each of a study's runs pays first."""
+    """Seconds for a fresh Python to import train.py (torch and all): what each of a study's runs pays
+    first."""
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -241,7 +248,8 @@ def import_seconds(repeat=3):
 def where_time_goes(model, rows, cfg, repeat=30):
     """Milliseconds of each part of a step: making the batch, forward, backward, optimizer."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    gen, parts = torch.Generator().manual_seed(1), {"batch": [], "forward": [], "backward": [], "optimizer": []}
+    gen = torch.Generator().manual_seed(1)
+    parts = {"batch": [], "forward": [], "backward": [], "optimizer": []}
     for _ in range(repeat):
         t0 = time.perf_counter()
         batch = data.to_batch(rows.subset(torch.randint(len(rows), (cfg.batch_size,), generator=gen)),
@@ -260,7 +268,8 @@ def where_time_goes(model, rows, cfg, repeat=30):
 
 
 def eval_share(model, tok, mcfg, cfg, step_seconds):
-    """One evaluation of every task (as train.py runs after each task) -> (seconds, share of a default run)."""
+    """One evaluation of every task (as train.py runs after each task) -> (seconds, share of a default
+    run)."""
     tests = [data.make_split(t, "test", cfg.n_test, 0, tok, mcfg.image_size, mcfg.max_text_len)[0]
              for t in data.TASKS.values()]
     strategy = strategies.Strategy(None)
@@ -269,7 +278,8 @@ def eval_share(model, tok, mcfg, cfg, step_seconds):
     train.evaluate(model, strategy, tests, tok, torch.device("cpu"), cfg)
     once = time.perf_counter() - t0
     n_tasks = len(data.TASKS)
-    evals, training = (n_tasks + 1) * once, n_tasks * cfg.steps * step_seconds  # the base row, then after each task
+    # the base row, then after each task
+    evals, training = (n_tasks + 1) * once, n_tasks * cfg.steps * step_seconds
     return once, evals / (evals + training)
 
 
@@ -286,36 +296,45 @@ def main():
     peak = matmul_peak()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); float32 matmul peak "
           f"{peak:.1f} GFLOP/s (512 x 512, best of 20)\n")
-    print(f"{'config':<26}{'loop ms':>9}{'bare ms':>9}{'loop/bare':>10}{'samples/s':>11}{'GFLOP/s':>9}{'MFU':>7}")
+    print(f"{'config':<26}{'loop ms':>9}{'bare ms':>9}{'loop/bare':>10}{'samples/s':>11}{'GFLOP/s':>9}"
+          f"{'MFU':>7}")
     for preset, batch_size in (("tiny", 32), ("tiny", 128), ("small", 32)):
         tok, mcfg, cfg, rows, model = setup(preset, batch_size)
-        loop, bare, batch = compare_loops(model, rows, cfg, args.steps if preset == "tiny" else args.steps // 4)
+        steps = args.steps if preset == "tiny" else args.steps // 4
+        loop, bare, batch = compare_loops(model, rows, cfg, steps)
         gflops = step_flops(model, batch) / loop / 1e9
         default = preset == "tiny" and batch_size == 32
-        print(f"{preset + ', batch ' + str(batch_size) + (' (default)' if default else ''):<26}{1000 * loop:>9.1f}"
-              f"{1000 * bare:>9.1f}{bare / loop:>10.2f}{batch_size / loop:>11.0f}{gflops:>9.1f}{gflops / peak:>7.0%}")
+        label = f"{preset}, batch {batch_size}" + (" (default)" if default else "")
+        print(f"{label:<26}{1000 * loop:>9.1f}"
+              f"{1000 * bare:>9.1f}{bare / loop:>10.2f}{batch_size / loop:>11.0f}{gflops:>9.1f}"
+              f"{gflops / peak:>7.0%}")
         if default:
             parts, (once, share) = where_time_goes(model, rows, cfg), eval_share(model, tok, mcfg, cfg, loop)
             default_rows, default_model = rows, model
     print("\nwhere a default step's time goes (ms, median of 30): "
           + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
-    print(f"evaluation of all {len(data.TASKS)} tasks ({runner.TrainConfig().n_test} rows each): {once:.1f} s; "
-          f"run for the base row and after each task, it is {share:.1%} of a default run's training and evaluation")
+    print(f"evaluation of all {len(data.TASKS)} tasks ({runner.TrainConfig().n_test} rows each): "
+          f"{once:.1f} s; "
+          f"run for the base row and after each task, it is {share:.1%} of a default run's training and "
+          "evaluation")
     rows, model = default_rows, default_model
 
     print(f"\nlevers, train.py's loop at the default size ({args.steps} steps a round, alternating rounds, "
           "median of 5; MFU on the FLOPs each one does):")
     cfg = runner.TrainConfig()
-    levers, batch = compare_levers(model, rows, cfg, args.steps), data.to_batch(rows, range(cfg.batch_size), "cpu")
+    levers = compare_levers(model, rows, cfg, args.steps)
+    batch = data.to_batch(rows, range(cfg.batch_size), "cpu")
     before = levers["before: no vision cache"]
     with torch.no_grad():
         seen = model.vision(batch[0])
     for name, seconds in levers.items():
         flops = step_flops(model, batch, None if name.startswith("before") else seen)
-        print(f"  {name:<34}{1000 * seconds:>7.1f} ms{before / seconds:>7.2f}x{flops / seconds / 1e9 / peak:>6.0%}"
+        print(f"  {name:<34}{1000 * seconds:>7.1f} ms{before / seconds:>7.2f}x"
+              f"{flops / seconds / 1e9 / peak:>6.0%}"
               f"  {'kept' if LEVERS[name][0] else 'not kept'}")
     print_thread_candidates(args.steps)
-    print(f"\na fresh Python importing train.py (torch and all), as each study run does: {import_seconds():.1f} s")
+    print("\na fresh Python importing train.py (torch and all), as each study run does: "
+          f"{import_seconds():.1f} s")
     if args.study:
         print(f"\n{args.study}: mean seconds of a run in each part (from results.json), by strategy")
         for s, parts in study_breakdown(args.study).items():
@@ -327,13 +346,14 @@ def main():
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"\nreplay: {row_bytes:,} bytes per row (uint8 pixels, int16 tokens); the default 200-row buffer "
           f"{200 * row_bytes / 2 ** 20:.2f} MB")
-    print(f"ewc: importances + anchors {ewc.extra_bytes() / 2 ** 20:.2f} MB for {trainable:,} trainable parameters "
+    print(f"ewc: importances + anchors {ewc.extra_bytes() / 2 ** 20:.2f} MB for {trainable:,} trainable "
+          "parameters "
           f"({ewc.extra_bytes() / 4 / trainable:.2f} floats each)")
     if not args.no_rss:  # the default run's data and model, 10 steps a task: memory does not grow with steps
         flags = ["--strategy", "replay", "--steps", "10", "--base-steps", "10", "--device", "cpu"]
         with tempfile.TemporaryDirectory() as tmp:
-            proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *flags, "--run-dir", f"{tmp}/run", "--cache-dir",
-                                   f"{tmp}/cache"], cwd=ROOT, capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *flags, "--run-dir", f"{tmp}/run",
+                                   "--cache-dir", f"{tmp}/cache"], cwd=ROOT, capture_output=True, text=True)
         rss = int(proc.stdout.split()[-1]) / 1024 if proc.returncode == 0 else float("nan")
         print(f"peak RSS of `python train.py {' '.join(flags)}`: {rss:.0f} MB")
 

@@ -2,11 +2,11 @@
 # The GPU check, in two calls, for one machine with one CUDA GPU and no network (an H200, 16 cores, whose
 # python3 already holds torch, numpy, pillow, tqdm, tokenizers, pytest and ninja):
 #
-#     bash tests/gpu_check.sh 1 DEST   # environment, build, GPU tests, bench: about 3 minutes
-#     bash tests/gpu_check.sh 2 DEST   # replay --preset small on each attention path, the one-seed study
+#     bash tools/gpu_check.sh 1 DEST   # environment, build, GPU tests, bench: about 3 minutes
+#     bash tools/gpu_check.sh 2 DEST   # replay --preset small on each attention path, the one-seed study
 #
-# With the device tool: run `bash tests/gpu_check.sh 1 $OUT` with timeout_s 420; read gpu-check-1.tar.gz;
-# fix on the CPU what failed; then run `bash tests/gpu_check.sh 2 $OUT` with timeout_s 480. Each call leaves
+# With the device tool: run `bash tools/gpu_check.sh 1 $OUT` with timeout_s 420; read gpu-check-1.tar.gz;
+# fix on the CPU what failed; then run `bash tools/gpu_check.sh 2 $OUT` with timeout_s 480. Each call leaves
 # one archive, DEST/gpu-check-N.tar.gz: every log, steps.txt, summary.txt and the runs' results, without
 # checkpoints. Work goes to runs/gpu-check/callN (a rerun of call 2 reuses the runs that finished; the
 # study resumes), base models to runs/gpu-check/cache. PYTHON (default python3) picks the interpreter.
@@ -32,13 +32,13 @@ PY=${PYTHON:-python3}
 CALL=${1:-}
 DEST=${2:-}
 if [ "$CALL" != 1 ] && [ "$CALL" != 2 ] || [ -z "$DEST" ]; then
-  echo "usage: bash tests/gpu_check.sh 1|2 DEST   (DEST: where the archive gpu-check-N.tar.gz goes)" >&2
+  echo "usage: bash tools/gpu_check.sh 1|2 DEST   (DEST: where the archive gpu-check-N.tar.gz goes)" >&2
   exit 2
 fi
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$DEST" && DEST=$(cd "$DEST" && pwd)
 cd "$ROOT" || exit 2
-TOP=${GPU_CHECK_WORK:-runs/gpu-check}  # tests/test_ci.py points it at a temporary folder
+TOP=${GPU_CHECK_WORK:-runs/gpu-check}  # tests/test_layout.py points it at a temporary folder
 WORK=$TOP/call$CALL
 CACHE=$TOP/cache
 mkdir -p "$WORK" "$CACHE"
@@ -101,7 +101,7 @@ gpu_tests() {
 }
 
 bench() {
-  "$PY" tests/bench_attention.py || return
+  "$PY" tools/bench_attention.py || return
   grep -q "^KERNEL_FASTER" "$STEP_LOG" || { echo "no timings: the bench did not run"; return 1; }
 }
 
@@ -150,7 +150,7 @@ else
   echo "no usable GPU: the remaining steps are not run"
 fi
 
-"$PY" tests/gpu_summary.py "$WORK" "$CALL" $((SECONDS - start)) > "$WORK/summary.txt" 2>&1
+"$PY" tools/gpu_summary.py "$WORK" "$CALL" $((SECONDS - start)) > "$WORK/summary.txt" 2>&1
 cat "$WORK/summary.txt"
 find "$WORK" -name '*.pt' -delete
 tar -czf "$DEST/gpu-check-$CALL.tar.gz" -C "$TOP" "call$CALL"

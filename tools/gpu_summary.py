@@ -1,7 +1,7 @@
 """The GPU check's summary, from one call's work folder: each step's time against its timeout, the bars the
 check exists for, and the numbers a README's GPU section takes.
 
-    python3 tests/gpu_summary.py runs/gpu-check/call1 1 SECONDS   # tests/gpu_check.sh runs it
+    python3 tools/gpu_summary.py runs/gpu-check/call1 1 SECONDS   # tools/gpu_check.sh runs it
 """
 import json
 import re

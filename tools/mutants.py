@@ -1,8 +1,8 @@
 """Break it on purpose: apply one-line mutations to the source, one at a time, and check a test catches each.
 
-    python tests/mutants.py                    # every mutant: a table of which were killed (a few minutes)
-    python tests/mutants.py ewc_fisher eos     # only these
-    python tests/mutants.py --list             # the mutants and the tests that must catch them
+    python tools/mutants.py                          # every mutant: a table of which were killed
+    python tools/mutants.py ewc_fisher eos_ignored   # only these
+    python tools/mutants.py --list                   # the mutants and the tests that must catch them
 
 Each mutant edits a temporary copy of the tree (the files git tracks, and new ones it does not ignore),
 never the real files, and runs only the tests that exist to catch it. A mutant is killed when those
@@ -19,46 +19,46 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CL, ST, BEH = "tests/test_strategies_cl.py", "tests/test_strategies.py", "tests/test_behaviour.py"
+ST, TR = "tests/test_strategies.py", "tests/test_train.py"
 
 # name: (file, the text as it is, the text as the mutant has it, the tests that must catch it)
 MUTANTS = {
     "ewc_fisher": ("strategies.py",
                    "sum((w * (params[n] - self.anchor[n]) ** 2)",
                    "sum(((params[n] - self.anchor[n]) ** 2)",
-                   [f"{CL}::test_regulariser_penalty_and_its_gradient"]),
+                   [f"{ST}::test_regulariser_penalty_and_its_gradient"]),
     "ewc_lambda": ("strategies.py",
                    "return getattr(self.cfg, self.strength) * weighted",
                    "return weighted",
-                   [f"{CL}::test_regulariser_penalty_and_its_gradient"]),
+                   [f"{ST}::test_regulariser_penalty_and_its_gradient"]),
     "ewc_no_gradient": ("strategies.py",
                         "(params[n] - self.anchor[n]) ** 2",
                         "(params[n].detach() - self.anchor[n]) ** 2",
-                        [f"{CL}::test_regulariser_penalty_and_its_gradient"]),
+                        [f"{ST}::test_regulariser_penalty_and_its_gradient"]),
     "mas_lambda": ("strategies.py",
                    'measure, strength = "mas", "mas_lambda"',
                    'measure, strength = "mas", "ewc_lambda"',
-                   [f"{CL}::test_regulariser_penalty_and_its_gradient"]),
+                   [f"{ST}::test_regulariser_penalty_and_its_gradient"]),
     "tir_similarity": ("strategies.py",
                        "    def weights(self):\n        return self.scaled",
                        "    def weights(self):\n        return self.importance",
-                       [f"{CL}::test_regulariser_penalty_and_its_gradient"]),
+                       [f"{ST}::test_regulariser_penalty_and_its_gradient"]),
     "similarity_inverted": ("strategies.py",
                             "gap += 1 - unit @ unit.T",
                             "gap += 1 + unit @ unit.T",
-                            [f"{CL}::test_identical_tasks_are_the_most_similar"]),
+                            [f"{ST}::test_identical_tasks_are_the_most_similar"]),
     "lwf_T2": ("strategies.py",
                "self.cfg.lwf_alpha * T * T * F.kl_div",
                "self.cfg.lwf_alpha * F.kl_div",
-               [f"{CL}::test_lwf_penalty_and_its_gradient"]),
+               [f"{ST}::test_lwf_penalty_and_its_gradient"]),
     "lwf_kl_direction": ("strategies.py",
                          "F.kl_div(new, old, log_target=True",
                          "F.kl_div(old, new, log_target=True",
-                         [f"{CL}::test_lwf_penalty_and_its_gradient"]),
+                         [f"{ST}::test_lwf_penalty_and_its_gradient"]),
     "lwf_no_gradient": ("strategies.py",
                         "for x in (teacher_logits, logits))",
                         "for x in (teacher_logits, logits.detach()))",
-                        [f"{CL}::test_lwf_penalty_and_its_gradient"]),
+                        [f"{ST}::test_lwf_penalty_and_its_gradient"]),
     "eos_ignored": ("model.py",
                     "            if eos_id is not None:\n",
                     "            if False:\n",
@@ -98,36 +98,36 @@ MUTANTS = {
     "expansion_scatter": ("strategies.py",
                           "out[rows, :answer.size(1)] = answer",
                           "out[:int(rows.sum()), :answer.size(1)] = answer",
-                          [f"{CL}::test_a_batch_routed_to_several"]),
+                          [f"{ST}::test_a_batch_routed_to_several"]),
     "expansion_padding": ("strategies.py",
                           "out = ids.new_full((len(ids), max_new_tokens), eos_id)",
                           "out = ids.new_zeros((len(ids), max_new_tokens))",
-                          [f"{CL}::test_a_batch_routed_to_several"]),
+                          [f"{ST}::test_a_batch_routed_to_several"]),
     "expansion_one_expert": ("strategies.py",
                              "self.load(model, self.experts[k])",
                              "self.load(model, self.experts[-1])",
-                             [f"{CL}::test_a_batch_routed_to_several"]),
+                             [f"{ST}::test_a_batch_routed_to_several"]),
     "expansion_expert_aliased": ("strategies.py",
                                  "self.experts.append(copy_params(self.live(model).items()))",
                                  "self.experts.append(dict(self.live(model)))",
-                                 [f"{CL}::test_tiny_end_to_end_run"]),
+                                 [f"{TR}::test_tiny_end_to_end_run"]),
     # each strategy's hook replaced by naive's: the behaviour tests must see the difference
     "replay_hook_naive": ("strategies.py",
                           "        if n_old == 0:\n",
                           "        if True:\n",
-                          [f"{BEH}::test_replay_keeps_task_0"]),
+                          [f"{ST}::test_replay_keeps_task_0"]),
     "ewc_hook_naive": ("strategies.py",
                        "        if not self.anchor:\n",
                        "        if True:\n",
-                       [f"{BEH}::test_regularisers_hold_the_parameters_they_protect"]),
+                       [f"{ST}::test_regularisers_hold_the_parameters_they_protect"]),
     "lwf_hook_naive": ("strategies.py",
                        "        if self.teacher is None:\n",
                        "        if True:\n",
-                       [f"{BEH}::test_lwf_keeps_task_0_answers_near_the_teacher"]),
+                       [f"{ST}::test_lwf_keeps_task_0_answers_near_the_teacher"]),
     "expansion_hook_naive": ("strategies.py",
                              "        if not self.experts:  # before",
                              "        if True:  # before",
-                             [f"{BEH}::test_expansion_old_expert_answers_its_task_as_right_after_training"]),
+                             [f"{ST}::test_expansion_old_expert_answers_its_task_as_right_after_training"]),
     # runs that survive, and runs that repeat
     "lwf_teacher_unsaved": ("strategies.py",
                             'state = {"teacher": None}',
@@ -148,51 +148,54 @@ MUTANTS = {
     "skips_unreported": ("pytest.ini",
                          "addopts = -rs",
                          "addopts =",
-                         ["tests/test_ci.py::test_a_green_run_lists"]),
+                         ["tests/test_layout.py::test_a_green_run_lists"]),
     "base_key_no_threads": ("train.py", "bf16=cfg.bf16, threads=cfg.threads,", "bf16=cfg.bf16,",
-                            ["tests/test_train.py::test_threads_default_to_torchs_count_up_to_two_and_key_the_base"]),
+                            [f"{TR}::test_threads_default_to_torchs_count_up_to_two_and_key_the_base"]),
     "threads_uncapped": ("runner.py", "cfg.threads or min(2, torch.get_num_threads())",
                          "cfg.threads or torch.get_num_threads()",
-                         ["tests/test_train.py::test_threads_default_to_torchs_count_up_to_two_and_key_the_base"]),
+                         [f"{TR}::test_threads_default_to_torchs_count_up_to_two_and_key_the_base"]),
     "base_unseeded": ("train.py",
                       "t0, gen = time.time(), torch.Generator().manual_seed(cfg.seed)",
                       "t0, gen = time.time(), torch.Generator().manual_seed(time.time_ns())",
-                      ["tests/test_train.py::test_a_cold_cache_trains_the_same_base_again"]),
+                      [f"{TR}::test_a_cold_cache_trains_the_same_base_again"]),
     "vision_cache_off": ("train.py",
                          "frozen = not cfg.bf16 and not any(",
                          "frozen = False and not any(",
-                         ["tests/test_speed.py::test_a_frozen_vision_tower_encodes_each_image_once_and_changes_no_weight"]),
+                         [f"{TR}::test_a_frozen_vision_tower_encodes_each_image_once_and_changes_no_weight"]),
     "glyph_font_resized": ("data.py",
                            "    return ImageFont.load_default(size=px)",
                            "    return ImageFont.load_default(size=px + 1)",
-                           ["tests/test_speed.py::test_the_loaded_once_glyph_font_"
+                           ["tests/test_data.py::test_the_loaded_once_glyph_font_"
                             "draws_the_pixels_a_fresh_font_draws"]),
     "shared_first_task_not_loaded": ("train.py",
                                      '        model.load_state_dict(shared["model"])',
                                      "        pass",
-                                     ["tests/test_speed.py::test_a_run_from_naives_first_task_is_the_run_that_trains_it"]),
+                                     [f"{TR}::test_a_run_from_naives_first_task_is_the_run_that_trains_it"]),
     "shared_first_task_unchecked": ("runner.py",
                                     '    if saved["config"]["train"]["strategy"] != "naive" or diff:',
                                     "    if False:",
-                                    ["tests/test_speed.py::test_first_task_from_refuses_what_would_not_give_the_same_bits"]),
+                                    [f"{TR}::test_first_task_from_refuses_what_would_not_give_the_same_"
+                                     "bits"]),
     "grounded_colour_blind": ("data.py",  # every grounded caption lists the whole scene: nothing to look up
-                              'found = [f"{o.size} {o.shape} {where(o.cell)}" for o in objs if o.color in colors]',
+                              'found = [f"{o.size} {o.shape} {where(o.cell)}" for o in objs '
+                              'if o.color in colors]',
                               'found = [f"{o.size} {o.shape} {where(o.cell)}" for o in objs]',
-                              ["tests/test_lookup.py::test_the_base_finds_objects_by_the_colour_named"]),
+                              [f"{TR}::test_the_base_finds_objects_by_the_colour_named"]),
     "cu_host_typo": ("attention.cu",  # host code, which -cubin leaves to nvcc's front end alone
                      "  auto O = torch::empty_like(q);",
                      "  auto O = torch::empty_like_of(q);",
                      ["tests/test_attention.py::test_attention_cu_compiles_with_nvcc"]),
     "summary_in_finish_order": ("study.py",
-                                "for (base, strategy, seed), r in sorted(runs.items(), key=lambda kv: kv[0][2]):",
+                                "for (base, strategy, seed), r in sorted(runs.items(), "
+                                "key=lambda kv: kv[0][2]):",
                                 "for (base, strategy, seed), r in runs.items():",
                                 ["tests/test_study.py::test_summary_lists_each_number_in_seed_order_"
                                  "whatever_order_the_runs_finished_in"]),
     "study_runs_before_base": ("study.py",
                                "                    release(key[1])",
                                "                    pass",
-                               ["tests/test_study.py::test_each_seeds_base_is_trained_once_by_a_job_of_its_own_before_"
-                                "that_seeds_runs"]),
+                               ["tests/test_study.py::test_each_seeds_base_is_trained_once_by_a_job_of_its_"
+                                "own_before_that_seeds_runs"]),
     "kernel_list_output": ("attention.py",  # what pybind11 makes of attention.cu's std::vector: no gradient
                            "return O, L  # a tuple",
                            "return [O, L]  # a tuple",
@@ -200,7 +203,7 @@ MUTANTS = {
     "ddp_unwrapped": ("train.py",
                       "module = DistributedDataParallel(model) if WORLD > 1 else model",
                       "module = model",
-                      ["tests/test_scale.py::test_two_gloo_processes_train_like_one"]),
+                      [f"{TR}::test_two_gloo_processes_train_like_one"]),
     "auto_takes_kernel_untimed": ("attention.py",
                                   'path == "auto" and fits and (q.size(-1), q.dtype) in KERNEL_FASTER',
                                   'path == "auto" and fits',
@@ -208,7 +211,7 @@ MUTANTS = {
     "threads_spin": ("train.py",
                      'os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")',
                      'pass',
-                     ["tests/test_train.py::test_idle_threads_sleep"]),
+                     [f"{TR}::test_idle_threads_sleep"]),
     "compose_inherits_hooks": ("strategies.py",
                                "class Compose:",
                                "class Compose(Strategy):",
@@ -216,11 +219,16 @@ MUTANTS = {
     "base_key_whole_train": ("train.py",
                              "code + inspect.getsource(base_model).encode()",
                              'code + (here / "train.py").read_bytes()',
-                             ["tests/test_train.py::test_the_base_key_covers"]),
+                             [f"{TR}::test_the_base_key_covers"]),
     "base_key_no_base_code": ("train.py",
                               "code + inspect.getsource(base_model).encode()",
                               "code",
-                              ["tests/test_train.py::test_the_base_key_covers"]),
+                              [f"{TR}::test_the_base_key_covers"]),
+    # a README command that drifted from the code: a flag train.py does not have
+    "readme_flag": ("README.md",
+                    "python train.py --strategy replay   # the main job",
+                    "python train.py --strategy replay --no-such-flag   # the main job",
+                    ["tests/test_layout.py::test_every_command_in_the_readme_and_docs_parses"]),
 }
 
 
@@ -259,9 +267,9 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown mutant(s) {', '.join(unknown)}; choose from {', '.join(MUTANTS)}")
     names = args.names or list(MUTANTS)
-    if args.list:
+    if args.list:  # each mutant and its file, then the tests that must catch it, one a line
         for n in names:
-            print(f"{n:26} {MUTANTS[n][0]:14} {' '.join(MUTANTS[n][3])}")
+            print(f"{n} ({MUTANTS[n][0]})\n" + "\n".join(f"    {t}" for t in MUTANTS[n][3]))
         return 0
     with tempfile.TemporaryDirectory(prefix="nanocit-mutants-") as tmp:
         tree = Path(tmp)

@@ -1,7 +1,7 @@
 """Steps to 90 %: how fast each task is learnt from a base model, evaluated every --every steps.
 
-    python tests/probe_lookup.py --grounded 0.5 --seed 0     # the base of data.GROUNDED = 0.5
-    python tests/probe_lookup.py --grounded 0 --seed 0       # the old base: whole-scene captions only
+    python tools/probe_lookup.py --grounded 0.5 --seed 0     # the base of data.GROUNDED = 0.5
+    python tools/probe_lookup.py --grounded 0 --seed 0       # the old base: whole-scene captions only
 
 Trains the base as train.py does (cached under --cache-dir, one folder per --grounded), then tunes a
 copy of it on each task alone with train.py's schedule, and prints the accuracy after every --every steps
@@ -31,8 +31,9 @@ ap.add_argument("--cache-dir", default="runs/probe-cache")
 args, rest = ap.parse_known_args()  # the rest are train.py flags, e.g. --steps 800 --base-steps 3000
 
 data.GROUNDED = args.grounded
-cfg, mcfg, _ = runner.parse(["--base", args.base, "--seed", str(args.seed), "--checkpoint-every", str(args.every),
-                            "--cache-dir", f"{args.cache_dir}/grounded-{args.grounded}", *rest])
+cfg, mcfg, _ = runner.parse(["--base", args.base, "--seed", str(args.seed),
+                             "--checkpoint-every", str(args.every),
+                             "--cache-dir", f"{args.cache_dir}/grounded-{args.grounded}", *rest])
 torch.set_num_threads(cfg.threads)
 device = runner.pick_device(cfg.device)
 tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed)
@@ -46,7 +47,8 @@ splits = {n: data.make_task(data.TASKS[n], cfg.n_train, cfg.n_test, cfg.seed, to
                             mcfg.max_text_len) for n in names}
 zero = train.evaluate(base, none, [test for _, test in splits.values()], tok, device, cfg)
 print("zero-shot: " + "  ".join(f"{n} {acc:.1f}" for n, (acc, *_) in zip(names, zero)))
-print(f"{'task':>13} " + " ".join(f"{s:>5}" for s in range(args.every, cfg.steps + 1, args.every)) + "  to-90")
+print(f"{'task':>13} " + " ".join(f"{s:>5}" for s in range(args.every, cfg.steps + 1, args.every))
+      + "  to-90")
 for t, name in enumerate(names):
     model, (rows, test), curve = copy.deepcopy(base), splits[name], []
     model.vision.requires_grad_(not cfg.freeze_vision)

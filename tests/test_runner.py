@@ -1,0 +1,131 @@
+"""The command line (runner.py), run as a user runs it: every bad input is refused in one line on stderr with
+exit code 2, before any work, and writes nothing; --bf16 and --compile are refused where they cannot work.
+The helpers that run a script and check a one-line refusal live here, for the other test files too.
+
+Run: python -m pytest tests/test_runner.py -q   (about half a minute: each case starts a Python)
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from background import background
+from background import run as run_in_background
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest
+# if a bad flag were accepted by mistake, these keep the run that follows short
+SMALL = ["--tasks", "classify", "--steps", "1", "--base-steps", "1", "--n-train", "4", "--n-test", "2",
+         "--n-base", "4", "--device", "cpu"]
+
+
+def run(script, *args, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+BAD_INPUT = {  # id: (the bad flags, what the one line must say)
+    "strategy": (["--strategy", "foo"], ["unknown strategy 'foo'", "naive", "replay"]),
+    "task": (["--tasks", "classify,nope"], ["unknown task 'nope'", "classify"]),
+    "steps0": (["--steps", "0"], ["--steps"]),
+    "steps-1": (["--steps", "-1"], ["--steps"]),
+    "buffer0": (["--strategy", "replay", "--buffer-size", "0"], ["--buffer-size"]),
+    "lr0": (["--lr", "0"], ["--lr"]),
+    "foreign-option": (["--strategy", "naive", "--buffer-size", "5"], ["--buffer-size", "naive"]),
+    "unknown-flag": (["--bogus-flag"], ["--bogus-flag"]),
+    "device": (["--device", "tpu"], ["device 'tpu'", "auto, cpu"]),
+}
+
+
+@background
+def bad_input_runs(folder):
+    """train.py with each of BAD_INPUT's flags, each in a folder of its own -> {id: (the process, folder)}."""
+    done = {}
+    for name, (args, _) in BAD_INPUT.items():
+        (folder / name).mkdir()
+        cmd = [sys.executable, ROOT / "train.py", *SMALL, "--run-dir", folder / name / "run",
+               "--cache-dir", folder / name / "cache", *args]
+        done[name] = run_in_background(cmd, timeout=120, cwd=ROOT, env=ENV), folder / name
+    return done
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUT))
+def test_bad_input_fails_in_one_line_and_writes_nothing(bad_input_runs, name):
+    proc, folder = bad_input_runs[name]
+    assert_one_line_error(proc, *BAD_INPUT[name][1])
+    assert list(folder.iterdir()) == []
+
+
+def test_unwritable_run_folder_fails_in_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = run("train.py", *SMALL, "--run-dir", blocker / "run", "--cache-dir", tmp_path / "cache")
+    assert_one_line_error(proc, "cannot write run folder")
+    assert list(tmp_path.iterdir()) == [blocker] and blocker.read_text() == "not a folder"
+
+
+STRATEGY_SPECS = {  # id: (the flags, what the one line must say)
+    "malformed": (["--strategy", "replay+"], "malformed"),
+    "unknown-part": (["--strategy", "replay+ewk"], "unknown strategy 'ewk'"),
+    "foreign-option": (["--strategy", "lwf", "--ewc-lambda", "5"],
+                       "--ewc-lambda is not an option of strategy 'lwf'"),
+    "bad-lora-target": (["--strategy", "lora", "--lora-targets", "attn.qkv,wte"], "--lora-targets"),
+}
+
+
+@background
+def strategy_spec_runs(folder):
+    """train.py with each of STRATEGY_SPECS' flags and nothing else -> {id: the process}."""
+    return {name: run_in_background([sys.executable, ROOT / "train.py", *argv, "--run-dir", folder / name],
+                                    timeout=120)
+            for name, (argv, _) in STRATEGY_SPECS.items()}
+
+
+@pytest.mark.parametrize("name", list(STRATEGY_SPECS))
+def test_bad_strategy_specs_exit_2_with_one_line(strategy_spec_runs, name):
+    done, says = strategy_spec_runs[name], STRATEGY_SPECS[name][1]
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and says in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU --bf16 is accepted")
+def test_bf16_without_cuda_is_refused_in_one_line(tmp_path):
+    proc = run("train.py", *SMALL, "--bf16", "--run-dir", tmp_path / "r", "--cache-dir", tmp_path / "cache")
+    assert_one_line_error(proc, "--bf16 needs a CUDA device", "cpu")
+    assert not (tmp_path / "r").exists()
+
+
+@background
+def compile_without_a_compiler(folder):
+    """train.py --compile where inductor has no working C++ compiler -> (the process, its run folder); None on
+    a GPU, where the test skips."""
+    if torch.cuda.is_available():
+        return None
+    env = {**ENV, "CXX": "/bin/false"}  # no working C++ compiler: inductor cannot build its CPU kernels
+    cmd = [sys.executable, ROOT / "train.py", *SMALL, "--compile", "--run-dir", folder / "r",
+           "--cache-dir", folder / "cache"]
+    return run_in_background(cmd, timeout=120, cwd=ROOT, env=env), folder / "r"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU torch.compile needs no C++ compiler of ours")
+def test_compile_where_torch_compile_cannot_work_is_refused_in_one_line(compile_without_a_compiler):
+    proc, run_dir = compile_without_a_compiler
+    assert_one_line_error(proc, "--compile does not work here")
+    assert not run_dir.exists()
