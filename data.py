@@ -1,23 +1,21 @@
-"""The benchmark: procedural scenes drawn with Pillow, eight instruction tasks, a tokenizer, batching.
+"""The benchmark: procedural scenes drawn with Pillow, eight instruction tasks and the base stages' tasks.
 
 A scene is a few coloured shapes on a 3x3 grid, sometimes with a short string of glyphs in the
 middle row. Each task asks its own kind of question about a scene, in the spirit of the datasets
 that He et al. (arXiv 2311.16206) tune in sequence: ImageNet, VQAv2, GQA, TextVQA, RefCOCO, ...
 Everything is a pure function of (task, split, seed), so two runs see the same pixels.
-Run `python data.py` to print a few examples of every task. Tasks can also come from LLaVA-format
-files, and the benchmark can be written out in that format: see llava.py.
+Run `python data.py` to print a few examples of every task. llava.py turns a task's (scene, instruction,
+answer) triples into token rows and batches, and reads and writes tasks as LLaVA-format files.
 """
 import argparse
 import functools
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 COLORS = {"red": (225, 50, 50), "green": (50, 190, 70), "blue": (60, 100, 235),
@@ -25,8 +23,6 @@ COLORS = {"red": (225, 50, 50), "green": (50, 190, 70), "blue": (60, 100, 235),
 SIZES = ("small", "large")
 GLYPHS = "AEHKMPRTX347"  # upper case and digits only, so the tokenizer can split them one by one
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "middle", "right")
-SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[SEP]", "[EOS]"]  # PAD must be id 0: batches pad with zeros
-PAD, BOS, SEP, EOS = 0, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -326,76 +322,6 @@ ALIGN = Task("align", "LLaVA-Pretrain (LCS-558K)", ("",), _align_scene, _align, 
 ALL_TASKS = [ALIGN, *TASKS.values(), *HELD_IN.values()]  # what the tokenizer learns from
 
 
-def train_tokenizer(tasks, seed, extra_texts=()):
-    """A word-level tokenizer trained on every instruction and answer the tasks can produce.
-
-    Words keep a '▁' prefix (the Metaspace scheme), and glyphs and punctuation are split off one
-    by one, so 'K7A' becomes '▁', 'K', '7', 'A' and decodes back to 'K7A' exactly.
-    `extra_texts` (e.g. the questions and answers of a run's task files, llava.py) add the words the
-    benchmark lacks with the next ids, so every benchmark word keeps its id whatever a run mixes in.
-    """
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(), pre_tokenizers.Split(Regex(f"[{GLYPHS}]|[.,;:?!]"), "isolated")])
-    tok.decoder = decoders.Metaspace()
-    corpus = []
-    for task in tasks:  # a few hundred scenes per task reach every word of every template
-        rng = random.Random(f"tokenizer-{task.name}-{seed}")
-        corpus += [" ".join(task.make(task.scene(rng), rng)) for _ in range(400)]
-    words = SHAPES + tuple(COLORS) + SIZES + ROWS + COLS + tuple(s + "s" for s in SHAPES)
-    corpus += list(GLYPHS) + [" ".join(words)]
-    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL, show_progress=False))
-    vocab = tok.get_vocab()
-    for text in dict.fromkeys(extra_texts):
-        for word, _ in tok.pre_tokenizer.pre_tokenize_str(text):
-            vocab.setdefault(word, len(vocab))
-    tok.model = models.WordLevel(vocab, unk_token="[UNK]")  # the same vocabulary serialises the same
-    return tok
-
-
-@dataclass
-class Examples:
-    """A task split stored compactly: uint8 pixels and int16 token rows.
-
-    A token row is [BOS] instruction [SEP] answer [EOS] [PAD]...; the answer starts at `prompt_len`.
-    """
-    name: str
-    images: torch.Tensor      # (N, 3, H, W) uint8
-    tokens: torch.Tensor      # (N, L) int16
-    prompt_len: torch.Tensor  # (N,) int16
-    answers: list = field(default_factory=list)
-    metric: str = "exact"
-
-    def __len__(self):
-        return len(self.answers)
-
-    def subset(self, idx):
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        return Examples(self.name, self.images[idx], self.tokens[idx], self.prompt_len[idx],
-                        [self.answers[i] for i in idx.tolist()], self.metric)
-
-    @staticmethod
-    def concat(parts, name="mix"):
-        return Examples(name, torch.cat([p.images for p in parts]), torch.cat([p.tokens for p in parts]),
-                        torch.cat([p.prompt_len for p in parts]), [a for p in parts for a in p.answers],
-                        parts[0].metric if parts else "exact")
-
-
-def token_parts(tok, instruction, answer):
-    """-> ([BOS] instruction [SEP], answer [EOS]) as token ids."""
-    return [BOS] + tok.encode(instruction).ids + [SEP], tok.encode(answer).ids + [EOS]
-
-
-def encode(tok, instruction, answer, max_len):
-    """-> (token row as a list padded to max_len, prompt length). Raises if it does not fit."""
-    prompt, reply = token_parts(tok, instruction, answer)
-    row = prompt + reply
-    if len(row) > max_len:
-        raise ValueError(f"{len(row)} tokens do not fit max_text_len={max_len}: {instruction!r} -> "
-                         f"{answer!r}")
-    return row + [PAD] * (max_len - len(row)), len(prompt)
-
-
 def split_scenes(task, split, n, seed, exclude=frozenset()):
     """n (scene, instruction, answer) of `task`, deterministic from (task, split, seed), before any drawing;
     layouts in `exclude` are skipped."""
@@ -408,18 +334,6 @@ def split_scenes(task, split, n, seed, exclude=frozenset()):
     return rows
 
 
-def make_split(task, split, n, seed, tok, image_size, max_len, exclude=frozenset()):
-    """n examples of `task`, deterministic from (task, split, seed); layouts in `exclude` are skipped."""
-    images, rows, plen, answers, keys = [], [], [], [], []
-    for scene, instruction, answer in split_scenes(task, split, n, seed, exclude):
-        row, p = encode(tok, instruction, answer, max_len)
-        images.append(render(scene, image_size))
-        rows.append(row), plen.append(p), answers.append(answer), keys.append(scene.key())
-    ex = Examples(task.name, torch.from_numpy(np.stack(images)), torch.tensor(rows, dtype=torch.int16),
-                  torch.tensor(plen, dtype=torch.int16), answers, task.metric)
-    return ex, set(keys)
-
-
 @functools.lru_cache(maxsize=4)
 def test_layouts(n_test, seed):
     """Every layout of every test split: the eight tasks' and the held-in tasks'. Training splits of every
@@ -427,36 +341,6 @@ def test_layouts(n_test, seed):
     stage tests: a layout tested in one task must not be learnt in another (or in the base) either."""
     return frozenset(scene.key() for task in (*TASKS.values(), *HELD_IN.values())
                      for scene, _, _ in split_scenes(task, "test", n_test, seed))
-
-
-def make_task(task, n_train, n_test, seed, tok, image_size, max_len):
-    """-> (train, test) Examples of a built-in task; no train layout equals any task's test layout."""
-    test, _ = make_split(task, "test", n_test, seed, tok, image_size, max_len)
-    held_out = test_layouts(n_test, seed)  # every task's test layouts, not only this task's
-    train, _ = make_split(task, "train", n_train, seed, tok, image_size, max_len, exclude=held_out)
-    return train, test
-
-
-def to_batch(ex, idx, device):
-    """Index rows of an Examples into a training batch on `device`.
-
-    -> images (B, 3, H, W) float in [-1, 1], inputs (B, T) and targets (B, T) int64, where
-    targets are the inputs shifted left with -100 on the prompt and the padding (no loss there).
-    """
-    idx = torch.as_tensor(idx, dtype=torch.long)
-    tokens = ex.tokens[idx].long()
-    T = int((tokens != PAD).sum(1).max())  # trim columns that are padding in every row
-    tokens = tokens[:, :T]
-    inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
-    pos = torch.arange(T - 1).unsqueeze(0)
-    targets[pos < ex.prompt_len[idx].long().unsqueeze(1) - 1] = -100  # target t is token t+1
-    targets[targets == PAD] = -100
-    return pixels(ex.images[idx]).to(device), inputs.to(device), targets.to(device)
-
-
-def pixels(images):
-    """uint8 (B, 3, H, W) -> float in [-1, 1]: floats are made only at batch time."""
-    return images.float().div(127.5).sub(1.0)
 
 
 def atomic_write(path, write):
@@ -475,8 +359,6 @@ def atomic_write(path, write):
 
 if __name__ == "__main__":
     argparse.ArgumentParser(description="Print two examples of every task.").parse_args()  # --help, no flags
-    tok = train_tokenizer(ALL_TASKS, seed=0)
-    print(f"vocabulary: {tok.get_vocab_size()} tokens")
     for task in ALL_TASKS:
         rng = random.Random(task.name)
         for _ in range(2):

@@ -1,9 +1,11 @@
-"""Bring your own tasks: LLaVA-format task files in, the benchmark out.
+"""Instruction rows in LLaVA's shape: the tokenizer, token rows and batches; task files in and out.
 
-A task file is a JSON list (or JSONL) of LLaVA records: {"image": path, "conversations": [{"from": "human",
-"value": "<image>\\nWhat shape is it?"}, {"from": "gpt", "value": "circle"}, ...]}. read_tasks checks every
-record and names the file and record of anything wrong; load_file_task turns a checked file into the same
-Examples the procedural tasks make (data.py), with decoded images cached in the run folder.
+A row is an image and a conversation turn: [BOS] instruction [SEP] answer [EOS], stored compactly as uint8
+pixels and int16 tokens (Examples) and turned into a training batch by to_batch. make_task draws the rows of
+a built-in task (data.py). A task file is a JSON list (or JSONL) of LLaVA records: {"image": path,
+"conversations": [{"from": "human", "value": "<image>\\nWhat shape is it?"}, {"from": "gpt", "value":
+"circle"}, ...]}. read_tasks checks every record and names the file and record of anything wrong;
+load_file_task turns a checked file into the same Examples, with decoded images cached in the run folder.
 `python train.py --export DIR` writes the built-in benchmark in this format (train.py --tasks reads it back).
 The format follows LLaVA 1.5's instruction data (Liu et al. 2023).
 """
@@ -12,14 +14,135 @@ import json
 import random
 import time
 from collections import namedtuple
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data import ALL_TASKS, PAD, TASKS, Examples, atomic_write, make_task, token_parts, train_tokenizer
+from data import (ALL_TASKS, COLORS, COLS, GLYPHS, ROWS, SHAPES, SIZES, TASKS, atomic_write, render, split_scenes,
+                  test_layouts)
+
+SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[SEP]", "[EOS]"]  # PAD must be id 0: batches pad with zeros
+PAD, BOS, SEP, EOS = 0, 2, 3, 4
+
+
+def train_tokenizer(tasks, seed, extra_texts=()):
+    """A word-level tokenizer trained on every instruction and answer the tasks can produce.
+
+    Words keep a '▁' prefix (the Metaspace scheme), and glyphs and punctuation are split off one
+    by one, so 'K7A' becomes '▁', 'K', '7', 'A' and decodes back to 'K7A' exactly.
+    `extra_texts` (e.g. the questions and answers of a run's task files, llava.py) add the words the
+    benchmark lacks with the next ids, so every benchmark word keeps its id whatever a run mixes in.
+    """
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(), pre_tokenizers.Split(Regex(f"[{GLYPHS}]|[.,;:?!]"), "isolated")])
+    tok.decoder = decoders.Metaspace()
+    corpus = []
+    for task in tasks:  # a few hundred scenes per task reach every word of every template
+        rng = random.Random(f"tokenizer-{task.name}-{seed}")
+        corpus += [" ".join(task.make(task.scene(rng), rng)) for _ in range(400)]
+    words = SHAPES + tuple(COLORS) + SIZES + ROWS + COLS + tuple(s + "s" for s in SHAPES)
+    corpus += list(GLYPHS) + [" ".join(words)]
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL, show_progress=False))
+    vocab = tok.get_vocab()
+    for text in dict.fromkeys(extra_texts):
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(text):
+            vocab.setdefault(word, len(vocab))
+    tok.model = models.WordLevel(vocab, unk_token="[UNK]")  # the same vocabulary serialises the same
+    return tok
+
+
+@dataclass
+class Examples:
+    """A task split stored compactly: uint8 pixels and int16 token rows.
+
+    A token row is [BOS] instruction [SEP] answer [EOS] [PAD]...; the answer starts at `prompt_len`.
+    """
+    name: str
+    images: torch.Tensor      # (N, 3, H, W) uint8
+    tokens: torch.Tensor      # (N, L) int16
+    prompt_len: torch.Tensor  # (N,) int16
+    answers: list = field(default_factory=list)
+    metric: str = "exact"
+
+    def __len__(self):
+        return len(self.answers)
+
+    def subset(self, idx):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Examples(self.name, self.images[idx], self.tokens[idx], self.prompt_len[idx],
+                        [self.answers[i] for i in idx.tolist()], self.metric)
+
+    @staticmethod
+    def concat(parts, name="mix"):
+        return Examples(name, torch.cat([p.images for p in parts]), torch.cat([p.tokens for p in parts]),
+                        torch.cat([p.prompt_len for p in parts]), [a for p in parts for a in p.answers],
+                        parts[0].metric if parts else "exact")
+
+
+def token_parts(tok, instruction, answer):
+    """-> ([BOS] instruction [SEP], answer [EOS]) as token ids."""
+    return [BOS] + tok.encode(instruction).ids + [SEP], tok.encode(answer).ids + [EOS]
+
+
+def encode(tok, instruction, answer, max_len):
+    """-> (token row as a list padded to max_len, prompt length). Raises if it does not fit."""
+    prompt, reply = token_parts(tok, instruction, answer)
+    row = prompt + reply
+    if len(row) > max_len:
+        raise ValueError(f"{len(row)} tokens do not fit max_text_len={max_len}: {instruction!r} -> "
+                         f"{answer!r}")
+    return row + [PAD] * (max_len - len(row)), len(prompt)
+
+
+def make_split(task, split, n, seed, tok, image_size, max_len, exclude=frozenset()):
+    """n examples of `task`, deterministic from (task, split, seed); layouts in `exclude` are skipped."""
+    images, rows, plen, answers, keys = [], [], [], [], []
+    for scene, instruction, answer in split_scenes(task, split, n, seed, exclude):
+        row, p = encode(tok, instruction, answer, max_len)
+        images.append(render(scene, image_size))
+        rows.append(row), plen.append(p), answers.append(answer), keys.append(scene.key())
+    ex = Examples(task.name, torch.from_numpy(np.stack(images)), torch.tensor(rows, dtype=torch.int16),
+                  torch.tensor(plen, dtype=torch.int16), answers, task.metric)
+    return ex, set(keys)
+
+
+def make_task(task, n_train, n_test, seed, tok, image_size, max_len):
+    """-> (train, test) Examples of a built-in task; no train layout equals any task's test layout."""
+    test, _ = make_split(task, "test", n_test, seed, tok, image_size, max_len)
+    held_out = test_layouts(n_test, seed)  # every task's test layouts, not only this task's
+    train, _ = make_split(task, "train", n_train, seed, tok, image_size, max_len, exclude=held_out)
+    return train, test
+
+
+def to_batch(ex, idx, device):
+    """Index rows of an Examples into a training batch on `device`.
+
+    -> images (B, 3, H, W) float in [-1, 1], inputs (B, T) and targets (B, T) int64, where
+    targets are the inputs shifted left with -100 on the prompt and the padding (no loss there).
+    """
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    tokens = ex.tokens[idx].long()
+    T = int((tokens != PAD).sum(1).max())  # trim columns that are padding in every row
+    tokens = tokens[:, :T]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
+    pos = torch.arange(T - 1).unsqueeze(0)
+    targets[pos < ex.prompt_len[idx].long().unsqueeze(1) - 1] = -100  # target t is token t+1
+    targets[targets == PAD] = -100
+    return pixels(ex.images[idx]).to(device), inputs.to(device), targets.to(device)
+
+
+def pixels(images):
+    """uint8 (B, 3, H, W) -> float in [-1, 1]: floats are made only at batch time."""
+    return images.float().div(127.5).sub(1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# task files
 
 TASK_FILE_SUFFIXES = (".json", ".jsonl")  # a JSON list of records, or one record a line
 HELD_OUT = 0.1  # share of a file's records tested on when it has no sibling <stem>.test.json

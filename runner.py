@@ -207,7 +207,7 @@ def set_up(cfg, mcfg, scfg):
         except Exception as e:
             raise CLIError(f"--compile does not work here: {str(e).strip().splitlines()[0][:120]}") from None
     torch.set_num_threads(cfg.threads)
-    tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed, llava.file_texts(tasks.values()))  # a second
+    tok = llava.train_tokenizer(data.ALL_TASKS, cfg.seed, llava.file_texts(tasks.values()))  # a second
     mcfg.vocab_size = tok.get_vocab_size()
     config = {"train": asdict(cfg), "model": asdict(mcfg), "strategy": asdict(scfg)}
     strategy = strategies.build(cfg.strategy, scfg)  # only to ask it: may it take naive's first task?
@@ -300,7 +300,7 @@ def set_up_base(cfg, mcfg):
     writable(Path(cfg.cache_dir), "--cache-dir")
     device = pick_device(cfg.device)
     torch.set_num_threads(cfg.threads)
-    tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed, llava.file_texts(tasks.values()))
+    tok = llava.train_tokenizer(data.ALL_TASKS, cfg.seed, llava.file_texts(tasks.values()))
     mcfg.vocab_size = tok.get_vocab_size()
     return tok, device
 
@@ -345,7 +345,7 @@ def task_rows(tasks, cfg, mcfg, tok, n_train):
     def rows(task):
         if isinstance(task, llava.FileTask):
             return llava.load_file_task(task, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)
-        return data.make_task(task, n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)
+        return llava.make_task(task, n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)
     return tuple(zip(*[rows(task) for task in tasks.values()]))
 
 

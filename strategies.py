@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-import data
+import llava
 from model import LORA_SITES, add_lora, arg
 
 
@@ -120,7 +120,7 @@ class ReservoirBuffer:
         """Reservoir sampling (Vitter's algorithm R): row n is kept with probability capacity/n."""
         n_fill = max(min(self.capacity - len(self), len(ex)), 0)  # while not full, every row is kept
         head = ex.subset(range(n_fill))
-        self.rows = head if self.rows is None else data.Examples.concat([self.rows, head], "buffer")
+        self.rows = head if self.rows is None else llava.Examples.concat([self.rows, head], "buffer")
         self.seen += n_fill
         for i in range(n_fill, len(ex)):
             self.seen += 1
@@ -145,7 +145,7 @@ class ReservoirBuffer:
     def load_state_dict(self, state):
         self.capacity, self.seen, rows = state["capacity"], state["seen"], state["rows"]
         self.gen.set_state(state["gen"])
-        self.rows = None if rows is None else data.Examples(**{**rows, "answers": list(rows["answers"])})
+        self.rows = None if rows is None else llava.Examples(**{**rows, "answers": list(rows["answers"])})
 
 
 class Replay(Strategy):
@@ -164,7 +164,7 @@ class Replay(Strategy):
         n_old = round(self.cfg.replay_ratio * len(fresh)) if len(self.buffer) else 0
         if n_old == 0:
             return fresh
-        return data.Examples.concat([fresh.subset(range(len(fresh) - n_old)), self.buffer.sample(n_old, gen)])
+        return llava.Examples.concat([fresh.subset(range(len(fresh) - n_old)), self.buffer.sample(n_old, gen)])
 
     def after_task(self, model, task_id, train):
         self.buffer.add(train)
@@ -220,7 +220,7 @@ def importance(model, rows, measure, n_samples, gen, chunk=32):
         return (per_token * answer).sum() / answer.sum()
     idx = torch.randperm(len(rows), generator=gen)[:n_samples]
     for i in range(0, len(idx), chunk):
-        batch = data.to_batch(rows, idx[i:i + chunk], next(iter(params.values())).device)
+        batch = llava.to_batch(rows, idx[i:i + chunk], next(iter(params.values())).device)
         with warnings.catch_warnings():  # SDPA has no vmap rule yet; its fallback still beats a loop
             warnings.filterwarnings("ignore", message=".*batching rule")
             grads = vmap(grad(one_row), in_dims=(None, 0, 0, 0))(params, *batch)  # {name: (B, *shape)}
@@ -279,14 +279,14 @@ def row_features(model, base, images, tokens, prompt_len):
     image = functional_call(model.vision, vision, (images,)).mean(1)  # (B, N, vit_dim) -> (B, vit_dim)
     emb = F.embedding(tokens, base["tok_emb.weight"])  # (B, L, d)
     pos, p = torch.arange(tokens.size(1), device=tokens.device)[None], prompt_len[:, None]
-    spans = ((pos >= 1) & (pos < p - 1), (pos >= p) & (tokens != data.PAD) & (tokens != data.EOS))
+    spans = ((pos >= 1) & (pos < p - 1), (pos >= p) & (tokens != llava.PAD) & (tokens != llava.EOS))
     return (image,) + tuple((emb * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1) for m in spans)
 
 
 def examples_features(model, base, rows):
     """row_features of an Examples (uint8 pixels, int16 tokens)."""
     device = base["tok_emb.weight"].device
-    return row_features(model, base, data.pixels(rows.images).to(device), rows.tokens.long().to(device),
+    return row_features(model, base, llava.pixels(rows.images).to(device), rows.tokens.long().to(device),
                         rows.prompt_len.long().to(device))
 
 
@@ -516,7 +516,7 @@ class Compose:
 
     def stored_rows(self):
         stored = [rows for rows in (p.stored_rows() for p in self.parts) if rows is not None]
-        return data.Examples.concat(stored, "stored") if stored else None
+        return llava.Examples.concat(stored, "stored") if stored else None
 
     def generate(self, model, images, ids, max_new_tokens, eos_id):
         return self.router.generate(model, images, ids, max_new_tokens, eos_id)

@@ -102,7 +102,7 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
             group["lr"] = lr * min(warmup, cosine)
         fresh = rows.subset(torch.randint(len(rows), (cfg.batch_size,), generator=gen))
         batch_rows = strategy.batch(fresh, gen)
-        batch = data.to_batch(batch_rows, range(len(batch_rows)), device)
+        batch = llava.to_batch(batch_rows, range(len(batch_rows)), device)
         images = batch_rows.images
         if WORLD > 1:  # each rank takes every WORLD-th row; scaled so that summed gradients average the batch
             share = (batch[2][RANK::WORLD] != -100).sum() / (batch[2] != -100).sum()
@@ -143,7 +143,7 @@ def encode_images(model, sources, device, chunk=256):
         first.setdefault(image.numpy().tobytes(), i)
     keys, order, seen = list(first), list(first.values()), {}
     for i in range(0, len(order), chunk):
-        outputs = model.vision(data.pixels(images[order[i:i + chunk]]).to(device))
+        outputs = model.vision(llava.pixels(images[order[i:i + chunk]]).to(device))
         seen.update(zip(keys[i:i + chunk], outputs))
     return seen
 
@@ -155,7 +155,7 @@ def vision_seen(model, images, seen, device):
     keys = [image.numpy().tobytes() for image in images]
     for i, key in enumerate(keys):
         if key not in seen:
-            seen[key] = model.vision(data.pixels(images[i:i + 1]).to(device))[0]
+            seen[key] = model.vision(llava.pixels(images[i:i + 1]).to(device))[0]
     return torch.stack([seen[key] for key in keys])
 
 
@@ -167,9 +167,9 @@ def evaluate(model, strategy, tests, tok, device, cfg):
     model.eval()
 
     def answer(images, ids):  # uint8 pixels and int16 prompts -> the answers' texts
-        out = strategy.generate(model, data.pixels(images).to(device), ids.long().to(device),
-                                model.cfg.max_text_len - ids.size(1), data.EOS).tolist()
-        return [tok.decode(row[:row.index(data.EOS)] if data.EOS in row else row) for row in out]
+        out = strategy.generate(model, llava.pixels(images).to(device), ids.long().to(device),
+                                model.cfg.max_text_len - ids.size(1), llava.EOS).tolist()
+        return [tok.decode(row[:row.index(llava.EOS)] if llava.EOS in row else row) for row in out]
     return score_tests(answer, tests, tok, cfg.eval_batch_size)
 
 
@@ -203,7 +203,7 @@ def base_model(cfg, mcfg, tok, device):
         print(f"base model: reused {paths[done]}")
     for (name, tasks, steps, lr, n), path in list(zip(stages, paths))[done + 1:]:
         t0, gen = time.time(), torch.Generator().manual_seed(cfg.seed)
-        rows = data.Examples.concat([data.make_split(t, "train", n, cfg.seed, tok, mcfg.image_size,
+        rows = llava.Examples.concat([llava.make_split(t, "train", n, cfg.seed, tok, mcfg.image_size,
                                                      mcfg.max_text_len, exclude=held_out)[0] for t in tasks])
         model.vision.requires_grad_(name == "pretrained" or not cfg.freeze_vision)
         plain = strategies.Strategy(None)  # no strategy: a base stage is ordinary training
@@ -216,10 +216,12 @@ def base_model(cfg, mcfg, tok, device):
 
 
 def base_code():
-    """A digest of the code that makes a base: data.py, attention.py, model.py and base_model itself. The rest
-    of this file is left out, so an edit of the task loop (an exercise's, say) keeps the cached bases."""
+    """A digest of the code that makes a base: data.py, llava.py (tokens and batches), attention.py, model.py
+    and base_model itself. The rest of this file is left out, so an edit of the task loop (an exercise's, say)
+    keeps the cached bases."""
     here = Path(__file__).parent
-    code = b"".join((here / name).read_bytes() for name in ("data.py", "attention.py", "model.py"))
+    files = ("data.py", "llava.py", "attention.py", "model.py")
+    code = b"".join((here / name).read_bytes() for name in files)
     return hashlib.sha256(code + inspect.getsource(base_model).encode()).hexdigest()
 
 

@@ -122,7 +122,8 @@ def start(items):
     STATE["queue"] = [JOBS[name] for name in dict.fromkeys(name for item in items for name in jobs_of(item))]
     if STATE["queue"]:
         session_folder()  # made here, before two threads could both make one
-        STATE["worker"] = threading.Thread(target=work, args=(STATE["queue"],), name="background", daemon=True)
+        STATE["worker"] = threading.Thread(target=work, args=(STATE["queue"],), name="background",
+                                           daemon=True)
         STATE["worker"].start()
 
 

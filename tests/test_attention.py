@@ -26,6 +26,7 @@ import torch
 
 import attention
 import data
+import llava
 import model
 import strategies
 from attention import FlashAttention, attend, flash_attention_reference, flash_attention_reference_backward
@@ -224,8 +225,8 @@ def recording(forward, backward, monkeypatch):
 
 def importances(attn, measure, device):
     """strategies.importance() of a tiny seeded VLM with head size 32 (one the kernel covers), over 6 rows."""
-    tok = data.train_tokenizer([data.TASKS["classify"]], seed=0)
-    rows = data.make_task(data.TASKS["classify"], 8, 4, 0, tok, 48, 40)[0]
+    tok = llava.train_tokenizer([data.TASKS["classify"]], seed=0)
+    rows = llava.make_task(data.TASKS["classify"], 8, 4, 0, tok, 48, 40)[0]
     cfg = model.ModelConfig(vocab_size=tok.get_vocab_size(), vit_dim=64, d_model=64, n_head=2, vit_layers=1,
                             n_layer=1, attn=attn)
     vlm = model.VLM(cfg).to(device)

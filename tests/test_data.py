@@ -1,5 +1,5 @@
 """The benchmark (data.py): determinism, train/test separation (no test layout in any training split of any
-stage), answers checked by an independent solver, tokenizer round trips, batch targets and rendering.
+stage), answers checked by an independent solver, and rendering.
 
 Run: python -m pytest tests/test_data.py -q
 """
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import llava
 import runner
 from data import Obj, Scene
 
@@ -20,7 +21,7 @@ IMAGE_SIZE, MAX_LEN = 48, 40
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.train_tokenizer(ALL_TASKS, seed=0)
+    return llava.train_tokenizer(ALL_TASKS, seed=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -29,12 +30,12 @@ def tok():
 @pytest.mark.parametrize("name", ["classify", "read", "caption"])
 def test_make_split_is_a_function_of_task_split_seed(tok, name):
     task = data.TASKS[name]
-    a, keys_a = data.make_split(task, "train", 30, 0, tok, IMAGE_SIZE, MAX_LEN)
-    b, keys_b = data.make_split(task, "train", 30, 0, tok, IMAGE_SIZE, MAX_LEN)
+    a, keys_a = llava.make_split(task, "train", 30, 0, tok, IMAGE_SIZE, MAX_LEN)
+    b, keys_b = llava.make_split(task, "train", 30, 0, tok, IMAGE_SIZE, MAX_LEN)
     assert torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens)
     assert torch.equal(a.prompt_len, b.prompt_len) and a.answers == b.answers and keys_a == keys_b
-    other_seed, _ = data.make_split(task, "train", 30, 1, tok, IMAGE_SIZE, MAX_LEN)
-    other_split, _ = data.make_split(task, "test", 30, 0, tok, IMAGE_SIZE, MAX_LEN)
+    other_seed, _ = llava.make_split(task, "train", 30, 1, tok, IMAGE_SIZE, MAX_LEN)
+    other_split, _ = llava.make_split(task, "test", 30, 0, tok, IMAGE_SIZE, MAX_LEN)
     assert not torch.equal(a.images, other_seed.images)
     assert not torch.equal(a.images, other_split.images)
 
@@ -43,9 +44,9 @@ def test_make_split_is_a_function_of_task_split_seed(tok, name):
 def test_train_and_test_layouts_never_overlap(tok, name):
     task = data.TASKS[name]
     n_train, n_test = 300, 100
-    train, test = data.make_task(task, n_train, n_test, 0, tok, IMAGE_SIZE, MAX_LEN)
-    test_again, test_keys = data.make_split(task, "test", n_test, 0, tok, IMAGE_SIZE, MAX_LEN)
-    train_again, train_keys = data.make_split(task, "train", n_train, 0, tok, IMAGE_SIZE, MAX_LEN,
+    train, test = llava.make_task(task, n_train, n_test, 0, tok, IMAGE_SIZE, MAX_LEN)
+    test_again, test_keys = llava.make_split(task, "test", n_test, 0, tok, IMAGE_SIZE, MAX_LEN)
+    train_again, train_keys = llava.make_split(task, "train", n_train, 0, tok, IMAGE_SIZE, MAX_LEN,
                                               exclude=data.test_layouts(n_test, 0))
     # make_task's splits are exactly these two, so their keys are the ones we check
     assert torch.equal(test.images, test_again.images) and torch.equal(train.images, train_again.images)
@@ -56,7 +57,7 @@ def test_train_and_test_layouts_never_overlap(tok, name):
 def test_test_layouts_are_every_tasks_test_layouts(tok):
     union = set()
     for task in [*data.TASKS.values(), *data.HELD_IN.values()]:
-        union |= data.make_split(task, "test", 40, 1, tok, IMAGE_SIZE, MAX_LEN)[1]
+        union |= llava.make_split(task, "test", 40, 1, tok, IMAGE_SIZE, MAX_LEN)[1]
     assert data.test_layouts(40, 1) == union
 
 
@@ -69,18 +70,18 @@ def test_no_stage_trains_on_any_test_layout(tok, tmp_path, monkeypatch):
                                 "--cache-dir", str(tmp_path), "--device", "cpu"])
     mcfg.vocab_size = tok.get_vocab_size()
     made = []  # (task, split, layouts) of every split train.py makes
-    make_split = data.make_split
+    make_split = llava.make_split
 
     def spy(task, split, *args, **kw):
         ex, keys = make_split(task, split, *args, **kw)
         made.append((task.name, split, keys))
         return ex, keys
-    monkeypatch.setattr(data, "make_split", spy)
+    monkeypatch.setattr(llava, "make_split", spy)
     train.base_model(cfg, mcfg, tok, torch.device("cpu"))
     for task in data.TASKS.values():
-        data.make_task(task, cfg.n_train, cfg.n_test, cfg.seed, tok, IMAGE_SIZE, MAX_LEN)
+        llava.make_task(task, cfg.n_train, cfg.n_test, cfg.seed, tok, IMAGE_SIZE, MAX_LEN)
     tested = set().union(*(keys for _, split, keys in made if split == "test"))
-    tested |= set().union(*(data.make_split(t, "test", cfg.n_test, cfg.seed, tok, IMAGE_SIZE, MAX_LEN)[1]
+    tested |= set().union(*(llava.make_split(t, "test", cfg.n_test, cfg.seed, tok, IMAGE_SIZE, MAX_LEN)[1]
                             for t in data.HELD_IN.values()))
     trained = {name for name, split, _ in made if split == "train"}
     assert trained == {"align", *data.TASKS, *data.HELD_IN}
@@ -100,8 +101,8 @@ def test_every_task_jitters_its_shapes(name):
 def test_exclusion_is_needed_for_a_small_task(tok):
     """Without `exclude`, classify (450 layouts) would share layouts: the overlap test can fail."""
     task = data.TASKS["classify"]
-    _, test_keys = data.make_split(task, "test", 100, 0, tok, IMAGE_SIZE, MAX_LEN)
-    _, train_keys = data.make_split(task, "train", 300, 0, tok, IMAGE_SIZE, MAX_LEN)
+    _, test_keys = llava.make_split(task, "test", 100, 0, tok, IMAGE_SIZE, MAX_LEN)
+    _, train_keys = llava.make_split(task, "train", 300, 0, tok, IMAGE_SIZE, MAX_LEN)
     assert train_keys & test_keys
 
 
@@ -194,63 +195,6 @@ def test_every_answer_matches_an_independent_solver(task):
     if task.name == "align":  # whole-scene captions, grounded rows, and some of those come back empty
         prompts = [task.make(task.scene(rng), rng) for _ in range(400)]
         assert 0.4 < sum(i != "" for i, _ in prompts) / 400 < 0.6 and any(a == "none" for _, a in prompts)
-
-
-# ----------------------------------------------------------------------------------------------
-# tokenizer
-
-def test_tokenizer_round_trips_every_instruction_and_answer(tok):
-    assert tok.get_vocab_size() < 200
-    unk = tok.token_to_id("[UNK]")
-    for task in ALL_TASKS:
-        rng = random.Random(f"tokenizer-test-{task.name}")
-        for _ in range(200):
-            for text in task.make(task.scene(rng), rng):
-                ids = tok.encode(text).ids
-                assert unk not in ids, text
-                assert tok.decode(ids) == text
-
-
-def test_glyphs_are_split_one_by_one(tok):
-    enc = tok.encode("K7A")
-    assert [t for t in enc.tokens if t != "▁"] == ["K", "7", "A"]
-    assert tok.decode(enc.ids) == "K7A"
-
-
-def test_special_token_ids_match_the_constants(tok):
-    assert [tok.token_to_id(s) for s in data.SPECIAL] == list(range(len(data.SPECIAL)))
-    assert (tok.token_to_id("[PAD]"), tok.token_to_id("[BOS]"), tok.token_to_id("[SEP]"),
-            tok.token_to_id("[EOS]")) == (data.PAD, data.BOS, data.SEP, data.EOS)
-
-
-# ----------------------------------------------------------------------------------------------
-# batches
-
-def test_to_batch_masks_prompt_and_padding(tok):
-    parts = [data.make_split(data.TASKS[n], "train", 6, 0, tok, IMAGE_SIZE, MAX_LEN)[0]
-             for n in ("classify", "caption", "spatial")]  # different prompt and answer lengths
-    ex = data.Examples.concat(parts)
-    idx = list(range(len(ex)))
-    images, inputs, targets = data.to_batch(ex, idx, "cpu")
-    tokens = ex.tokens.long()
-    lengths = (tokens != data.PAD).sum(1)
-    T = int(lengths.max())
-    assert inputs.shape == targets.shape == (len(ex), T - 1)
-    assert inputs.dtype == targets.dtype == torch.int64
-    assert torch.equal(inputs, tokens[:, :T - 1])
-    for b in range(len(ex)):
-        p, n = int(ex.prompt_len[b]), int(lengths[b])
-        for t in range(T - 1):
-            if t < p - 1 or t + 1 >= n:  # predicting a prompt token, or padding
-                assert targets[b, t] == -100, (b, t)
-            else:  # predicting answer token t+1 (or the EOS)
-                assert targets[b, t] == tokens[b, t + 1], (b, t)
-        kept = [int(x) for x in targets[b] if x != -100]
-        assert kept[-1] == data.EOS and tok.decode(kept[:-1]) == ex.answers[b]
-    assert images.dtype == torch.float32 and images.shape == (len(ex), 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert images.min() >= -1 and images.max() <= 1
-    assert torch.allclose(images, ex.images.float() / 127.5 - 1)
-    assert data.pixels(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Bring your own tasks: LLaVA-format files in, the benchmark out.
+"""Instruction rows and task files (llava.py): the tokenizer's round trips and batch targets; LLaVA-format
+files in, the benchmark out.
 
 Every bad input gets one line naming the file and the record; multi-turn records split into pairs;
 images resolve against the file's folder or --image-root and are cached; and the exported benchmark,
@@ -7,6 +8,7 @@ read back, gives the very tensors (and so the very training run) of the built-in
 Run: python -m pytest tests/test_llava.py -q
 """
 import json
+import random
 
 import numpy as np
 import pytest
@@ -24,7 +26,64 @@ BUILTIN = list(data.TASKS.values()) + [data.ALIGN]
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.train_tokenizer(BUILTIN, seed=0)
+    return llava.train_tokenizer(BUILTIN, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+
+def test_tokenizer_round_trips_every_instruction_and_answer(tok):
+    assert tok.get_vocab_size() < 200
+    unk = tok.token_to_id("[UNK]")
+    for task in BUILTIN:
+        rng = random.Random(f"tokenizer-test-{task.name}")
+        for _ in range(200):
+            for text in task.make(task.scene(rng), rng):
+                ids = tok.encode(text).ids
+                assert unk not in ids, text
+                assert tok.decode(ids) == text
+
+
+def test_glyphs_are_split_one_by_one(tok):
+    enc = tok.encode("K7A")
+    assert [t for t in enc.tokens if t != "▁"] == ["K", "7", "A"]
+    assert tok.decode(enc.ids) == "K7A"
+
+
+def test_special_token_ids_match_the_constants(tok):
+    assert [tok.token_to_id(s) for s in llava.SPECIAL] == list(range(len(llava.SPECIAL)))
+    assert (tok.token_to_id("[PAD]"), tok.token_to_id("[BOS]"), tok.token_to_id("[SEP]"),
+            tok.token_to_id("[EOS]")) == (llava.PAD, llava.BOS, llava.SEP, llava.EOS)
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+def test_to_batch_masks_prompt_and_padding(tok):
+    parts = [llava.make_split(data.TASKS[n], "train", 6, 0, tok, SIZE, MAX_LEN)[0]
+             for n in ("classify", "caption", "spatial")]  # different prompt and answer lengths
+    ex = llava.Examples.concat(parts)
+    idx = list(range(len(ex)))
+    images, inputs, targets = llava.to_batch(ex, idx, "cpu")
+    tokens = ex.tokens.long()
+    lengths = (tokens != llava.PAD).sum(1)
+    T = int(lengths.max())
+    assert inputs.shape == targets.shape == (len(ex), T - 1)
+    assert inputs.dtype == targets.dtype == torch.int64
+    assert torch.equal(inputs, tokens[:, :T - 1])
+    for b in range(len(ex)):
+        p, n = int(ex.prompt_len[b]), int(lengths[b])
+        for t in range(T - 1):
+            if t < p - 1 or t + 1 >= n:  # predicting a prompt token, or padding
+                assert targets[b, t] == -100, (b, t)
+            else:  # predicting answer token t+1 (or the EOS)
+                assert targets[b, t] == tokens[b, t + 1], (b, t)
+        kept = [int(x) for x in targets[b] if x != -100]
+        assert kept[-1] == llava.EOS and tok.decode(kept[:-1]) == ex.answers[b]
+    assert images.dtype == torch.float32 and images.shape == (len(ex), 3, SIZE, SIZE)
+    assert images.min() >= -1 and images.max() <= 1
+    assert torch.allclose(images, ex.images.float() / 127.5 - 1)
+    assert llava.pixels(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
 
 
 def png(path, size=SIZE, color=(200, 30, 30), mode="RGB"):
@@ -59,7 +118,7 @@ def task_file(folder, records, name="mytask.json", images=True):
 def load(path, cache=None, **kw):
     """read_tasks + make_task as train.py calls them -> (train, test, tokenizer)."""
     tasks = llava.read_tasks([str(path)], cache=cache or path.parent / "run" / "cache", **kw)
-    tok = data.train_tokenizer(BUILTIN, 0, llava.file_texts(tasks.values()))
+    tok = llava.train_tokenizer(BUILTIN, 0, llava.file_texts(tasks.values()))
     (task,) = tasks.values()
     return *llava.load_file_task(task, 0, tok, SIZE, MAX_LEN), tok
 
@@ -155,7 +214,7 @@ def test_truncate_cuts_the_answer_and_counts(tmp_path, capsys):
     train_rows, _, tok = load(path, truncate=True)
     assert "--truncate cut 2 rows to 40 tokens" in capsys.readouterr().out
     cut = train_rows.subset([2])
-    assert int((cut.tokens != data.PAD).sum()) == MAX_LEN and data.EOS not in cut.tokens.tolist()[0]
+    assert int((cut.tokens != llava.PAD).sum()) == MAX_LEN and llava.EOS not in cut.tokens.tolist()[0]
     # scored on what is left
     assert cut.answers[0] == " ".join(["circle"] * (MAX_LEN - int(cut.prompt_len[0])))
     assert train_rows.answers[:2] == ["circle", "circle"]  # rows that fit are untouched
@@ -268,14 +327,14 @@ def test_multi_turn_record_becomes_one_row_per_pair(tmp_path, capsys):
     assert train_rows.images[3, :, 0, 0].tolist() == [200, 30, 30]
     assert train_rows.metric == test_rows.metric == "exact" and train_rows.name == "mytask"
     for row in train_rows.tokens.tolist():  # every row: [BOS] question [SEP] answer [EOS], no unknown word
-        assert row[0] == data.BOS and data.SEP in row and data.EOS in row
+        assert row[0] == llava.BOS and llava.SEP in row and llava.EOS in row
         assert tok.token_to_id("[UNK]") not in row
 
 
 def test_new_words_get_new_ids_and_benchmark_ids_stay(tmp_path, tok):
     path = task_file(tmp_path, [record(0, "What breed is the dog?", "a beagle"), *GOOD[1:]])
     tasks = llava.read_tasks(["classify", str(path)])
-    mixed = data.train_tokenizer(BUILTIN, 0, llava.file_texts(tasks.values()))
+    mixed = llava.train_tokenizer(BUILTIN, 0, llava.file_texts(tasks.values()))
     old, new = tok.get_vocab(), mixed.get_vocab()
     assert {w: new[w] for w in old} == old  # the benchmark's words keep their ids
     assert sorted(set(new) - set(old)) == ["▁beagle", "▁breed", "▁dog"]
@@ -366,10 +425,10 @@ def test_export_writes_every_task_as_llava_records(exported):
 def test_reimported_benchmark_is_identical_to_the_built_in_path(exported, tok):
     tasks = llava.read_tasks([str(exported / f"{n}.json") for n in data.TASKS],
                              cache=exported.parent / "cache")
-    reread = data.train_tokenizer(BUILTIN, 0, llava.file_texts(tasks.values()))
+    reread = llava.train_tokenizer(BUILTIN, 0, llava.file_texts(tasks.values()))
     assert reread.to_str() == tok.to_str()  # no new word, no new id
     for name, task in tasks.items():
-        built_in = data.make_task(data.TASKS[name], N_TRAIN, N_TEST, 0, tok, SIZE, MAX_LEN)
+        built_in = llava.make_task(data.TASKS[name], N_TRAIN, N_TEST, 0, tok, SIZE, MAX_LEN)
         for a, b in zip(built_in, llava.load_file_task(task, 0, tok, SIZE, MAX_LEN)):
             assert torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens), name
             assert torch.equal(a.prompt_len, b.prompt_len) and a.answers == b.answers, name

@@ -17,9 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import llava
 import strategies
 import train
-from data import Examples
+from llava import Examples
 from model import VLM, ModelConfig
 from strategies import (Compose, Replay, ReservoirBuffer, Strategy, StrategyConfig, importance,
                         task_similarity, tir_weights)
@@ -53,13 +54,13 @@ def config(**kw):
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.train_tokenizer(list(data.TASKS.values()) + [data.ALIGN], seed=0)
+    return llava.train_tokenizer(list(data.TASKS.values()) + [data.ALIGN], seed=0)
 
 
 @pytest.fixture(scope="module")
 def tasks(tok):
     """(train, test) Examples of two tasks that look and read differently: classify and read."""
-    return [data.make_task(data.TASKS[n], 48, 16, 0, tok, 48, 40) for n in ("classify", "read")]
+    return [llava.make_task(data.TASKS[n], 48, 16, 0, tok, 48, 40) for n in ("classify", "read")]
 
 
 def tiny_vlm(tok):
@@ -72,7 +73,7 @@ def train_a_little(model, strategy, rows, steps=3, seed=0):
     opt, gen = torch.optim.SGD(params, lr=0.1), torch.Generator().manual_seed(seed)
     for _ in range(steps):
         batch_rows = strategy.batch(rows.subset(torch.randint(len(rows), (8,), generator=gen)), gen)
-        batch = data.to_batch(batch_rows, range(len(batch_rows)), "cpu")
+        batch = llava.to_batch(batch_rows, range(len(batch_rows)), "cpu")
         logits, loss = model(*batch)
         extra = strategy.penalty(model, batch, logits)
         opt.zero_grad()
@@ -87,7 +88,7 @@ def run_task(model, strategy, task_id, rows, steps=3):
 
 
 def rows_of(tok, name, split="train", n=24):
-    return data.make_split(data.TASKS[name], split, n, 0, tok, 48, 40)[0]
+    return llava.make_split(data.TASKS[name], split, n, 0, tok, 48, 40)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +345,7 @@ def test_composition_runs_every_parts_hooks(tok, tasks):
     mixed = both.batch(tasks[1][0].subset(range(8)), torch.Generator().manual_seed(0))
     assert set(mixed.answers) & set(tasks[0][0].answers)  # replay's batch hook ran
     train_a_little(model, both, tasks[1][0], steps=1)
-    batch = data.to_batch(tasks[1][0], range(4), "cpu")
+    batch = llava.to_batch(tasks[1][0], range(4), "cpu")
     assert both.penalty(model, batch, None).item() > 0  # ewc's penalty hook ran
     assert set(both.state_dict()) == {"replay", "ewc"}
 
@@ -392,8 +393,8 @@ def eos_rows(pixel_values):
     """Rows '[BOS] [SEP] [EOS]' with 1x1 images: the one answer token is EOS (id 4, logit a·x)."""
     n = len(pixel_values)
     images = torch.tensor(pixel_values, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 1, 1).contiguous()
-    tokens = torch.tensor([[data.BOS, data.SEP, data.EOS, data.PAD]] * n, dtype=torch.int16)
-    return data.Examples("toy", images, tokens, torch.full((n,), 2, dtype=torch.int16), [""] * n)
+    tokens = torch.tensor([[llava.BOS, llava.SEP, llava.EOS, llava.PAD]] * n, dtype=torch.int16)
+    return llava.Examples("toy", images, tokens, torch.full((n,), 2, dtype=torch.int16), [""] * n)
 
 
 def test_fisher_is_the_mean_of_squared_per_sample_gradients():
@@ -426,7 +427,7 @@ def test_vmapped_fisher_matches_a_loop_over_single_rows(tok, tasks):
     loop = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     for i in range(len(rows)):
         model.zero_grad()
-        _, loss = model(*data.to_batch(rows, [i], "cpu"))  # one row: the mean NLL of its answer tokens
+        _, loss = model(*llava.to_batch(rows, [i], "cpu"))  # one row: the mean NLL of its answer tokens
         loss.backward()
         for n, p in model.named_parameters():
             loop[n] += p.grad ** 2 / len(rows)
@@ -438,7 +439,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_positive_after_a_step(tok, tasks)
     model = tiny_vlm(tok)
     ewc = strategies.build("ewc", StrategyConfig(importance_samples=16))
     run_task(model, ewc, 0, tasks[0][0])
-    batch = data.to_batch(tasks[1][0], range(8), "cpu")
+    batch = llava.to_batch(tasks[1][0], range(8), "cpu")
     assert ewc.penalty(model, batch, None).item() == 0.0
     assert all(bool((f >= 0).all()) for f in ewc.importance.values())
     train_a_little(model, ewc, tasks[1][0], steps=1)
@@ -514,7 +515,7 @@ def test_lwf_penalty_is_zero_against_its_own_copy_and_positive_after_a_step(tok,
     model, lwf = tiny_vlm(tok), strategies.build("lwf", StrategyConfig())
     run_task(model, lwf, 0, tasks[0][0])
     lwf.before_task(model, 1, tasks[1][0])
-    batch = data.to_batch(tasks[1][0], range(8), "cpu")
+    batch = llava.to_batch(tasks[1][0], range(8), "cpu")
     assert abs(lwf.penalty(model, batch, model(*batch)[0]).item()) < 1e-6
     train_a_little(model, lwf, tasks[1][0], steps=2)
     assert lwf.penalty(model, batch, model(*batch)[0]).item() > 1e-6
@@ -528,7 +529,7 @@ def test_lwf_penalty_and_its_gradient_match_a_hand_computation(tok, tasks):
     run_task(model, lwf, 0, tasks[0][0])
     lwf.before_task(model, 1, tasks[1][0])
     train_a_little(model, lwf, tasks[1][0], steps=2)  # the model moves away from its teacher
-    batch = data.to_batch(tasks[1][0], range(8), "cpu")
+    batch = llava.to_batch(tasks[1][0], range(8), "cpu")
     logits = model(*batch)[0].detach().requires_grad_(True)
     value = lwf.penalty(model, batch, logits)
     assert value.requires_grad, "the penalty has no gradient: it cannot pull the model towards its teacher"
@@ -555,7 +556,7 @@ def test_lora_strategy_trains_only_the_adapters(tok, tasks):
         p.requires_grad_(True)  # as train.py leaves them with --no-freeze-vision: LoRA must still win
     lora = strategies.build("lora", StrategyConfig(lora_targets="attn.qkv,mlp.2,projector"))
     lora.before_task(model, 0, tasks[0][0])
-    _, loss = model(*data.to_batch(tasks[0][0], range(4), "cpu"))
+    _, loss = model(*llava.to_batch(tasks[0][0], range(4), "cpu"))
     loss.backward()
     for n, p in model.named_parameters():
         assert (p.grad is not None) == (".lora_" in n), n
@@ -565,7 +566,7 @@ def test_lora_strategy_trains_only_the_adapters(tok, tasks):
 
 def test_old_experts_are_bit_identical_after_a_new_task(tok, tasks):
     model, expansion = tiny_vlm(tok), strategies.build("expansion", StrategyConfig(lora_rank=2))
-    batch = data.to_batch(tasks[0][1], range(6), "cpu")
+    batch = llava.to_batch(tasks[0][1], range(6), "cpu")
     run_task(model, expansion, 0, tasks[0][0])
     after_first = model(*batch)[0]
     run_task(model, expansion, 1, tasks[1][0])
@@ -585,10 +586,10 @@ def test_expansion_routes_each_row_to_its_own_task(tok, tasks):
     test = tasks[1][1]  # generate routes too: read prompts must be answered by expert 1
     p = int(test.prompt_len[0])
     rows = [i for i in range(len(test)) if test.prompt_len[i] == p]
-    images, ids = data.pixels(test.images[rows]), test.tokens[rows, :p].long()
-    routed = expansion.generate(model, images, ids, 6, data.EOS)
+    images, ids = llava.pixels(test.images[rows]), test.tokens[rows, :p].long()
+    routed = expansion.generate(model, images, ids, 6, llava.EOS)
     expansion.load(model, expansion.experts[1])
-    direct = model.generate(images, ids, 6, data.EOS)
+    direct = model.generate(images, ids, 6, llava.EOS)
     assert torch.equal(routed[:, :direct.size(1)], direct)
 
 
@@ -601,7 +602,7 @@ def test_a_batch_routed_to_several_experts_is_answered_row_by_row_by_each_rows_e
     p = 7  # a prompt length both tasks' test rows have: generate takes prompts of one length
     by_task = [[i for i in range(len(tasks[t][1])) if tasks[t][1].prompt_len[i] == p] for t in (0, 1)]
     order = sorted([(k, t, i) for t in (0, 1) for k, i in enumerate(by_task[t])])  # classify, read, ...
-    images = torch.cat([data.pixels(tasks[t][1].images[[i]]) for _, t, i in order])
+    images = torch.cat([llava.pixels(tasks[t][1].images[[i]]) for _, t, i in order])
     ids = torch.cat([tasks[t][1].tokens[[i], :p].long() for _, t, i in order])
     label = [t for _, t, _ in order]
     assert 0 < sum(label) < len(label) and label[:4] == [0, 1, 0, 1]
@@ -637,12 +638,12 @@ def test_expansion_oracle_answers_with_the_named_expert_and_the_plain_strategies
             for p in model.projector.parameters():
                 p.copy_(3 * torch.randn(p.shape, generator=gen))
         expansion.after_task(model, t, task_rows)
-    images, ids = data.pixels(tasks[0].images[:8]), tasks[0].tokens[:8, :8].long()
-    told = [expansion.oracle(k).generate(model, images, ids, 5, data.EOS) for k in (0, 1)]
+    images, ids = llava.pixels(tasks[0].images[:8]), tasks[0].tokens[:8, :8].long()
+    told = [expansion.oracle(k).generate(model, images, ids, 5, llava.EOS) for k in (0, 1)]
     assert not torch.equal(told[0], told[1])  # the two experts answer differently
-    assert torch.equal(expansion.generate(model, images, ids, 5, data.EOS), told[0])  # classify rows go to 0
+    assert torch.equal(expansion.generate(model, images, ids, 5, llava.EOS), told[0])  # classify rows go to 0
     expansion.load(model, expansion.experts[1])
-    direct = model.generate(images, ids, 5, data.EOS)
+    direct = model.generate(images, ids, 5, llava.EOS)
     assert torch.equal(told[1][:, :direct.size(1)], direct)
     assert strategies.build("naive", StrategyConfig()).oracle(0) is None
     assert strategies.build("replay+expansion", StrategyConfig()).oracle(0) is not None
@@ -673,7 +674,7 @@ def test_identical_tasks_are_the_most_similar(tok, tasks):
     model = tiny_vlm(tok)
     base = dict(model.named_parameters())
     classify = tasks[0][0]
-    count = data.make_task(data.TASKS["count"], 48, 1, 0, tok, 48, 40)[0]
+    count = llava.make_task(data.TASKS["count"], 48, 1, 0, tok, 48, 40)[0]
     rows = [classify.subset(range(24)), tasks[1][0], count, classify.subset(range(24, 48))]
     assert not torch.equal(rows[0].images, rows[3].images)  # other scenes: no cosine of 1 by construction
     prototypes = [[f.mean(0) for f in strategies.examples_features(model, base, r)] for r in rows]
@@ -754,9 +755,9 @@ def swatches(task, n, seed):
     images = (PALETTE[colour][:, :, None, None] + noise).clamp(0, 255).to(torch.uint8)
     answer = ANSWERS[task] + (colour + task) % N_COLOURS
     tokens = torch.zeros(n, CONFIG.max_text_len, dtype=torch.int16)  # [BOS] q [SEP] answer [EOS] [PAD]
-    columns = [data.BOS, QUESTIONS[task], data.SEP, answer, data.EOS]
+    columns = [llava.BOS, QUESTIONS[task], llava.SEP, answer, llava.EOS]
     tokens[:, :5] = torch.stack([c if torch.is_tensor(c) else torch.full_like(answer, c) for c in columns], 1)
-    return data.Examples(f"task{task}", images, tokens, torch.full((n,), 3, dtype=torch.int16),
+    return llava.Examples(f"task{task}", images, tokens, torch.full((n,), 3, dtype=torch.int16),
                          [str(a) for a in answer.tolist()])
 
 
@@ -787,7 +788,7 @@ def learn(spec, n_tasks=2, **options):
 def accuracy(model, strategy, examples):
     """% of rows whose first generated token is the answer, through the strategy (which may route)."""
     model.eval()
-    out = strategy.generate(model, data.pixels(examples.images), examples.tokens[:, :3].long(), 1, data.EOS)
+    out = strategy.generate(model, llava.pixels(examples.images), examples.tokens[:, :3].long(), 1, llava.EOS)
     return 100 * (out[:, 0] == examples.tokens[:, 3].long()).float().mean().item()
 
 
@@ -832,7 +833,7 @@ def test_regularisers_hold_the_parameters_they_protect(naive, spec, options):
 
 def teacher_gap(model, teacher, rows):
     """Mean KL(teacher ‖ model) over rows' answer positions: how far the model's answers moved."""
-    batch = data.to_batch(rows, range(len(rows)), "cpu")
+    batch = llava.to_batch(rows, range(len(rows)), "cpu")
     with torch.no_grad():
         new = model(*batch[:2])[0]
         old = torch.func.functional_call(model, teacher, batch[:2])[0]

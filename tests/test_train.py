@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import data
+import llava
 import eval as ev
 import runner
 import strategies
@@ -196,7 +197,7 @@ def test_the_base_key_covers_the_base_stage_and_not_the_task_loop(tmp_path):
     """An edit of the task loop (an exercise's new hook) keeps every cached base; an edit of base_model, or of
     model.py, retrains it. Each edit is made in a copy of the files, loaded as a module of its own."""
     import importlib.util
-    for name in ("data.py", "attention.py", "model.py", "train.py"):
+    for name in ("data.py", "llava.py", "attention.py", "model.py", "train.py"):
         (tmp_path / name).write_text((ROOT / name).read_text())
 
     def digest(edit=None, old=None, new=None):
@@ -270,10 +271,10 @@ def test_tiny_end_to_end_run(spec, tmp_path_factory):
 # savings that must change no result: each is checked against the slower way, bit for bit
 
 def tiny_setup(seed=0):
-    tok = data.train_tokenizer(data.ALL_TASKS, 0)
+    tok = llava.train_tokenizer(data.ALL_TASKS, 0)
     mcfg = ModelConfig(vocab_size=tok.get_vocab_size(), vit_dim=32, d_model=32, n_head=2, vit_layers=1,
                        n_layer=1)
-    rows = data.make_split(data.TASKS["attribute"], "train", 16, 0, tok, mcfg.image_size,
+    rows = llava.make_split(data.TASKS["attribute"], "train", 16, 0, tok, mcfg.image_size,
                            mcfg.max_text_len)[0]
     model = VLM(mcfg, seed=seed)
     model.vision.requires_grad_(False)  # as in task tuning (--freeze-vision, the default)
@@ -308,7 +309,7 @@ def test_a_frozen_vision_tower_encodes_each_image_once_and_changes_no_weight(mon
 
     monkeypatch.setattr(train, "encode_images", lambda *args: {})
     monkeypatch.setattr(train, "vision_seen", lambda model, images, seen, device: model.vision(
-        data.pixels(images).to(device)))  # the slow way: the whole batch through the tower, every step
+        llava.pixels(images).to(device)))  # the slow way: the whole batch through the tower, every step
     model, _ = tiny_setup()
     replay = strategies.build("replay", strategies.StrategyConfig(buffer_size=8, replay_ratio=0.5))
     replay.after_task(model, 0, rows.subset(range(8, 16)))
@@ -331,10 +332,10 @@ def test_a_rows_vision_output_does_not_depend_on_the_rows_beside_it():
     """What makes the cache exact: a row encoded alone or among others gives the same floats."""
     model, rows = tiny_setup()
     with torch.no_grad():
-        whole = model.vision(data.pixels(rows.images))
+        whole = model.vision(llava.pixels(rows.images))
         for i in (0, 5, 15):
-            assert torch.equal(model.vision(data.pixels(rows.images[i:i + 1]))[0], whole[i])
-        assert torch.equal(model.vision(data.pixels(rows.images[3:11])), whole[3:11])
+            assert torch.equal(model.vision(llava.pixels(rows.images[i:i + 1]))[0], whole[i])
+        assert torch.equal(model.vision(llava.pixels(rows.images[3:11])), whole[3:11])
 
 
 # a first task shared with naive's run (train.py --first-task-from, which the study passes)
@@ -516,7 +517,7 @@ def test_the_base_finds_objects_by_the_colour_named(lookup_base, capsys):
     assert proc.returncode == 0, proc.stderr[-2000:]
     cfg, mcfg, _ = runner.parse(["--base-steps", str(LOOKUP_STEPS), "--threads", "1",
                                  "--cache-dir", str(cache)])
-    tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed)
+    tok = llava.train_tokenizer(data.ALL_TASKS, cfg.seed)
     mcfg.vocab_size = tok.get_vocab_size()
     tasks = [data.Task("lookup", "", ("",), two_colour_scene, ask(k)) for k in range(3)]
     scenes = [[s.key() for s, *_ in data.split_scenes(task, "test", SCENES, 99)] for task in tasks]
@@ -525,7 +526,7 @@ def test_the_base_finds_objects_by_the_colour_named(lookup_base, capsys):
                                                       data.test_layouts(cfg.n_test, cfg.seed))}
     unseen = [i for i, key in enumerate(scenes[0]) if key not in trained]  # the base's rows, as it draws them
     assert len(unseen) >= 0.9 * SCENES
-    tests = [data.make_split(task, "test", SCENES, 99, tok, mcfg.image_size, mcfg.max_text_len)[0]
+    tests = [llava.make_split(task, "test", SCENES, 99, tok, mcfg.image_size, mcfg.max_text_len)[0]
              for task in tasks]
 
     cpu = runner.pick_device("cpu")

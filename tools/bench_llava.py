@@ -50,7 +50,7 @@ def load(path, run_dir):
     t0 = time.perf_counter()
     tasks = llava.read_tasks([str(path)], cache=run_dir / "cache")
     t1 = time.perf_counter()
-    tok = data.train_tokenizer(data.ALL_TASKS, 0, llava.file_texts(tasks.values()))
+    tok = llava.train_tokenizer(data.ALL_TASKS, 0, llava.file_texts(tasks.values()))
     t2 = time.perf_counter()
     train, test = llava.load_file_task(tasks["bench"], 0, tok, IMAGE_SIZE, MAX_LEN)
     assert len(train) + len(test) == 2 * N_RECORDS

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
+import llava  # noqa: E402
 import strategies  # noqa: E402
 from model import VLM, ModelConfig  # noqa: E402
 from strategies import StrategyConfig  # noqa: E402
@@ -31,11 +32,11 @@ def seconds(fn, repeat):
 
 def main():
     tcfg = TrainConfig()
-    tok = data.train_tokenizer(data.ALL_TASKS, 0)
+    tok = llava.train_tokenizer(data.ALL_TASKS, 0)
     cfg = ModelConfig(vocab_size=tok.get_vocab_size())
-    rows = [data.make_task(data.TASKS[n], 512, 1, 0, tok, cfg.image_size, cfg.max_text_len)[0]
+    rows = [llava.make_task(data.TASKS[n], 512, 1, 0, tok, cfg.image_size, cfg.max_text_len)[0]
             for n in ("attribute", "count")]
-    batch = data.to_batch(rows[1], range(tcfg.batch_size), "cpu")
+    batch = llava.to_batch(rows[1], range(tcfg.batch_size), "cpu")
     print(f"torch threads {torch.get_num_threads()}, batch {tcfg.batch_size}, {tcfg.steps} steps per task")
 
     def step_with(name):

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["TQDM_DISABLE"] = "1"  # train_steps' progress bar would scroll over the table (train.py reads it)
 import data  # noqa: E402
+import llava  # noqa: E402
 import strategies  # noqa: E402
 import runner
 import train  # noqa: E402
@@ -65,10 +66,10 @@ def matmul_peak(n=512, repeat=20):
 def setup(preset, batch_size):
     """A model of `preset` after a few steps, its training rows and a TrainConfig as train.py would build
     them."""
-    tok = data.train_tokenizer(data.ALL_TASKS, 0)
+    tok = llava.train_tokenizer(data.ALL_TASKS, 0)
     mcfg = ModelConfig(**{**PRESETS[preset], "vocab_size": tok.get_vocab_size()})
     cfg = runner.TrainConfig(batch_size=batch_size)
-    rows = data.make_split(data.TASKS["attribute"], "train", 512, 0, tok, mcfg.image_size,
+    rows = llava.make_split(data.TASKS["attribute"], "train", 512, 0, tok, mcfg.image_size,
                            mcfg.max_text_len)[0]
     model = VLM(mcfg, seed=0)
     model.vision.requires_grad_(False)  # as in task tuning
@@ -90,7 +91,7 @@ def compare_loops(model, rows, cfg, steps, rounds=5):
     """Seconds per step of train.py's loop and of the bare loop, alternating rounds -> (median loop, median
     bare)."""
     gen = torch.Generator().manual_seed(0)
-    batches = [data.to_batch(rows, torch.randint(len(rows), (cfg.batch_size,), generator=gen), "cpu")
+    batches = [llava.to_batch(rows, torch.randint(len(rows), (cfg.batch_size,), generator=gen), "cpu")
                for _ in range(steps)]
     loop, bare, cpu = [], [], torch.device("cpu")
     for _ in range(rounds + 1):  # the first round warms up both
@@ -115,7 +116,7 @@ def step_flops(model, batch, seen=None):
 
 def slow_vision(model, images, seen, device):
     """train.vision_seen without its cache: every step puts the whole batch through the frozen tower."""
-    return model.vision(data.pixels(images).to(device))
+    return model.vision(llava.pixels(images).to(device))
 
 
 @contextlib.contextmanager
@@ -252,7 +253,7 @@ def where_time_goes(model, rows, cfg, repeat=30):
     parts = {"batch": [], "forward": [], "backward": [], "optimizer": []}
     for _ in range(repeat):
         t0 = time.perf_counter()
-        batch = data.to_batch(rows.subset(torch.randint(len(rows), (cfg.batch_size,), generator=gen)),
+        batch = llava.to_batch(rows.subset(torch.randint(len(rows), (cfg.batch_size,), generator=gen)),
                               range(cfg.batch_size), "cpu")
         t1 = time.perf_counter()
         _, loss = model(*batch)
@@ -270,7 +271,7 @@ def where_time_goes(model, rows, cfg, repeat=30):
 def eval_share(model, tok, mcfg, cfg, step_seconds):
     """One evaluation of every task (as train.py runs after each task) -> (seconds, share of a default
     run)."""
-    tests = [data.make_split(t, "test", cfg.n_test, 0, tok, mcfg.image_size, mcfg.max_text_len)[0]
+    tests = [llava.make_split(t, "test", cfg.n_test, 0, tok, mcfg.image_size, mcfg.max_text_len)[0]
              for t in data.TASKS.values()]
     strategy = strategies.Strategy(None)
     train.evaluate(model, strategy, tests[:1], tok, torch.device("cpu"), cfg)  # warm-up
@@ -323,7 +324,7 @@ def main():
           "median of 5; MFU on the FLOPs each one does):")
     cfg = runner.TrainConfig()
     levers = compare_levers(model, rows, cfg, args.steps)
-    batch = data.to_batch(rows, range(cfg.batch_size), "cpu")
+    batch = llava.to_batch(rows, range(cfg.batch_size), "cpu")
     before = levers["before: no vision cache"]
     with torch.no_grad():
         seen = model.vision(batch[0])

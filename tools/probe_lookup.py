@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
+import llava  # noqa: E402
 import strategies  # noqa: E402
 import runner
 import train  # noqa: E402
@@ -36,14 +37,14 @@ cfg, mcfg, _ = runner.parse(["--base", args.base, "--seed", str(args.seed),
                              "--cache-dir", f"{args.cache_dir}/grounded-{args.grounded}", *rest])
 torch.set_num_threads(cfg.threads)
 device = runner.pick_device(cfg.device)
-tok = data.train_tokenizer(data.ALL_TASKS, cfg.seed)
+tok = llava.train_tokenizer(data.ALL_TASKS, cfg.seed)
 mcfg.vocab_size = tok.get_vocab_size()
 t0 = time.time()
 base, _ = train.base_model(cfg, mcfg, tok, device)
 print(f"base ({args.base}, grounded {args.grounded}, seed {args.seed}) ready in {time.time() - t0:.0f} s")
 none = strategies.Strategy(None)
 names = args.tasks.split(",")
-splits = {n: data.make_task(data.TASKS[n], cfg.n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size,
+splits = {n: llava.make_task(data.TASKS[n], cfg.n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size,
                             mcfg.max_text_len) for n in names}
 zero = train.evaluate(base, none, [test for _, test in splits.values()], tok, device, cfg)
 print("zero-shot: " + "  ".join(f"{n} {acc:.1f}" for n, (acc, *_) in zip(names, zero)))
