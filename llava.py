@@ -22,8 +22,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data import (ALL_TASKS, COLORS, COLS, GLYPHS, ROWS, SHAPES, SIZES, TASKS, atomic_write, render, split_scenes,
-                  test_layouts)
+from data import (ALL_TASKS, COLORS, COLS, GLYPHS, ROWS, SHAPES, SIZES, TASKS, atomic_write, render,
+                  split_scenes, test_layouts)
 
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[SEP]", "[EOS]"]  # PAD must be id 0: batches pad with zeros
 PAD, BOS, SEP, EOS = 0, 2, 3, 4

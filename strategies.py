@@ -164,7 +164,8 @@ class Replay(Strategy):
         n_old = round(self.cfg.replay_ratio * len(fresh)) if len(self.buffer) else 0
         if n_old == 0:
             return fresh
-        return llava.Examples.concat([fresh.subset(range(len(fresh) - n_old)), self.buffer.sample(n_old, gen)])
+        kept = fresh.subset(range(len(fresh) - n_old))
+        return llava.Examples.concat([kept, self.buffer.sample(n_old, gen)])
 
     def after_task(self, model, task_id, train):
         self.buffer.add(train)

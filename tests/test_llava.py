@@ -18,7 +18,8 @@ from PIL import Image
 import data
 import llava
 import train
-from test_runner import assert_one_line_error, run as run_script  # the command line, as a user runs it
+from test_runner import assert_one_line_error, main_here  # train.main, refusals and all
+from test_runner import run as run_script  # the command line, as a user runs it
 
 SIZE, MAX_LEN = 48, 40  # the tiny preset's image size and row length
 BUILTIN = list(data.TASKS.values()) + [data.ALIGN]
@@ -233,9 +234,9 @@ def test_tasks_are_named_once(tmp_path):
 
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
     def train_py(tasks):
-        return run_script("train.py", "--tasks", tasks, "--steps", "1", "--base-steps", "1", "--n-train", "4",
+        return main_here(["--tasks", tasks, "--steps", "1", "--base-steps", "1", "--n-train", "4",
                           "--n-test", "2", "--n-base", "4", "--device", "cpu", "--run-dir", tmp_path / "run",
-                          "--cache-dir", tmp_path / "cache")
+                          "--cache-dir", tmp_path / "cache"])
 
     missing = train_py(f"classify,{tmp_path / 'nope.json'}")
     assert_one_line_error(missing, "nope.json: No such file or directory")

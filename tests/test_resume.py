@@ -19,7 +19,7 @@ import train
 from background import background
 from background import run as run_in_background
 from data import atomic_write
-from test_runner import ENV, ROOT, assert_one_line_error, load, run
+from test_runner import ENV, ROOT, assert_one_line_error, load, main_here, run
 
 # 150 steps per task so that a kill lands inside a task; expansion exercises the most state on resume:
 # LoRA adapters to re-add before loading, experts, keys, and the replay buffer with its own generator
@@ -123,7 +123,7 @@ def test_a_changed_command_is_refused_with_the_fields_that_differ(uninterrupted)
     tmp = uninterrupted
     before = (tmp / "whole" / "checkpoint.pt").read_bytes()
     changed = [a if a != "150" else "151" for a in ARGS] + ["--lr", "1e-3"]
-    proc = run("train.py", *changed, "--run-dir", tmp / "whole", "--cache-dir", tmp / "cache")
+    proc = main_here([*changed, "--run-dir", tmp / "whole", "--cache-dir", tmp / "cache"])
     assert_one_line_error(proc, "other settings", "steps 150 -> 151", "lr 0.0005 -> 0.001", "--force-new")
     assert (tmp / "whole" / "checkpoint.pt").read_bytes() == before
 
@@ -147,13 +147,13 @@ def test_force_new_starts_a_fresh_folder_and_leaves_the_old_one(uninterrupted, t
 
 def test_an_unwritable_cache_folder_fails_before_any_work(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
-    proc = run("train.py", *ARGS, "--run-dir", tmp_path / "r", "--cache-dir", tmp_path / "a-file" / "cache")
+    proc = main_here([*ARGS, "--run-dir", tmp_path / "r", "--cache-dir", tmp_path / "a-file" / "cache"])
     assert_one_line_error(proc, "cannot write --cache-dir")
 
 
 def test_resume_with_nothing_to_resume_fails_in_one_line(tmp_path):
     tmp_path.joinpath("empty").mkdir()
-    assert_one_line_error(run("train.py", "--resume", "--run-dir", tmp_path / "empty"), "--resume", "no run")
+    assert_one_line_error(main_here(["--resume", "--run-dir", tmp_path / "empty"]), "--resume", "no run")
 
 
 def test_a_truncated_checkpoint_is_refused(uninterrupted, tmp_path):
@@ -161,7 +161,7 @@ def test_a_truncated_checkpoint_is_refused(uninterrupted, tmp_path):
     run_dir.mkdir()
     data = (uninterrupted / "whole" / "checkpoint.pt").read_bytes()
     (run_dir / "checkpoint.pt").write_bytes(data[:len(data) // 2])
-    proc = run("train.py", *ARGS, "--run-dir", run_dir, "--cache-dir", uninterrupted / "cache")
+    proc = main_here([*ARGS, "--run-dir", run_dir, "--cache-dir", uninterrupted / "cache"])
     assert_one_line_error(proc, "checkpoint.pt", "damaged or truncated", "--force-new")
     assert (run_dir / "checkpoint.pt").read_bytes() == data[:len(data) // 2]  # left for the user to inspect
 
@@ -171,7 +171,7 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused(uninterrupted, tmp_pa
     run_dir.mkdir()
     state = load(uninterrupted / "whole" / "checkpoint.pt")
     torch.save({**state, "config": argparse.Namespace(**state["config"])}, run_dir / "checkpoint.pt")
-    proc = run("train.py", *ARGS, "--run-dir", run_dir, "--cache-dir", uninterrupted / "cache")
+    proc = main_here([*ARGS, "--run-dir", run_dir, "--cache-dir", uninterrupted / "cache"])
     assert_one_line_error(proc, "checkpoint.pt", "pickled Python objects")
 
 

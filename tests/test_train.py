@@ -24,7 +24,7 @@ import train
 from background import background
 from background import run as run_in_background
 from model import VLM, ModelConfig
-from test_runner import ENV, ROOT, SMALL, assert_one_line_error, load, run
+from test_runner import ENV, ROOT, SMALL, assert_one_line_error, load, main_here, run
 
 # ----------------------------------------------------------------------------------------------
 # a tiny run, twice
@@ -161,9 +161,9 @@ def test_evaluate_flag_reprints_a_checkpoints_row_and_refuses_a_foreign_one(runs
     assert proc.stdout.splitlines()[-1].split()[1:3] == [f"{a:.1f}" for a in results["matrix"][0]]
     torch.save({"model": {"nothing": torch.zeros(1)}}, tmp_path / "foreign.pt")
     (tmp_path / "config.json").write_text((tmp / "run1" / "config.json").read_text())
-    foreign = run("train.py", "--evaluate", tmp_path / "foreign.pt")
+    foreign = main_here(["--evaluate", tmp_path / "foreign.pt"])
     assert_one_line_error(foreign, "foreign.pt", "does not fit")
-    assert_one_line_error(run("train.py", "--evaluate", tmp / "missing" / "x.pt"), "config.json")
+    assert_one_line_error(main_here(["--evaluate", tmp / "missing" / "x.pt"]), "config.json")
 
 
 # ----------------------------------------------------------------------------------------------
