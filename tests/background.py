@@ -112,8 +112,10 @@ def reorder(items):
     last needed in pytest's order first: the slowest jobs are in the last test files); the rest keep their
     order and run first, beside the jobs."""
     order = list(dict.fromkeys(name for item in items for name in jobs_of(item)))[::-1]
-    last = lambda item: max((order.index(name) for name in jobs_of(item)), default=-1)  # noqa: E731
-    items.sort(key=last)  # stable: within a group, pytest's own order
+
+    def group(item):  # -1 for a test that reads no job: those keep their place at the front
+        return max((order.index(name) for name in jobs_of(item)), default=-1)
+    items.sort(key=group)  # stable: within a group, pytest's own order
 
 
 def start(items):
