@@ -2,8 +2,9 @@
 exit code 2, before any work, and writes nothing; --bf16 and --compile are refused where they cannot work.
 The helpers that run a script and check a one-line refusal live here, for the other test files too.
 
-The tables of bad flags go through train.main in this process (a Python started per case would cost seconds
-for torch's import alone); the other tests start train.py as a user does, exit code and all.
+Refusals that stop before any training go through train.main in this process (main_here, used by the other
+test files too): a Python started per case costs seconds for torch's import alone. The tests below that
+start train.py as a user does keep a real process's exit code covered.
 
 Run: python -m pytest tests/test_runner.py -q
 """
