@@ -108,10 +108,10 @@ def jobs_of(item):
 
 
 def reorder(items):
-    """Move the tests that read a job's result to the end, grouped by job in the order the jobs run (the
-    last needed in pytest's order first: the slowest jobs are in the last test files); the rest keep their
-    order and run first, beside the jobs."""
-    order = list(dict.fromkeys(name for item in items for name in jobs_of(item)))[::-1]
+    """Move the tests that read a job's result to the end, grouped by job in the order the jobs run (pytest's:
+    the slowest job, the compile of attention.cu, is in the first test file, so it starts first); the rest
+    keep their order and run first, beside the jobs."""
+    order = list(dict.fromkeys(name for item in items for name in jobs_of(item)))
 
     def group(item):  # -1 for a test that reads no job: those keep their place at the front
         return max((order.index(name) for name in jobs_of(item)), default=-1)

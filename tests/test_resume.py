@@ -1,9 +1,9 @@
-"""Runs that survive: a run killed with SIGKILL resumes to the same bits (replay+expansion at a random
-moment; EWC, TIR, LwF and expansion at a set step; TIR inside after_task), a half-written file is never
+"""Runs that survive: a killed run resumes to the same bits (replay+expansion by SIGKILL at a random moment;
+EWC, TIR, LwF and expansion stopped at a set step, TIR inside after_task), a half-written file is never
 seen, damaged or foreign checkpoints are refused in one line, a changed command is refused with the fields
 that differ, a NaN stops the run and keeps the last checkpoint, and the same seed gives the same results.json.
 
-Run: python -m pytest tests/test_resume.py -q   (about a minute: each case starts a Python)
+Run: python -m pytest tests/test_resume.py -q   (about a minute)
 """
 import argparse
 import json
@@ -15,15 +15,18 @@ import time
 import pytest
 import torch
 
+import runner
+import strategies
 import train
 from background import background
 from background import run as run_in_background
 from data import atomic_write
-from test_runner import ENV, ROOT, assert_one_line_error, load, main_here, run
+from test_runner import ENV, ROOT, assert_one_line_error, load, main_here
 
-# 150 steps per task so that a kill lands inside a task; expansion exercises the most state on resume:
-# LoRA adapters to re-add before loading, experts, keys, and the replay buffer with its own generator
-ARGS = ["--strategy", "replay+expansion", "--tasks", "classify,attribute", "--steps", "150",
+# 60 steps per task: a kill seen at step 10 of the second task lands with 50 steps to go. Expansion exercises
+# the most state on resume: LoRA adapters to re-add before loading, experts, keys, and the replay buffer with
+# its own generator
+ARGS = ["--strategy", "replay+expansion", "--tasks", "classify,attribute", "--steps", "60",
         "--base-steps", "5", "--n-train", "40", "--n-test", "8", "--n-base", "40", "--buffer-size", "10",
         "--device", "cpu",
         "--checkpoint-every", "10"]
@@ -64,7 +67,7 @@ def test_a_run_killed_mid_task_resumes_to_the_same_bits(uninterrupted):
     proc.wait()
     assert not (tmp / "killed" / "results.json").exists(), "the run finished before the kill: make it longer"
     first_task = (tmp / "killed" / "task1-classify.pt").stat().st_mtime_ns
-    resumed = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    resumed = main_here(cmd[2:])  # the same command again, in this process
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout and "task 2, step " in resumed.stdout
     assert (tmp / "killed" / "task1-classify.pt").stat().st_mtime_ns == first_task  # not redone
@@ -113,7 +116,7 @@ def test_rerunning_a_finished_run_trains_nothing_and_repeats_its_results(uninter
     tmp = uninterrupted
     before = results_without_timings(tmp / "whole")
     # the settings come from the folder
-    proc = run("train.py", "--resume", "--run-dir", tmp / "whole", "--cache-dir", tmp / "cache")
+    proc = main_here(["--resume", "--run-dir", tmp / "whole", "--cache-dir", tmp / "cache"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resuming from" in proc.stdout and "finished, nothing left to train" in proc.stdout
     assert results_without_timings(tmp / "whole") == before
@@ -122,9 +125,9 @@ def test_rerunning_a_finished_run_trains_nothing_and_repeats_its_results(uninter
 def test_a_changed_command_is_refused_with_the_fields_that_differ(uninterrupted):
     tmp = uninterrupted
     before = (tmp / "whole" / "checkpoint.pt").read_bytes()
-    changed = [a if a != "150" else "151" for a in ARGS] + ["--lr", "1e-3"]
+    changed = [a if a != "60" else "61" for a in ARGS] + ["--lr", "1e-3"]
     proc = main_here([*changed, "--run-dir", tmp / "whole", "--cache-dir", tmp / "cache"])
-    assert_one_line_error(proc, "other settings", "steps 150 -> 151", "lr 0.0005 -> 0.001", "--force-new")
+    assert_one_line_error(proc, "other settings", "steps 60 -> 61", "lr 0.0005 -> 0.001", "--force-new")
     assert (tmp / "whole" / "checkpoint.pt").read_bytes() == before
 
 
@@ -177,8 +180,7 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused(uninterrupted, tmp_pa
 
 def test_a_nan_loss_stops_the_run_naming_task_and_step_and_keeps_the_last_checkpoint(uninterrupted, tmp_path):
     args = ARGS[:-1] + ["1"]  # --checkpoint-every 1: a checkpoint after every step
-    proc = run("train.py", *args, "--lr", "1e30", "--run-dir", tmp_path / "r",
-               "--cache-dir", uninterrupted / "cache")
+    proc = main_here([*args, "--lr", "1e30", "--run-dir", tmp_path / "r", "--cache-dir", uninterrupted / "cache"])
     assert proc.returncode == 1, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: the loss (") and "inf or nan in task 1/2: classify, step " in line
@@ -191,7 +193,7 @@ def test_a_nan_loss_stops_the_run_naming_task_and_step_and_keeps_the_last_checkp
 
 
 def test_same_seed_same_results_and_another_seed_differs(uninterrupted, tmp_path, capsys):
-    args = [a if a != "150" else "20" for a in ARGS] + ["--cache-dir", str(uninterrupted / "cache")]
+    args = [a if a != "60" else "10" for a in ARGS] + ["--cache-dir", str(uninterrupted / "cache")]
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):  # train.main in this process: no start-up
         code = train.main([*args, "--seed", str(seed), "--run-dir", str(tmp_path / name)])
         assert code == 0, capsys.readouterr().err
@@ -208,37 +210,38 @@ TINY = ["--tasks", "classify,read", "--steps", "40", "--checkpoint-every", "10",
         "--vit-dim", "32", "--d-model", "32", "--n-head", "2", "--n-layer", "1", "--vit-layers", "1"]
 OPTIONS = {"ewc": ["--importance-samples", "8"], "tir": ["--importance-samples", "8"], "lwf": [],
            "expansion": ["--lora-rank", "2"]}
-# train.py with a trap: SIGKILL itself right after the checkpoint at step S of the second task, or right
-# after strategy.after_task of task T, before anything of it is saved. Deterministic, unlike a timed kill.
-KILLER = """
-import os, signal, sys
-sys.path.insert(0, sys.argv[1])
-import runner, strategies, train
-where, at = sys.argv[2], int(sys.argv[3])
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-if where == "step":
-    write = runner.checkpoint
-    def checkpoint(path, progress, *args, **kw):
-        state = write(path, progress, *args, **kw)
-        if progress["task"] == 1 and progress["step"] == at:
-            die()
-        return state
-    runner.checkpoint = checkpoint
-else:
+class Killed(BaseException):
+    """What the trap raises where a SIGKILL would land. train.main catches no BaseException of its kind and
+    writes nothing on the way out (its one `finally` leaves a process group), so the run folder is left as a
+    killed process leaves it; test_a_run_killed_mid_task_resumes_to_the_same_bits sends a real SIGKILL."""
+
+
+def trap(monkeypatch, where, at):
+    """Kill train.main right after the checkpoint at step `at` of the second task (where='step'), or right
+    after strategy.after_task of task `at`, before anything of it is saved: deterministic, unlike a timed kill."""
+    if where == "step":
+        write = runner.checkpoint
+
+        def checkpoint(path, progress, *args, **kw):
+            state = write(path, progress, *args, **kw)
+            if progress["task"] == 1 and progress["step"] == at:
+                raise Killed
+            return state
+        monkeypatch.setattr(runner, "checkpoint", checkpoint)
+        return
     build = strategies.build
+
     def build_with_trap(*args, **kw):
         strategy = build(*args, **kw)
         after = strategy.after_task
+
         def after_task(model, task_id, rows):
             after(model, task_id, rows)
             if task_id == at:
-                die()
+                raise Killed
         strategy.after_task = after_task
         return strategy
-    strategies.build = build_with_trap
-sys.exit(train.main(sys.argv[4:]))
-"""
+    monkeypatch.setattr(strategies, "build", build_with_trap)
 
 
 @pytest.fixture(scope="module")
@@ -256,10 +259,11 @@ def references(tmp_path_factory):
 
 
 def killed_and_resumed(argv, run_dir, where, at, capsys):
-    """train.py killed by its trap, then the same command again (in this process) -> what the resume says."""
-    cmd = [sys.executable, "-c", KILLER, str(ROOT), where, str(at), *argv, "--run-dir", str(run_dir)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    """train.main killed by its trap, then the same command again -> what the resume says."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        trap(monkeypatch, where, at)
+        with pytest.raises(Killed):
+            train.main([*argv, "--run-dir", str(run_dir)])
     assert not (run_dir / "results.json").exists()
     capsys.readouterr()
     assert train.main([*argv, "--run-dir", str(run_dir)]) == 0

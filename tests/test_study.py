@@ -4,7 +4,7 @@ studies: over two task orders, sharing naive's first task or not (the same study
 resumes and re-trains a run whose configuration changed, and one SIGKILLed in the middle of a run that
 resumes to the report of an uninterrupted one; and RESULTS.md written from a finished study.
 
-Run: python -m pytest tests/test_study.py -q   (about a minute: the tiny studies start train.py many times)
+Run: python -m pytest tests/test_study.py -q   (under a minute)
 """
 import argparse
 import json
@@ -280,15 +280,30 @@ TINY = ["--steps", "2", "--base-steps", "2", "--n-train", "8", "--n-test", "4", 
 TINY_MODEL = [*TINY, "--vit-dim", "32", "--d-model", "32", "--n-head", "2", "--n-layer", "1",
               "--vit-layers", "1"]
 
+# Studies in a Python of their own whose runs are train.main calls in that Python, not train.py processes:
+# each process start costs about 6 s (torch, and the import its optimizers make). The first argument is the
+# project's folder, then one study's arguments (JSON) per argument. test_a_study_whose_base_fails_starts_
+# none_of_its_runs and tools/gpu_check.sh's dry run start real train.py processes from a study.
+STUDIES_IN_ONE_PROCESS = """
+import json, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+import study, train
+study.train_run = lambda flags: subprocess.CompletedProcess(flags, train.main(flags), stderr="")
+sys.exit(max(study.main(json.loads(argv)) for argv in sys.argv[2:]))
+"""
+
 
 @background
 def two_order_study(folder):
-    """python study.py: naive and tir from the pretrained base, one seed, in two task orders -> (the finished
-    study, its --out folder)."""
+    """study.py: naive and tir from the pretrained base, one seed, in two task orders -> (the finished
+    process, the study's --out folder)."""
     out = folder / "study"
-    argv = ["--strategies", "naive,tir", "--bases", "pretrained", "--seeds", "1",
-            "--orders", "paper,easy-first", "--out", out, "--", *TINY_MODEL, "--cache-dir", folder / "cache"]
-    return run_in_background([sys.executable, ROOT / "study.py", *argv], timeout=600, cwd=ROOT, env=ENV), out
+    argv = ["--strategies", "naive,tir", "--bases", "pretrained", "--seeds", "1", "--jobs", "1",
+            "--orders", "paper,easy-first", "--out", str(out), "--", *TINY_MODEL, "--cache-dir",
+            str(folder / "cache")]
+    proc = run_in_background([sys.executable, "-c", STUDIES_IN_ONE_PROCESS, ROOT, json.dumps(argv)],
+                             timeout=600, cwd=ROOT, env={**ENV, "TQDM_DISABLE": "1"})
+    return proc, out
 
 
 def test_tiny_study_over_two_orders_writes_every_part_of_the_report(two_order_study):
@@ -316,15 +331,17 @@ FIRST_TASK = ["--steps", "6", "--base-steps", "4", "--n-train", "16", "--n-test"
 
 @background
 def sharing_studies(folder):
-    """The same study twice, sharing naive's first task and not -> {flag: (the finished study, its --out)}."""
-    outs = {}
+    """The same study twice, sharing naive's first task and not, in one Python of its own -> (the finished
+    process, {flag: the study's --out})."""
+    outs, argvs = {}, []
     for share in ("--share-first-task", "--no-share-first-task"):
-        argv = ["--strategies", "naive,replay,tir,lora", "--bases", "pretrained", "--tasks", "classify,count",
-                "--seeds", "1", "--out", folder / share, share, "--", *FIRST_TASK,
-                "--cache-dir", folder / "cache"]
-        outs[share] = run_in_background([sys.executable, ROOT / "study.py", *argv], timeout=600, cwd=ROOT,
-                                        env=ENV), folder / share
-    return outs
+        outs[share] = folder / share
+        argvs.append(json.dumps(["--strategies", "naive,replay,tir,lora", "--bases", "pretrained", "--tasks",
+                                 "classify,count", "--seeds", "1", "--jobs", "1", "--out", str(folder / share),
+                                 share, "--", *FIRST_TASK, "--cache-dir", str(folder / "cache")]))
+    proc = run_in_background([sys.executable, "-c", STUDIES_IN_ONE_PROCESS, ROOT, *argvs], timeout=600,
+                             cwd=ROOT, env={**ENV, "TQDM_DISABLE": "1"})
+    return proc, outs
 
 
 def without_times(summary):
@@ -333,10 +350,8 @@ def without_times(summary):
 
 def test_a_study_sharing_naives_first_task_writes_the_same_study_json(sharing_studies):
     """replay and tir start from naive's first task in one study and train it in the other; lora never can."""
-    outs = {}
-    for share, (proc, out) in sharing_studies.items():
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        outs[share] = out
+    proc, outs = sharing_studies
+    assert proc.returncode == 0, proc.stderr[-3000:]
     shared, trained = (json.loads((out / "study.json").read_text()) for out in outs.values())
     runs = {(share, s): json.loads((out / "runs/tasks/pretrained" / s / "seed0" / "results.json").read_text())
             for share, out in outs.items() for s in ("naive", "replay", "tir", "lora")}
@@ -364,10 +379,19 @@ def test_a_study_whose_base_fails_starts_none_of_its_runs(tmp_path, capsys):
     assert not (tmp_path / "study" / "runs" / "tasks").exists()
 
 
-def test_tiny_study_fails_resumes_and_reports(tmp_path, capsys):
+def runs_in_this_process(monkeypatch):
+    """The study's runs as train.main calls in this process, not train.py processes: no start-up (torch and
+    its optimizers' imports cost about 6 s a process). The study itself is real."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setattr(study, "train_run", lambda flags: subprocess.CompletedProcess(flags, train.main(flags),
+                                                                                      stderr=""))
+
+
+def test_tiny_study_fails_resumes_and_reports(tmp_path, capsys, monkeypatch):
+    runs_in_this_process(monkeypatch)
     out, cache = tmp_path / "study", tmp_path / "cache"
     argv = ["--strategies", "naive,tir", "--bases", "pretrained", "--tasks", "classify,count", "--seeds", "1",
-            "--out", str(out), "--", *TINY, "--cache-dir", str(cache)]
+            "--jobs", "1", "--out", str(out), "--", *TINY_MODEL, "--cache-dir", str(cache)]
     # a file where tir's run folder goes: that run fails
     blocker = out / "runs" / "tasks" / "pretrained" / "tir" / "seed0"
     blocker.parent.mkdir(parents=True)
@@ -436,10 +460,7 @@ def report_without_times(out):
 
 
 def test_a_study_killed_mid_run_resumes_to_the_report_of_an_uninterrupted_one(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    def train_run(flags):  # train.main in this process, not a train.py process: as TRAPPED_STUDY does
-        return subprocess.CompletedProcess(flags, train.main(flags), stderr="")
-    monkeypatch.setattr(study, "train_run", train_run)
+    runs_in_this_process(monkeypatch)  # as TRAPPED_STUDY does
 
     def argv(out):
         return ["--strategies", "naive,tir", "--bases", "pretrained", "--tasks", "classify,count",

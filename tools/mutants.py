@@ -180,7 +180,7 @@ MUTANTS = {
                               'found = [f"{o.size} {o.shape} {where(o.cell)}" for o in objs '
                               'if o.color in colors]',
                               'found = [f"{o.size} {o.shape} {where(o.cell)}" for o in objs]',
-                              [f"{TR}::test_the_base_finds_objects_by_the_colour_named"]),
+                              ["tests/test_data.py::test_every_answer_matches_an_independent_solver[align]"]),
     "cu_host_typo": ("attention.cu",  # host code, which -cubin leaves to nvcc's front end alone
                      "  auto O = torch::empty_like(q);",
                      "  auto O = torch::empty_like_of(q);",
