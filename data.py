@@ -165,13 +165,18 @@ def _spatial(scene, rng):
     relation of two objects ('Is the red object left or right of the blue one?') and its yes/no form, stayed
     near chance on most seeds (docs/benchmark.md): two lookups and a comparison in two layers."""
     o = rng.choice([o for o in scene.objects if o.cell != 4])
+    x, y, answer = rng.choice(_axes(o))
+    return rng.choice(TASKS["spatial"].phrasings).format(color=o.color, x=x, y=y), answer
+
+
+def _axes(o):
+    """The axes on which object o is on one side -> [(low side, high side, its side)]."""
     axes = []
     if o.cell % 3 != 1:
         axes.append(("left", "right", "left" if o.cell % 3 == 0 else "right"))
     if o.cell // 3 != 1:
         axes.append(("top", "bottom", "top" if o.cell // 3 == 0 else "bottom"))
-    x, y, answer = rng.choice(axes)
-    return rng.choice(TASKS["spatial"].phrasings).format(color=o.color, x=x, y=y), answer
+    return axes
 
 
 def _read_scene(rng):
@@ -236,6 +241,91 @@ ORDERS = {  # named task orders; 'paper' follows the spirit of the paper's seque
     "paper": ("read", "classify", "spatial", "unanswerable", "ground", "attribute", "count", "caption"),
     "easy-first": ("classify", "attribute", "ground", "count", "spatial", "unanswerable", "read", "caption"),
 }
+
+
+# The mixed benchmark (train.py --benchmark mixed): each task keeps its dataset's own kind of question as
+# the bulk of its rows and adds the other kinds that dataset holds, so that answer forms recur across tasks
+# as they do in the real ones: VQAv2 asks yes/no and number questions beside 'what' ones, GQA yes/no ones,
+# TextVQA some yes/no, VizWiz yes/no and numbers beside its unanswerable ones. Their phrasings use only
+# words the tokenizer already has (a test checks it), and none is a held-in task's phrasing.
+def _shape_check(scene, rng):
+    """'Is the red object a star?' -> 'no'  (the shape asked is the object's half the time)"""
+    o = rng.choice(scene.objects)
+    shape = o.shape if rng.random() < 0.5 else rng.choice([s for s in SHAPES if s != o.shape])
+    question = rng.choice(MINOR_KINDS["shape check"].phrasings).format(color=o.color, shape=shape)
+    return question, "yes" if shape == o.shape else "no"
+
+
+def _how_many(scene, rng):
+    """'Count the things in this image.' -> '3'  (every object: the scenes' colours are distinct)"""
+    return rng.choice(MINOR_KINDS["how many"].phrasings), str(len(scene.objects))
+
+
+def _side_check(scene, rng):
+    """'Is the red object on the left?' -> 'yes'  (a side the object is on, or the opposite one)"""
+    o = rng.choice([o for o in scene.objects if o.cell != 4])
+    low, high, side = rng.choice(_axes(o))
+    asked = rng.choice((low, high))
+    question = rng.choice(MINOR_KINDS["side check"].phrasings).format(color=o.color, side=asked)
+    return question, "yes" if asked == side else "no"
+
+
+def _text_check(scene, rng):
+    """'Is K7A written here?' -> 'yes'  (the scene's text half the time, else another)"""
+    text = scene.text
+    if rng.random() < 0.5:
+        while text == scene.text:
+            text = "".join(rng.choice(GLYPHS) for _ in range(3))
+    question = rng.choice(MINOR_KINDS["text check"].phrasings).format(text=text)
+    return question, "yes" if text == scene.text else "no"
+
+
+def _colour_check(scene, rng):
+    """'Is a purple thing in the picture?' -> 'no'  (present half the time)"""
+    present = [o.color for o in scene.objects]
+    color = rng.choice(present if rng.random() < 0.5 else [c for c in COLORS if c not in present])
+    question = rng.choice(MINOR_KINDS["colour check"].phrasings).format(color=color)
+    return question, "yes" if color in present else "no"
+
+
+MINOR_KINDS = {t.name: t for t in [  # the scene is the task's own: no drawer of their own
+    Task("shape check", "VQAv2 (yes/no)", ("Is the {color} object a {shape}?",
+         "Is the {color} thing a {shape}?"), None, _shape_check),
+    Task("how many", "VQAv2 (number)", ("Count the things in this image.",
+         "What is the number of things here?"), None, _how_many),
+    Task("side check", "GQA (yes/no)", ("Is the {color} object on the {side}?",
+         "Is the {color} thing on the {side}?"), None, _side_check),
+    Task("text check", "TextVQA (yes/no)", ("Is {text} written here?", "Is the text {text}?"), None,
+         _text_check),
+    Task("colour check", "VizWiz (yes/no)", ("Is a {color} thing in the picture?",
+         "Is there anything {color} here?"), None, _colour_check),
+]}
+MINORS = {  # task -> (minor kind, share of its rows); the rest of its rows are its own kind
+    "attribute": (("shape check", 0.25), ("how many", 0.15)),
+    "spatial": (("side check", 0.3),),
+    "read": (("text check", 0.2),),
+    "unanswerable": (("colour check", 0.15), ("how many", 0.15)),
+}
+
+
+def mixed(task):
+    """The task with its minor kinds: each row asks its own kind, or (by MINORS' shares) a minor one. The
+    task's own question is drawn first, always, so the split's generator draws what the single benchmark
+    draws: the same scenes, test layouts and bases. Which kind a row asks, and the minor question, come from
+    a generator seeded by the scene and that question."""
+    def make(scene, rng):
+        question, answer = task.make(scene, rng)
+        side, pick, acc = random.Random(f"{scene!r}|{question}"), None, 0.0
+        u = side.random()
+        for kind, share in MINORS.get(task.name, ()):
+            acc += share
+            if pick is None and u < acc:
+                pick = kind
+        return (question, answer) if pick is None else MINOR_KINDS[pick].make(scene, side)
+    return Task(task.name, task.like, task.phrasings, task.scene, make, task.metric)
+
+
+BENCHMARKS = {"single": TASKS, "mixed": {name: mixed(t) for name, t in TASKS.items()}}
 
 
 def _exist(scene, rng):

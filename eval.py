@@ -184,12 +184,21 @@ def answer_space(name, train_answers):
     return ANSWER_SPACES.get(name) or (lambda text: normalize(text) in seen)
 
 
-def format_content(answered, in_space):
-    """[(predicted, score)] of one task -> (format: % of answers in its space, content: % score of those
-    answers; None when no answer is)."""
+MINOR_SPACES = (lambda a: a in ("yes", "no"), lambda a: a.isdigit())  # data.MINOR_KINDS' answers
+
+
+def row_spaces(space, references):
+    """Each row's answer space: its task's, or where the reference answer lies outside it, the space of the
+    minor kind of question it answers (data.MINORS: yes/no, a number), which no task's own space shares."""
+    return [space if space(r) else next((s for s in MINOR_SPACES if s(r)), space) for r in references]
+
+
+def format_content(answered, in_spaces):
+    """[(predicted, score)] of one task and each row's answer space -> (format: % of answers in their space,
+    content: % score of those answers; None when no answer is)."""
     if not answered:  # under DDP a rank other than 0 answers nothing
         return math.nan, None
-    scores = [s for pred, s in answered if in_space(pred.strip())]
+    scores = [s for (pred, s), in_space in zip(answered, in_spaces) if in_space(pred.strip())]
     return 100 * len(scores) / len(answered), 100 * sum(scores) / len(scores) if scores else None
 
 
@@ -199,10 +208,11 @@ def space_shares(answered_by_task, spaces):
     return [100 * sum(map(in_space, preds)) / max(len(preds), 1) for in_space in spaces]
 
 
-def stage_rows(results, spaces):
-    """score_tests' results after one stage -> that stage's row of each matrix a run keeps: accuracy,
-    format, content (see format_content) and the share of all answers in each task's space."""
-    split = [format_content(answered, in_space) for (*_, answered), in_space in zip(results, spaces)]
+def stage_rows(results, spaces, per_row):
+    """score_tests' results after one stage, each task's space and each test row's (row_spaces) -> that
+    stage's row of each matrix a run keeps: accuracy, format, content (see format_content) and the share of
+    all answers in each task's space."""
+    split = [format_content(answered, in_spaces) for (*_, answered), in_spaces in zip(results, per_row)]
     return dict(matrix=[acc for acc, *_ in results], format_matrix=[f for f, _ in split],
                 content_matrix=[c for _, c in split],
                 space_shares=space_shares([answered for *_, answered in results], spaces))

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data import (ALL_TASKS, COLORS, COLS, GLYPHS, ROWS, SHAPES, SIZES, TASKS, atomic_write, render,
+from data import (ALL_TASKS, BENCHMARKS, COLORS, COLS, GLYPHS, ROWS, SHAPES, SIZES, atomic_write, render,
                   split_scenes, test_layouts)
 
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[SEP]", "[EOS]"]  # PAD must be id 0: batches pad with zeros
@@ -172,12 +172,14 @@ class FileTask:
         return [s for _, records, _ in self.files for r in records for pair in r.pairs for s in pair]
 
 
-def read_tasks(entries, image_root="", truncate=False, cache="cache"):
-    """--tasks entries (built-in names and task files) -> {name: Task or FileTask}, every file checked."""
+def read_tasks(entries, image_root="", truncate=False, cache="cache", benchmark="single"):
+    """--tasks entries (built-in names, from data.BENCHMARKS[benchmark], and task files) -> {name: Task or
+    FileTask}, every file checked."""
     tasks = {}
     for entry in entries:
         is_file = entry.endswith(TASK_FILE_SUFFIXES)
-        task = read_task_file(Path(entry), image_root, truncate, cache) if is_file else TASKS[entry]
+        built_in = None if is_file else BENCHMARKS[benchmark][entry]
+        task = read_task_file(Path(entry), image_root, truncate, cache) if is_file else built_in
         if tasks.setdefault(task.name, task) is not task:
             raise TaskFileError(f"{entry}: --tasks already has a task named {task.name!r}")
     return tasks
@@ -344,10 +346,10 @@ def encode_records(task, records, tok, max_len):
     return torch.tensor(rows, dtype=torch.int16), torch.tensor(plen, dtype=torch.int16), answers, index, cuts
 
 
-def export(out, n_train, n_test, seed, image_size):
+def export(out, n_train, n_test, seed, image_size, benchmark="single"):
     """Write the benchmark as task files: out/<task>.json (train), <task>.test.json, images/<task>/*.png."""
     out, tok = Path(out), train_tokenizer(ALL_TASKS, seed)
-    for task in TASKS.values():
+    for task in BENCHMARKS[benchmark].values():
         (out / "images" / task.name).mkdir(parents=True, exist_ok=True)
         for split, ex in zip(("train", "test"), make_task(task, n_train, n_test, seed, tok, image_size, 64)):
             records = []

@@ -32,6 +32,8 @@ from pictures import heatmap
 class TrainConfig:
     strategy: str = arg("naive", "continual-learning strategy; combine parts with '+', e.g. replay+naive")
     tasks: str = arg("paper", f"an order ({', '.join(data.ORDERS)}), or a comma list of tasks and task files")
+    benchmark: str = arg("single", "built-in tasks of one kind of question each (single), or with the other "
+                         "kinds their datasets hold (mixed), so that answer forms recur across tasks")
     image_root: str = arg("", "where task files' image paths start; empty means each file's own folder")
     truncate: bool = arg(False, "cut task-file rows longer than --max-text-len (and count them), not stop")
     preset: str = arg("tiny", "size of model and schedule: tiny for a CPU, small or base for a GPU")
@@ -143,6 +145,8 @@ def parse(argv):
     for name in sorted(options.keys() - set(strategy.options)):
         raise CLIError(f"--{name.replace('_', '-')} is not an option of strategy {cfg.strategy!r}")
     task_names(cfg.tasks)  # fails early on unknown tasks
+    if cfg.benchmark not in data.BENCHMARKS:
+        raise CLIError(f"unknown benchmark {cfg.benchmark!r}; choose from {', '.join(data.BENCHMARKS)}")
     if cfg.base not in ("pretrained", "multitask"):
         raise CLIError(f"unknown base {cfg.base!r}; choose from pretrained, multitask")
     if cfg.batch_size < WORLD:
@@ -198,7 +202,8 @@ def set_up(cfg, mcfg, scfg):
     names, device, run_dir = task_names(cfg.tasks), pick_device(cfg.device), Path(cfg.run_dir)
     if cfg.force_new:  # a fresh folder next to the old one, which stays as it is
         run_dir = next(p for i in range(2, 10 ** 6) if not (p := Path(f"{run_dir}-{i}")).exists())
-    tasks = llava.read_tasks(names, cfg.image_root, cfg.truncate, run_dir / "cache")  # files checked here
+    tasks = llava.read_tasks(names, cfg.image_root, cfg.truncate, run_dir / "cache",
+                             cfg.benchmark)  # files checked here
     if cfg.bf16 and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
         raise CLIError(f"--bf16 needs a CUDA device with bfloat16 support; this run is on {device.type}")
     if cfg.compile:  # torch.compile fails late and at length where it cannot work (no C++ compiler...)
@@ -296,7 +301,8 @@ def first_task(cfg, config, strategy, name):
 
 def set_up_base(cfg, mcfg):
     """--base-only: what a base needs (a device, and the tokenizer of the run's tasks) -> (tok, device)."""
-    tasks = llava.read_tasks(task_names(cfg.tasks), cfg.image_root, cfg.truncate, Path(cfg.run_dir) / "cache")
+    tasks = llava.read_tasks(task_names(cfg.tasks), cfg.image_root, cfg.truncate, Path(cfg.run_dir) / "cache",
+                             cfg.benchmark)
     writable(Path(cfg.cache_dir), "--cache-dir")
     device = pick_device(cfg.device)
     torch.set_num_threads(cfg.threads)
@@ -321,7 +327,8 @@ def load_run(path):
     except (RuntimeError, KeyError) as e:  # another run's or a foreign checkpoint
         raise CLIError(f"{path} does not fit the run in {run_dir}: {str(e).splitlines()[0][:80]}") from None
     tok = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
-    tasks = llava.read_tasks(task_names(cfg.tasks), cfg.image_root, cfg.truncate, run_dir / "cache")
+    tasks = llava.read_tasks(task_names(cfg.tasks), cfg.image_root, cfg.truncate, run_dir / "cache",
+                             cfg.benchmark)
     tests = task_rows(tasks, cfg, mcfg, tok, 1)[1]  # one train row: only the tests are needed
     return cfg, model, strategy, tok, list(tasks), tests
 

@@ -35,7 +35,8 @@ import llava
 import runner
 import strategies
 from data import atomic_write
-from eval import all_metrics, answer_space, format_header, format_matrix, format_row, score_tests, stage_rows
+from eval import all_metrics, answer_space, format_header, format_matrix, format_row, row_spaces
+from eval import score_tests, stage_rows
 from model import VLM
 from runner import RANK, WORLD, Stop
 
@@ -55,6 +56,7 @@ def run(cfg, mcfg, scfg):
     progress = start_or_resume(model, strategy, saved, run_dir, names, tests, tok, device, cfg)
     clock["tasks"] = time.time()
     spaces = [answer_space(name, rows.answers) for name, rows in zip(names, trains)]
+    per_row = [row_spaces(space, test.answers) for space, test in zip(spaces, tests)]
     results, first = [], progress["task"]  # a resumed run trains from task `first` on
     for t in range(first, len(names)):
         t0 = time.time()
@@ -69,8 +71,8 @@ def run(cfg, mcfg, scfg):
         reused = shared["timings"][0]["train_seconds"] if shared and t == 0 else 0  # counted as if trained
         timing = dict(task=names[t], train_seconds=t1 - t0 + reused, reused_seconds=reused,
                       eval_seconds=time.time() - t1, trainable=trainable)
-        runner.finish_task(run_dir, progress, names, stage_rows(results, spaces), loss, timing, config, model,
-                           strategy)
+        rows = stage_rows(results, spaces, per_row)
+        runner.finish_task(run_dir, progress, names, rows, loss, timing, config, model, strategy)
     out = results_of(progress, first, clock, config, names, model, strategy, tests, tok, device, cfg)
     runner.report(run_dir, out, results, cfg.show_mistakes)
     return out
@@ -311,7 +313,7 @@ def main(argv=None):
             reevaluate(cfg.evaluate)
             return 0
         if cfg.export:  # the same rows that a run with these settings draws, as files anyone can read
-            llava.export(cfg.export, cfg.n_train, cfg.n_test, cfg.seed, mcfg.image_size)
+            llava.export(cfg.export, cfg.n_train, cfg.n_test, cfg.seed, mcfg.image_size, cfg.benchmark)
             print(f"wrote the {len(data.TASKS)} built-in tasks to {cfg.export}: <task>.json, "
                   "<task>.test.json, images/")
             return 0

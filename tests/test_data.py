@@ -198,6 +198,67 @@ def test_every_answer_matches_an_independent_solver(task):
 
 
 # ----------------------------------------------------------------------------------------------
+# the mixed benchmark: each task's dataset's other kinds of question
+
+def solve_minor(scene, instruction):
+    """The answer to a minor kind of question (data.MINOR_KINDS), or None when the question is not one."""
+    objs = scene.objects
+    if m := re.fullmatch(r"Is the (\w+) (?:object|thing) an? (\w+)\?", instruction):  # shape check
+        return "yes" if find(scene, color=m[1]).shape == m[2] else "no"
+    if instruction in ("Count the things in this image.", "What is the number of things here?"):
+        return str(len(objs))
+    if m := re.fullmatch(r"Is the (\w+) (?:object|thing) on the (left|right|top|bottom)\?", instruction):
+        o = find(scene, color=m[1])
+        axis, low = (COLUMN, ("left", "right")) if m[2] in ("left", "right") else (ROW, ("top", "bottom"))
+        assert axis[o.cell] != 1, instruction  # decidable: the object is on one side, not in the middle
+        return "yes" if low[axis[o.cell] // 2] == m[2] else "no"
+    if m := re.fullmatch(r"(?:Is (\w+) written here\?|Is the text (\w+)\?)", instruction):
+        return "yes" if (m[1] or m[2]) == scene.text else "no"
+    pattern = r"(?:Is an? (\w+) thing in the picture\?|Is there anything (\w+) here\?)"  # colour check
+    if m := re.fullmatch(pattern, instruction):
+        return "yes" if any(o.color == (m[1] or m[2]) for o in objs) else "no"
+    return None
+
+
+def minor_kind(instruction):
+    """The minor kind whose phrasing this question fills in."""
+    return one([k for k, t in data.MINOR_KINDS.items() for p in t.phrasings
+                if re.fullmatch(re.sub(r"\\\{\w+\\\}", r"\\w+", re.escape(p)), instruction)])
+
+
+@pytest.mark.parametrize("name", list(data.TASKS))
+def test_every_mixed_answer_matches_an_independent_solver_and_minor_kinds_take_their_share(name):
+    task, rng, kinds = data.BENCHMARKS["mixed"][name], random.Random(f"mixed-{name}"), []
+    for _ in range(2000):
+        scene = task.scene(rng)
+        instruction, answer = task.make(scene, rng)
+        minor = solve_minor(scene, instruction)
+        expected = minor if minor is not None else solve(name, scene, instruction)
+        assert answer == expected, (scene, instruction)
+        kinds.append(None if minor is None else minor_kind(instruction))
+    shares = dict(data.MINORS.get(name, ()))
+    for kind, share in shares.items():  # 2000 rows: a share's standard error is at most 1.1 points
+        assert abs(kinds.count(kind) / 2000 - share) < 0.04, (kind, kinds.count(kind))
+    assert kinds.count(None) / 2000 == pytest.approx(1 - sum(shares.values()), abs=0.04)
+
+
+def test_the_mixed_benchmark_draws_the_single_ones_scenes_in_words_the_tokenizer_has():
+    """Each row's own question is drawn first, so the scenes, and the test layouts that every stage leaves
+    out, are the single benchmark's: the same bases serve both. The minor kinds' phrasings use the words of
+    the tokenizer that the single benchmark trains, so its vocabulary (and the initial weights) stay."""
+    for name in data.TASKS:
+        single, mixed = (data.split_scenes(b[name], "test", 60, 0) for b in data.BENCHMARKS.values())
+        assert [s.key() for s, *_ in single] == [s.key() for s, *_ in mixed]
+        assert all(q == q2 and a == a2 for (_, q, a), (_, q2, a2) in zip(single, mixed)
+                   if solve_minor(_, q2) is None)  # a row of the task's own kind is the single one's
+    vocabulary = set(llava.train_tokenizer(data.ALL_TASKS, seed=0).get_vocab())  # the one train.py trains
+    for kind in data.MINOR_KINDS.values():
+        for phrasing in kind.phrasings:  # every word is in the tokenizer the single benchmark trains
+            words = re.sub(r"\{\w+\}", "", phrasing).replace("?", " ").replace(".", " ").split()
+            assert all("▁" + w in vocabulary for w in words), phrasing
+
+
+# ----------------------------------------------------------------------------------------------
 # rendering
 
 def test_render_shape_dtype_and_placement():

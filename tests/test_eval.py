@@ -104,11 +104,24 @@ def test_answer_spaces_hold_every_answer_their_task_makes_and_refuse_other_kinds
     assert ev.answer_space("my_file", ["yes", "no"])("No") and not ev.answer_space("my_file", ["yes"])("2")
 
 
+def test_a_row_of_a_minor_kind_is_judged_in_its_kinds_space():
+    """attribute (mixed) asks shapes, and some yes/no and number questions: each row's reference answer says
+    its kind, so a shape given to a yes/no question is out of format there, though in the task's space."""
+    spaces = ev.row_spaces(ev.answer_space("attribute", []), ["circle", "yes", "2"])
+    assert [[s(a) for a in ("square", "no", "4")] for s in spaces] == [[True, False, False],
+                                                                      [False, True, False],
+                                                                      [False, False, True]]
+    fmt, content = ev.format_content([("square", 0.0), ("circle", 0.0), ("2", 1.0)], spaces)
+    assert fmt == pytest.approx(200 / 3) and content == 50
+    count = ev.answer_space("count", [])
+    assert ev.row_spaces(count, ["2", "0"]) == [count, count]  # a task's own kind keeps its own space
+
+
 def test_format_and_content_split_an_accuracy():
     answered = [("circle", 1.0), ("square", 0.0), ("3", 0.0), ("top left", 0.0)]  # of a shape task
-    fmt, content = ev.format_content(answered, ev.answer_space("classify", []))
+    fmt, content = ev.format_content(answered, [ev.answer_space("classify", [])] * 4)
     assert fmt == 50 and content == 50  # 2 of 4 are shapes; 1 of those 2 is right
-    assert ev.format_content([("3", 0.0)], ev.answer_space("classify", [])) == (0, None)
+    assert ev.format_content([("3", 0.0)], [ev.answer_space("classify", [])]) == (0, None)
     shares = ev.space_shares([[("3", 0.0)], [("2", 1.0), ("circle", 0.0)]],
                              [ev.answer_space("classify", []), ev.answer_space("count", [])])
     assert shares == pytest.approx([100 / 3, 200 / 3])

@@ -180,7 +180,8 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused(uninterrupted, tmp_pa
 
 def test_a_nan_loss_stops_the_run_naming_task_and_step_and_keeps_the_last_checkpoint(uninterrupted, tmp_path):
     args = ARGS[:-1] + ["1"]  # --checkpoint-every 1: a checkpoint after every step
-    proc = main_here([*args, "--lr", "1e30", "--run-dir", tmp_path / "r", "--cache-dir", uninterrupted / "cache"])
+    proc = main_here([*args, "--lr", "1e30", "--run-dir", tmp_path / "r",
+                      "--cache-dir", uninterrupted / "cache"])
     assert proc.returncode == 1, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: the loss (") and "inf or nan in task 1/2: classify, step " in line
@@ -218,7 +219,8 @@ class Killed(BaseException):
 
 def trap(monkeypatch, where, at):
     """Kill train.main right after the checkpoint at step `at` of the second task (where='step'), or right
-    after strategy.after_task of task `at`, before anything of it is saved: deterministic, unlike a timed kill."""
+    after strategy.after_task of task `at`, before anything of it is saved: always there, unlike a timed
+    kill."""
     if where == "step":
         write = runner.checkpoint
 

@@ -336,9 +336,10 @@ def sharing_studies(folder):
     outs, argvs = {}, []
     for share in ("--share-first-task", "--no-share-first-task"):
         outs[share] = folder / share
-        argvs.append(json.dumps(["--strategies", "naive,replay,tir,lora", "--bases", "pretrained", "--tasks",
-                                 "classify,count", "--seeds", "1", "--jobs", "1", "--out", str(folder / share),
-                                 share, "--", *FIRST_TASK, "--cache-dir", str(folder / "cache")]))
+        argvs.append(json.dumps(["--strategies", "naive,replay,tir,lora", "--bases", "pretrained",
+                                 "--tasks", "classify,count", "--seeds", "1", "--jobs", "1",
+                                 "--out", str(folder / share), share, "--", *FIRST_TASK,
+                                 "--cache-dir", str(folder / "cache")]))
     proc = run_in_background([sys.executable, "-c", STUDIES_IN_ONE_PROCESS, ROOT, *argvs], timeout=600,
                              cwd=ROOT, env={**ENV, "TQDM_DISABLE": "1"})
     return proc, outs
@@ -383,8 +384,9 @@ def runs_in_this_process(monkeypatch):
     """The study's runs as train.main calls in this process, not train.py processes: no start-up (torch and
     its optimizers' imports cost about 6 s a process). The study itself is real."""
     monkeypatch.setenv("TQDM_DISABLE", "1")
-    monkeypatch.setattr(study, "train_run", lambda flags: subprocess.CompletedProcess(flags, train.main(flags),
-                                                                                      stderr=""))
+    def train_run(flags):
+        return subprocess.CompletedProcess(flags, train.main(flags), stderr="")
+    monkeypatch.setattr(study, "train_run", train_run)
 
 
 def test_tiny_study_fails_resumes_and_reports(tmp_path, capsys, monkeypatch):

@@ -126,7 +126,8 @@ def test_threads_default_to_torchs_count_up_to_two_and_key_the_base(runs, tmp_pa
             assert runner.parse(SMALL)[0].threads == taken
         assert runner.parse([*SMALL, "--threads", "3"])[0].threads == 3  # given: as given
         short = [*ARGS, "--steps", "2"]  # the last --steps counts: the base is what this test is about
-        two = [*short, "--threads", "2", "--run-dir", str(tmp_path / "two"), "--cache-dir", str(tmp / "cache")]
+        two = [*short, "--threads", "2", "--run-dir", str(tmp_path / "two"),
+               "--cache-dir", str(tmp / "cache")]
         assert train.main(two) == 0
     finally:
         torch.set_num_threads(before)
