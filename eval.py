@@ -23,6 +23,9 @@ from pictures import human_bytes, table_image
 # ----------------------------------------------------------------------------------------------
 # metrics: pure functions of the matrix
 
+LEARNT = 90  # % right after its own training: below it, a task was not learnt, so it cannot be forgotten
+
+
 def average_accuracy(A):
     """AA: mean accuracy over all tasks after the last one."""
     return sum(A[-1]) / len(A[-1])
@@ -61,6 +64,19 @@ def worst_drop_bwt(A):
     if T < 2:
         return 0.0
     return sum(min(A[i][j] - A[j][j] for i in range(j + 1, T)) for j in range(T - 1)) / (T - 1)
+
+
+def mean_learnt(A):
+    """The mean diagonal: each task right after its own training. A strategy that stops learning shows here,
+    not in BWT."""
+    return sum(A[i][i] for i in range(len(A))) / len(A)
+
+
+def learnt_bwt(A):
+    """BWT over the earlier tasks that were learnt (A[j][j] >= LEARNT) alone, None if none was: a task never
+    learnt has nothing to lose, so plain BWT rewards a model that learns nothing."""
+    kept = [j for j in range(len(A) - 1) if A[j][j] >= LEARNT]
+    return sum(A[-1][j] - A[j][j] for j in kept) / len(kept) if kept else None
 
 
 def format_drop(A, F, C):
@@ -248,7 +264,6 @@ def format_matrix(tasks, A, base=None):
     return "\n".join([format_header(tasks)] + rows)
 
 
-LEARNT = 90  # % right after its own training: below it, a task was not learnt, so it cannot be forgotten
 
 
 def learnt_line(tasks, A):

@@ -402,15 +402,20 @@ class LoRA(Strategy):
         return nbytes(self.adapters)
 
 
+KEYS = 64  # training rows per task whose instructions Expansion keeps as routing keys
+
+
 class Expansion(LoRA):
     """Model expansion with task-ID routing, after the paper's EProj (He et al. 2023, sec. 4.2). Each task
     gets its own expert, a LoRA adapter set and a projector copy, trained from one common start while all
-    else stays frozen; finished experts are stored and never trained again. Each task also leaves two keys,
-    made by the frozen vision tower and token embedding: its mean image feature and mean instruction
-    embedding. At test time no task id is given: each example goes to the expert whose keys best match it
-    (the sum of two cosine similarities), and extra_results reports how often that is the right task."""
+    else stays frozen; finished experts are stored and never trained again. Each task also leaves keys: the
+    instruction features (mean token embedding, by the frozen embedding) of its first KEYS training rows. At
+    test time no task id is given: each row goes to the expert of the key nearest its own instruction
+    (cosine), and extra_results reports how often that is the right task. Nearest neighbour, not a mean key
+    per task: no two tasks share an instruction template, while their means are nearly alike, and an image
+    key is noise where tasks draw the same kind of scene."""
     name = "expansion"
-    state = {"start": None, "experts": [], "keys": []}  # keys: [image key, instruction key] per task
+    state = {"start": None, "experts": [], "keys": []}  # keys: per task, (KEYS, dim) instruction features
 
     def extra_bytes(self):  # what the state holds: every expert, the start, the keys (LoRA's would miss them)
         return Strategy.extra_bytes(self)
@@ -430,19 +435,20 @@ class Expansion(LoRA):
 
     def after_task(self, model, task_id, train):
         self.experts.append(copy_params(self.live(model).items()))
-        image, instruction, _ = examples_features(model, dict(model.named_parameters()), train)
-        self.keys.append([image.mean(0), instruction.mean(0)])
+        first = train.subset(range(min(KEYS, len(train))))
+        self.keys.append(examples_features(model, dict(model.named_parameters()), first)[1])
 
-    def route(self, features):
-        """(image, instruction) features of each row -> the expert whose keys match them best."""
-        keys = [torch.stack(k) for k in zip(*self.keys)]  # (experts, dim) for image, then instruction
-        return sum(F.cosine_similarity(f[:, None], k[None], dim=-1) for f, k in zip(features, keys)).argmax(1)
+    def route(self, instruction):
+        """Each row's instruction features (B, dim) -> the expert of the nearest key (cosine)."""
+        owner = torch.cat([torch.full((len(k),), t) for t, k in enumerate(self.keys)]).to(instruction.device)
+        keys = F.normalize(torch.cat(self.keys), dim=-1)
+        return owner[(F.normalize(instruction, dim=-1) @ keys.T).argmax(1)]
 
     def generate(self, model, images, ids, max_new_tokens, eos_id):
         if not self.experts:  # before the first task there is only the base model
             return model.generate(images, ids, max_new_tokens, eos_id)
         prompt_len = torch.full((len(ids),), ids.size(1), device=ids.device)
-        chosen = self.route(row_features(model, dict(model.named_parameters()), images, ids, prompt_len)[:2])
+        chosen = self.route(row_features(model, dict(model.named_parameters()), images, ids, prompt_len)[1])
         return self.generate_with(model, images, ids, max_new_tokens, eos_id, chosen)
 
     def generate_with(self, model, images, ids, max_new_tokens, eos_id, chosen):
@@ -460,7 +466,7 @@ class Expansion(LoRA):
     def extra_results(self, model, tests):
         """How often (%) a test row of task j goes to expert j: the task-identification accuracy."""
         frozen = dict(model.named_parameters())
-        hits = [100 * (self.route(examples_features(model, frozen, t)[:2]) == j).float().mean().item()
+        hits = [100 * (self.route(examples_features(model, frozen, t)[1]) == j).float().mean().item()
                 for j, t in enumerate(tests)]
         return {"task_id_accuracy": sum(hits) / len(hits), "task_id_accuracy_per_task": hits}
 

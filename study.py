@@ -37,7 +37,8 @@ RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks", "--base-on
 UNCOMPARED = ("vocab_size", "run_dir", "cache_dir",
               "first_task_from")  # set at run time, or paths: not what a run computes
 # the table's (column, format); None: bytes, the same each seed
-COLUMNS = [("AA", "{:.1f}"), ("BWT", "{:+.1f}"), ("forgetting", "{:.1f}"), ("FWT", "{:+.1f}"),
+COLUMNS = [("AA", "{:.1f}"), ("learnt", "{:.1f}"), ("not learnt", "{:.1f}"), ("BWT", "{:+.1f}"),
+           ("BWT learnt", "{:+.1f}"), ("forgetting", "{:.1f}"), ("FWT", "{:+.1f}"),
            ("FWT_random", "{:+.1f}"), ("format drop", "{:.1f}"), ("task ID", "{:.1f}"),
            ("oracle AA", "{:.1f}"), ("gain", "{:+.1f}"), ("extra memory", None), ("extra time", "{:+.0f} s")]
 
@@ -66,6 +67,9 @@ def run_numbers(r, naive):
     """One run's results.json -> what the study reports; gain and extra time are over naive's run, if any."""
     seconds = sum(t["train_seconds"] for t in r["timings"])
     numbers = {k: r["metrics"].get(k) for k in ("AA", "BWT", "forgetting", "FWT", "FWT_random")}
+    A = r["matrix"]
+    numbers.update({"learnt": ev.mean_learnt(A), "BWT learnt": ev.learnt_bwt(A),
+                    "not learnt": sum(A[i][i] < LEARNT for i in range(len(A)))})
     numbers.update({"task ID": r.get("task_id_accuracy"), "extra memory": r["extra_bytes"],
                     "matrix": r["matrix"], "similarity": r.get("task_similarity"),
                     "format": r.get("format_matrix"), "content": r.get("content_matrix"),
@@ -292,7 +296,9 @@ def study_markdown(tasks, rows, checks, pictures, notes, others=(), format_lines
     return "\n".join(
         ["# nanoCIT study", "", f"Tasks in order: {' -> '.join(tasks)}. " + " ".join(notes), "",
          markdown_table(rows),
-         "AA, BWT, forgetting as in eval.py; *FWT*: zero-shot accuracy over the base model's (so the two "
+         "AA, BWT, forgetting as in eval.py; *learnt*: the mean diagonal (each task right after its own "
+         f"training); *not learnt*: tasks below {LEARNT} there, which BWT cannot see; *BWT learnt*: BWT over "
+         "the learnt tasks alone; *FWT*: zero-shot accuracy over the base model's (so the two "
          "bases have different references); *FWT_random*: over a randomly initialised model's, the same "
          "reference for both; *format drop*: the points of -BWT that answers of the wrong kind explain; "
          "*task ID*: how often routing found the task; *oracle AA*: AA with each task's own expert (no "

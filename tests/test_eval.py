@@ -52,6 +52,17 @@ def test_worst_drop_bwt_takes_the_lowest_later_accuracy():
     assert ev.backward_transfer(dipped) == pytest.approx(((40 - 90) + (50 - 80)) / 2)  # -40
 
 
+def test_a_model_that_stops_learning_shows_in_learnt_not_in_bwt():
+    """Three tasks: only the first is learnt, and it is kept. Plain BWT (-0.0 for task 1, +5 for task 2, never
+    learnt) calls this stable; the diagonal and BWT over learnt tasks say what happened."""
+    frozen = [[100, 0, 0], [100, 10, 0], [100, 15, 20]]
+    assert ev.backward_transfer(frozen) == pytest.approx(2.5)
+    assert ev.mean_learnt(frozen) == pytest.approx(130 / 3)
+    assert ev.learnt_bwt(frozen) == 0.0  # task 1 alone: the only learnt earlier task
+    forgets = [[95, 0], [10, 100]]
+    assert ev.learnt_bwt(forgets) == -85.0 and ev.learnt_bwt([[50, 0], [0, 100]]) is None
+
+
 def test_one_task_has_no_transfer():
     one = [[70]]
     assert ev.all_metrics(one, [10]) == dict(AA=70, BWT=0.0, forgetting=0.0, FWT=0.0, MAA=70, BWT_worst=0.0)

@@ -593,6 +593,20 @@ def test_expansion_routes_each_row_to_its_own_task(tok, tasks):
     assert torch.equal(routed[:, :direct.size(1)], direct)
 
 
+def test_the_router_finds_every_task_of_the_benchmark_on_held_out_rows(tok):
+    """No task id given, each held-out row of each of the eight tasks goes to its own task's expert (>= 95 %
+    of every task's rows): no two tasks share an instruction template. Keys made by after_task, on an
+    untrained model (routing reads only the frozen token embedding). Mean keys per task found classify's
+    rows 44 % of the time here (attribute's 84 %): its template is the one nearest the others' mean."""
+    model, expansion = tiny_vlm(tok), strategies.build("expansion", StrategyConfig(lora_rank=2))
+    splits = [llava.make_task(task, 200, 50, 0, tok, 48, 40) for task in data.TASKS.values()]
+    for t, (train, _) in enumerate(splits):
+        expansion.before_task(model, t, train)
+        expansion.after_task(model, t, train)
+    hits = expansion.extra_results(model, [test for _, test in splits])["task_id_accuracy_per_task"]
+    assert min(hits) >= 95, dict(zip(data.TASKS, hits))
+
+
 def test_a_batch_routed_to_several_experts_is_answered_row_by_row_by_each_rows_expert(tok, tasks):
     """One batch of classify and read questions, interleaved: the router splits it, each expert answers its
     rows, and the answers are scattered back to the right rows. A group that ends early is EOS-padded."""
@@ -607,7 +621,7 @@ def test_a_batch_routed_to_several_experts_is_answered_row_by_row_by_each_rows_e
     label = [t for _, t, _ in order]
     assert 0 < sum(label) < len(label) and label[:4] == [0, 1, 0, 1]
     features = strategies.row_features(model, dict(model.named_parameters()), images, ids,
-                                       torch.full((len(ids),), p))[:2]
+                                       torch.full((len(ids),), p))[1]
     assert expansion.route(features).tolist() == label  # the router splits the batch by task
     n, in_place = 6, strategies.copy_params(expansion.live(model).items())
 

@@ -102,17 +102,20 @@ def test_summary_lists_each_number_in_seed_order_whatever_order_the_runs_finishe
 def test_report_files_hold_the_numbers(tmp_path):
     rows = study.write_report(tmp_path, study_runs(), ["naive", "replay", "tir"], ["pretrained", "multitask"],
                            ["Seeds 0, 1."])
-    assert rows[0] == ["strategy", "base", "AA", "BWT", "forgetting", "FWT", "gain", "extra memory",
-                       "extra time"]
+    assert rows[0] == ["strategy", "base", "AA", "learnt", "not learnt", "BWT", "BWT learnt", "forgetting",
+                       "FWT", "gain", "extra memory", "extra time"]
     md = (tmp_path / "study.md").read_text()
     table = {tuple(cells[:2]): cells[2:] for line in md.splitlines() if line.startswith("| ")
              for cells in [[c.strip() for c in line.strip("|").split("|")]]}
-    # naive pretrained: AA 53.33 and 43.33 -> mean 48.3, std 7.1; replay 20 above (FWT (30+50)/2 and
-    # (20+40)/2), 2 KB, 6 s more
-    assert table["naive", "pretrained"][:3] == ["48.3 ± 7.1", "-40.0 ± 0.0", "40.0 ± 0.0"]
-    assert table["replay", "pretrained"] == ["68.3 ± 7.1", "-40.0 ± 0.0", "40.0 ± 0.0", "+35.0 ± 7.1",
-                                             "+20.0 ± 0.0", "2.0 KB", "+6 s ± 0.0"]
-    assert table["tir", "multitask"][4:] == ["+5.0 ± 0.0", "3.0 MB", "+4 s ± 0.7"]  # 3 s and 4 s more
+    # naive pretrained: AA 53.33 and 43.33 -> mean 48.3, std 7.1; diagonals (90, 80, 70) and 10 below: 2 and
+    # 3 tasks below 90; on seed 1 no earlier task was learnt, so BWT over learnt tasks is seed 0's alone,
+    # task 0: 40 - 90. replay 20 above (FWT (30+50)/2 and (20+40)/2), 2 KB, 6 s more
+    assert table["naive", "pretrained"][:6] == ["48.3 ± 7.1", "75.0 ± 7.1", "2.5 ± 0.7", "-40.0 ± 0.0",
+                                                "-50.0", "40.0 ± 0.0"]
+    assert table["replay", "pretrained"] == ["68.3 ± 7.1", "95.0 ± 7.1", "0.5 ± 0.7", "-40.0 ± 0.0",
+                                             "-40.0 ± 0.0", "40.0 ± 0.0", "+35.0 ± 7.1", "+20.0 ± 0.0",
+                                             "2.0 KB", "+6 s ± 0.0"]
+    assert table["tir", "multitask"][7:] == ["+5.0 ± 0.0", "3.0 MB", "+4 s ± 0.7"]  # 3 s and 4 s more
     assert "- [x] 1. Sequential (naive) tuning forgets" in md
     assert "**fails**" in md and "**not measured**" in md
     assert "1 independent pairs" in md  # task 0 is learnt (90) on seed 0 only; task 1 never

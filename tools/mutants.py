@@ -95,6 +95,16 @@ MUTANTS = {
                      "round(self.cfg.replay_ratio * len(fresh))",
                      "round(len(fresh) / 4)",
                      [f"{ST}::test_replay_ratio_sets_the_number_of_old_rows"]),
+    "learnt_bwt_all": ("eval.py",  # BWT over every earlier task again, learnt or not
+                       "    kept = [j for j in range(len(A) - 1) if A[j][j] >= LEARNT]",
+                       "    kept = list(range(len(A) - 1))",
+                       ["tests/test_eval.py::test_a_model_that_stops_learning_shows_in_learnt_not_in_bwt",
+                        "tests/test_study.py::test_report_files_hold_the_numbers"]),
+    "router_mean_key": ("strategies.py",  # one mean instruction key per task, as the router had before
+                        "self.keys.append(examples_features(model, dict(model.named_parameters()), first)[1])",
+                        "self.keys.append(examples_features(model, dict(model.named_parameters()), first)[1]"
+                        ".mean(0, keepdim=True))",
+                        [f"{ST}::test_the_router_finds_every_task_of_the_benchmark_on_held_out_rows"]),
     "expansion_scatter": ("strategies.py",
                           "out[rows, :answer.size(1)] = answer",
                           "out[:int(rows.sum()), :answer.size(1)] = answer",
