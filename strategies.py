@@ -28,6 +28,8 @@ class StrategyConfig:
     tir_lambda: float = arg(10.0, "TIR: penalty weight λ on importances scaled to mean 1")
     importance_decay: float = arg(1.0, "online EWC/MAS: γ in F ← γF + F_new; 1 keeps every task in full")
     importance_samples: int = arg(256, "rows whose per-sample gradients estimate the importances")
+    ewc_fisher: str = arg("model", "EWC/TIR: Fisher of the model's own answers, sampled (Kirkpatrick et "
+                          "al.), or empirical (the true answers': it vanishes once a task is fitted)")
     tir_importance: str = arg("ewc", "TIR: importance measure, ewc (Fisher) or mas")
     tir_temperature: float = arg(0.5, "TIR: τ of similarity exp(-Σ(1-cos)/τ): a smaller τ tells tasks "
                                  "apart more sharply")
@@ -203,11 +205,15 @@ class Joint(Replay):
         return self.buffer.sample(len(fresh), gen)
 
 
-def importance(model, rows, measure, n_samples, gen, chunk=32):
-    """Each trainable parameter's importance: the mean over n_samples random rows of g² ('ewc': the empirical
+def importance(model, rows, measure, n_samples, gen, chunk=32, fisher="model"):
+    """Each trainable parameter's importance: the mean over n_samples random rows of g² ('ewc': a diagonal
     Fisher) or |g| ('mas'), g the gradient on one row alone of the mean over its answer positions of the
-    negative log-likelihood ('ewc') or of ‖logits‖² ('mas', label-free). Squaring the batch-mean gradient
-    instead, as Avalanche does, gives E[g]², which shrinks as the batch grows."""
+    negative log-likelihood ('ewc') or of ‖logits‖² ('mas', label-free). EWC's labels are the model's own
+    answers, each token sampled from its prediction at that position (fisher='model', the Fisher as
+    Kirkpatrick et al. define it, an expectation over the model's distribution), or the true answers
+    (fisher='empirical'). The empirical g shrinks with the model's error, so its g² vanishes as the square of
+    it once a task is fitted; the model's own Fisher only as the error itself. Squaring the batch-mean
+    gradient instead, as Avalanche does, gives E[g]², which shrinks as the batch grows."""
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
 
@@ -221,10 +227,16 @@ def importance(model, rows, measure, n_samples, gen, chunk=32):
         return (per_token * answer).sum() / answer.sum()
     idx = torch.randperm(len(rows), generator=gen)[:n_samples]
     for i in range(0, len(idx), chunk):
-        batch = llava.to_batch(rows, idx[i:i + chunk], next(iter(params.values())).device)
+        images, inputs, targets = llava.to_batch(rows, idx[i:i + chunk], next(iter(params.values())).device)
+        if measure == "ewc" and fisher == "model":  # each answer token drawn from the model's prediction
+            answer = targets != -100
+            with torch.no_grad():
+                probs = model(images, inputs)[0][answer].float().softmax(-1).cpu()
+            targets = targets.clone()
+            targets[answer] = torch.multinomial(probs, 1, generator=gen)[:, 0].to(targets.device)
         with warnings.catch_warnings():  # SDPA has no vmap rule yet; its fallback still beats a loop
             warnings.filterwarnings("ignore", message=".*batching rule")
-            grads = vmap(grad(one_row), in_dims=(None, 0, 0, 0))(params, *batch)  # {name: (B, *shape)}
+            grads = vmap(grad(one_row), in_dims=(None, 0, 0, 0))(params, images, inputs, targets)
         for n, g in grads.items():
             total[n] += (g.square() if measure == "ewc" else g.abs()).sum(0)
     return {n: t / len(idx) for n, t in total.items()}
@@ -232,21 +244,28 @@ def importance(model, rows, measure, n_samples, gen, chunk=32):
 
 class EWC(Strategy):
     """Online Elastic Weight Consolidation (Kirkpatrick et al. 2017; Schwarz et al. 2018). After each task the
-    diagonal Fisher F = E[g²], over per-sample gradients g of the answer log-likelihood, says how sharply
+    diagonal Fisher F = E[g²], over per-sample gradients g of the log-likelihood of the model's own answers
+    (sampled; --ewc-fisher empirical takes the true ones), says how sharply
     that task's loss rises when a parameter moves. The online variant keeps one running F ← γF + F_new and
     one anchor θ*, the parameters after the last task: two copies of the trainable parameters however many
     tasks come. New tasks train with λ·Σ F·(θ − θ*)², which keeps important parameters where old
     tasks need them."""
-    name, options = "ewc", ("ewc_lambda", "importance_decay", "importance_samples")
+    name, options = "ewc", ("ewc_lambda", "importance_decay", "importance_samples", "ewc_fisher")
     state = {"importance": {}, "anchor": {}}  # name -> tensor, for the parameters that were trainable
     measure, strength = "ewc", "ewc_lambda"  # how importance is measured; the option that is λ
+
+    def __init__(self, cfg, seed=0):
+        super().__init__(cfg, seed)
+        if cfg.ewc_fisher not in ("model", "empirical"):
+            raise ValueError(f"--ewc-fisher must be model or empirical, got {cfg.ewc_fisher!r}")
 
     def weights(self):  # each parameter's weight in the penalty; TIR rescales them
         return self.importance
 
     def after_task(self, model, task_id, train):
         gen = torch.Generator().manual_seed(self.seed * 1000 + task_id)  # which rows estimate it
-        self.merge(importance(model, train, self.measure, self.cfg.importance_samples, gen), task_id)
+        self.merge(importance(model, train, self.measure, self.cfg.importance_samples, gen,
+                              fisher=self.cfg.ewc_fisher), task_id)
         self.anchor = copy_params((n, p) for n, p in model.named_parameters() if n in self.importance)
 
     def merge(self, new, task_id):  # a parameter frozen in this task keeps its old importance, decayed
@@ -318,7 +337,8 @@ class TIR(EWC):
     base model (task_similarity), and each entry is weighted by 1 − similarity(new task, its owner): an old
     task much like the new one needs little protection, since learning the new task also serves it. The
     similarities used before each task are kept (`used`) and reported."""
-    name, options = "tir", ("tir_lambda", "tir_importance", "importance_samples", "tir_temperature")
+    name, options = "tir", ("tir_lambda", "tir_importance", "importance_samples", "tir_temperature",
+                            "ewc_fisher")
     # scaled: the weights in use; used: per task, its similarity to every task up to it, as used then
     state = {**EWC.state, "owner": {}, "base": None, "prototypes": [], "scaled": {}, "used": []}
     strength = "tir_lambda"

@@ -397,9 +397,9 @@ def eos_rows(pixel_values):
     return llava.Examples("toy", images, tokens, torch.full((n,), 2, dtype=torch.int16), [""] * n)
 
 
-def test_fisher_is_the_mean_of_squared_per_sample_gradients():
+def test_the_empirical_fisher_is_the_mean_of_squared_per_sample_gradients():
     model, rows = TwoParams(), eos_rows([0, 60, 200, 255])
-    fisher = importance(model, rows, "ewc", len(rows), torch.Generator().manual_seed(0))
+    fisher = importance(model, rows, "ewc", len(rows), torch.Generator().manual_seed(0), fisher="empirical")
     a, b = model.a.item(), model.b.item()
     x = torch.tensor([0, 60, 200, 255]) / 127.5 - 1
     z = 4 + torch.exp(a * x) + torch.exp(b * x)
@@ -409,6 +409,30 @@ def test_fisher_is_the_mean_of_squared_per_sample_gradients():
     assert torch.allclose(fisher["b"], grad_b.pow(2).mean(), atol=1e-6)
     assert fisher["a"] >= 0 and fisher["b"] >= 0
     assert not torch.allclose(fisher["a"], grad_a.mean().pow(2), atol=1e-3)  # not the squared mean gradient
+
+
+def test_the_models_own_fisher_does_not_vanish_with_the_square_of_the_error():
+    """Two fitted tasks, answered with p = 0.99 and about 0.8 (EOS, the only answer token): per row the
+    model's own Fisher of a is E_y[(∂ log p_y/∂a)²] = x²·p(1-p), the empirical one x²·(1-p)². Between the two
+    tasks the first differs about 4-fold, the second about 90-fold, and the gap grows as the square of the
+    error shrinks: at one λ the empirical penalty barely holds the better-fitted task. Labels sampled for
+    20000 rows a task: within 15 % of the expectation."""
+    model = TwoParams()
+    with torch.no_grad():
+        model.a.fill_(math.log(0.99 * (4 + math.exp(-0.4)) / 0.01))  # x = 1 (pixel 255): p(EOS) = 0.99
+    means = {}
+    for fisher in ("model", "empirical"):
+        for pixel in (255, 189):  # x = 1 and 0.48
+            x, rows = pixel / 127.5 - 1, eos_rows([pixel] * 20000)
+            got = importance(model, rows, "ewc", len(rows), torch.Generator().manual_seed(0), chunk=4000,
+                             fisher=fisher)
+            z = 4 + math.exp(model.a.item() * x) + math.exp(model.b.item() * x)
+            p = math.exp(model.a.item() * x) / z
+            expected = x * x * (p * (1 - p) if fisher == "model" else (1 - p) ** 2)
+            assert got["a"].item() == pytest.approx(expected, rel=0.15), (fisher, pixel, p)
+            means[fisher, pixel] = got["a"].item()
+    ratio = {f: means[f, 189] / means[f, 255] for f in ("model", "empirical")}
+    assert ratio["model"] < 10 and ratio["empirical"] > 50, ratio
 
 
 def test_mas_importance_is_the_mean_absolute_gradient_of_the_squared_logit_norm():
@@ -423,7 +447,7 @@ def test_mas_importance_is_the_mean_absolute_gradient_of_the_squared_logit_norm(
 def test_vmapped_fisher_matches_a_loop_over_single_rows(tok, tasks):
     """The fast path (vmap, rows of unequal length in one chunk) against its slow twin."""
     model, rows = tiny_vlm(tok), tasks[1][0].subset(range(6))
-    fisher = importance(model, rows, "ewc", len(rows), torch.Generator().manual_seed(0))
+    fisher = importance(model, rows, "ewc", len(rows), torch.Generator().manual_seed(0), fisher="empirical")
     loop = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     for i in range(len(rows)):
         model.zero_grad()

@@ -95,6 +95,10 @@ MUTANTS = {
                      "round(self.cfg.replay_ratio * len(fresh))",
                      "round(len(fresh) / 4)",
                      [f"{ST}::test_replay_ratio_sets_the_number_of_old_rows"]),
+    "fisher_true_labels": ("strategies.py",  # the model's own Fisher computed on the true answers again
+                           '        if measure == "ewc" and fisher == "model":  # each answer token drawn',
+                           '        if False:  # each answer token drawn',
+                           [f"{ST}::test_the_models_own_fisher_does_not_vanish_with_the_square_of_the_error"]),
     "learnt_bwt_all": ("eval.py",  # BWT over every earlier task again, learnt or not
                        "    kept = [j for j in range(len(A) - 1) if A[j][j] >= LEARNT]",
                        "    kept = list(range(len(A) - 1))",
