@@ -294,10 +294,13 @@ class MAS(EWC):
 def row_features(model, base, images, tokens, prompt_len):
     """Per row, with the vision tower and token embedding in `base` ({name: tensor}, e.g. a snapshot of the
     base model): the mean ViT feature, and the mean embedding of the instruction tokens and of the answer
-    tokens. tokens: [BOS] instruction [SEP] answer [EOS] [PAD]..."""
+    tokens. tokens: [BOS] instruction [SEP] answer [EOS] [PAD]... Embeddings are centred on the vocabulary's
+    mean: a trained embedding gives every token one large common direction (cosines of two tasks' raw
+    instruction means were all >= 0.993), which would hide what the tokens say."""
     vision = {n.removeprefix("vision."): p for n, p in base.items() if n.startswith("vision.")}
     image = functional_call(model.vision, vision, (images,)).mean(1)  # (B, N, vit_dim) -> (B, vit_dim)
-    emb = F.embedding(tokens, base["tok_emb.weight"])  # (B, L, d)
+    table = base["tok_emb.weight"]
+    emb = F.embedding(tokens, table - table.mean(0))  # (B, L, d)
     pos, p = torch.arange(tokens.size(1), device=tokens.device)[None], prompt_len[:, None]
     spans = ((pos >= 1) & (pos < p - 1), (pos >= p) & (tokens != llava.PAD) & (tokens != llava.EOS))
     return (image,) + tuple((emb * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1) for m in spans)
@@ -315,8 +318,8 @@ def task_similarity(prototypes, temperature):
     exp(-Σ (1 - cos) / temperature), the sum over the three kinds of the cosine gap between two tasks' means.
     It is 1 for equal means and falls as any of the three parts differ. The scale is fixed, not fitted to the
     tasks at hand, so the similarity of two tasks is the same whichever tasks came before or after them.
-    On the trained tiny base the image and instruction means differ little (cos > 0.84), the answer means
-    a lot (cos ~0.1 for most pairs of tasks)."""
+    Instruction and answer features are centred embeddings (row_features), so a direction every token
+    shares does not make all tasks alike."""
     gap = torch.zeros(len(prototypes), len(prototypes))
     for kind in zip(*prototypes):  # every task's image mean, then every task's instruction mean, then ...
         unit = F.normalize(torch.stack(kind).float().cpu(), dim=1)

@@ -722,6 +722,27 @@ def test_identical_tasks_are_the_most_similar(tok, tasks):
     assert similarity[0, 3] > 2 * max(others), (similarity[0, 3], others)  # classify's halves: the closest
 
 
+def test_similarity_ignores_a_direction_that_every_token_shares(tok, tasks):
+    """A trained embedding gives all tokens one large common direction; here one is added by hand, five times
+    the embeddings' own norm. Task features are centred on the vocabulary's mean, so the similarities are
+    the plain model's, and two tasks' instruction features stay apart (cosine below 0.99)."""
+    model = tiny_vlm(tok)
+    rows = [tasks[0][0], tasks[1][0], llava.make_task(data.TASKS["count"], 48, 1, 0, tok, 48, 40)[0]]
+
+    def similarity_and_features():
+        base = dict(model.named_parameters())
+        prototypes = [[f.mean(0) for f in strategies.examples_features(model, base, r)] for r in rows]
+        return task_similarity(prototypes, 0.5), [p[1] for p in prototypes]
+    plain, _ = similarity_and_features()
+    with torch.no_grad():
+        table = model.tok_emb.weight
+        common = F.normalize(torch.randn(table.size(1), generator=torch.Generator().manual_seed(0)), dim=0)
+        table += 5 * table.norm(dim=1).mean() * common
+    shifted, instructions = similarity_and_features()
+    assert torch.allclose(shifted, plain, atol=1e-5)
+    assert F.cosine_similarity(instructions[0], instructions[2], dim=0) < 0.99
+
+
 def test_tir_end_to_end_on_two_tasks(tok, tasks):
     model = tiny_vlm(tok)
     tir = strategies.build("tir", StrategyConfig(importance_samples=8))

@@ -99,6 +99,10 @@ MUTANTS = {
                            '        if measure == "ewc" and fisher == "model":  # each answer token drawn',
                            '        if False:  # each answer token drawn',
                            [f"{ST}::test_the_models_own_fisher_does_not_vanish_with_the_square_of_the_error"]),
+    "similarity_uncentred": ("strategies.py",  # raw embeddings: their common direction makes tasks alike
+                             "    emb = F.embedding(tokens, table - table.mean(0))  # (B, L, d)",
+                             "    emb = F.embedding(tokens, table)  # (B, L, d)",
+                             [f"{ST}::test_similarity_ignores_a_direction_that_every_token_shares"]),
     "learnt_bwt_all": ("eval.py",  # BWT over every earlier task again, learnt or not
                        "    kept = [j for j in range(len(A) - 1) if A[j][j] >= LEARNT]",
                        "    kept = list(range(len(A) - 1))",
