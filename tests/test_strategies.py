@@ -416,14 +416,14 @@ def test_the_models_own_fisher_does_not_vanish_with_the_square_of_the_error():
     model's own Fisher of a is E_y[(∂ log p_y/∂a)²] = x²·p(1-p), the empirical one x²·(1-p)². Between the two
     tasks the first differs about 4-fold, the second about 90-fold, and the gap grows as the square of the
     error shrinks: at one λ the empirical penalty barely holds the better-fitted task. Labels sampled for
-    20000 rows a task: within 15 % of the expectation."""
+    8000 rows a task: within 15 % of the expectation."""
     model = TwoParams()
     with torch.no_grad():
         model.a.fill_(math.log(0.99 * (4 + math.exp(-0.4)) / 0.01))  # x = 1 (pixel 255): p(EOS) = 0.99
     means = {}
     for fisher in ("model", "empirical"):
         for pixel in (255, 189):  # x = 1 and 0.48
-            x, rows = pixel / 127.5 - 1, eos_rows([pixel] * 20000)
+            x, rows = pixel / 127.5 - 1, eos_rows([pixel] * 8000)
             got = importance(model, rows, "ewc", len(rows), torch.Generator().manual_seed(0), chunk=4000,
                              fisher=fisher)
             z = 4 + math.exp(model.a.item() * x) + math.exp(model.b.item() * x)
