@@ -243,11 +243,9 @@ ORDERS = {  # named task orders; 'paper' follows the spirit of the paper's seque
 }
 
 
-# The mixed benchmark (train.py --benchmark mixed): each task keeps its dataset's own kind of question as
-# the bulk of its rows and adds the other kinds that dataset holds, so that answer forms recur across tasks
-# as they do in the real ones: VQAv2 asks yes/no and number questions beside 'what' ones, GQA yes/no ones,
-# TextVQA some yes/no, VizWiz yes/no and numbers beside its unanswerable ones. Their phrasings use only
-# words the tokenizer already has (a test checks it), and none is a held-in task's phrasing.
+# The mixed benchmark (--benchmark mixed): each task adds the other kinds of question its dataset holds
+# (VQAv2 yes/no and numbers, GQA and TextVQA yes/no, VizWiz both), so answer forms recur across tasks. Their
+# phrasings use only words the tokenizer already has (a test checks it), and no held-in task's phrasing.
 def _shape_check(scene, rng):
     """'Is the red object a star?' -> 'no'  (the shape asked is the object's half the time)"""
     o = rng.choice(scene.objects)
@@ -302,8 +300,7 @@ MINOR_KINDS = {t.name: t for t in [  # the scene is the task's own: no drawer of
 ]}
 MINORS = {  # task -> (minor kind, share of its rows); the rest of its rows are its own kind
     "attribute": (("shape check", 0.25), ("how many", 0.15)),
-    "spatial": (("side check", 0.3),),
-    "read": (("text check", 0.2),),
+    "spatial": (("side check", 0.3),), "read": (("text check", 0.2),),
     "unanswerable": (("colour check", 0.15), ("how many", 0.15)),
 }
 
@@ -315,12 +312,9 @@ def mixed(task):
     a generator seeded by the scene and that question."""
     def make(scene, rng):
         question, answer = task.make(scene, rng)
-        side, pick, acc = random.Random(f"{scene!r}|{question}"), None, 0.0
-        u = side.random()
-        for kind, share in MINORS.get(task.name, ()):
-            acc += share
-            if pick is None and u < acc:
-                pick = kind
+        side = random.Random(f"{scene!r}|{question}")
+        u, shares = side.random(), MINORS.get(task.name, ())
+        pick = next((k for i, (k, _) in enumerate(shares) if u < sum(s for _, s in shares[:i + 1])), None)
         return (question, answer) if pick is None else MINOR_KINDS[pick].make(scene, side)
     return Task(task.name, task.like, task.phrasings, task.scene, make, task.metric)
 
