@@ -264,8 +264,6 @@ def format_matrix(tasks, A, base=None):
     return "\n".join([format_header(tasks)] + rows)
 
 
-
-
 def learnt_line(tasks, A):
     """The worst diagonal entry (a task right after its own training), and every task below LEARNT."""
     worst = min(range(len(A)), key=lambda i: A[i][i])

@@ -177,9 +177,10 @@ def read_tasks(entries, image_root="", truncate=False, cache="cache", benchmark=
     FileTask}, every file checked."""
     tasks = {}
     for entry in entries:
-        is_file = entry.endswith(TASK_FILE_SUFFIXES)
-        built_in = None if is_file else BENCHMARKS[benchmark][entry]
-        task = read_task_file(Path(entry), image_root, truncate, cache) if is_file else built_in
+        if entry.endswith(TASK_FILE_SUFFIXES):
+            task = read_task_file(Path(entry), image_root, truncate, cache)
+        else:
+            task = BENCHMARKS[benchmark][entry]
         if tasks.setdefault(task.name, task) is not task:
             raise TaskFileError(f"{entry}: --tasks already has a task named {task.name!r}")
     return tasks

@@ -245,8 +245,8 @@ def importance(model, rows, measure, n_samples, gen, chunk=32, fisher="model"):
 class EWC(Strategy):
     """Online Elastic Weight Consolidation (Kirkpatrick et al. 2017; Schwarz et al. 2018). After each task the
     diagonal Fisher F = E[g²], over per-sample gradients g of the log-likelihood of the model's own answers
-    (sampled; --ewc-fisher empirical takes the true ones), says how sharply
-    that task's loss rises when a parameter moves. The online variant keeps one running F ← γF + F_new and
+    (sampled; --ewc-fisher empirical takes the true ones), says how sharply that task's loss rises when a
+    parameter moves. The online variant keeps one running F ← γF + F_new and
     one anchor θ*, the parameters after the last task: two copies of the trainable parameters however many
     tasks come. New tasks train with λ·Σ F·(θ − θ*)², which keeps important parameters where old
     tasks need them."""
