@@ -25,7 +25,6 @@ class StrategyConfig:
     replay_ratio: float = arg(0.25, "fraction of each batch drawn from the replay buffer")
     ewc_lambda: float = arg(1e5, "EWC: penalty weight λ; too small holds nothing, too large stops learning")
     mas_lambda: float = arg(1.0, "MAS: penalty weight λ on its importances, which are larger than EWC's")
-    tir_lambda: float = arg(10.0, "TIR: penalty weight λ on importances scaled to mean 1")
     importance_decay: float = arg(1.0, "online EWC/MAS: γ in F ← γF + F_new; 1 keeps every task in full")
     importance_samples: int = arg(256, "rows whose per-sample gradients estimate the importances")
     ewc_fisher: str = arg("model", "EWC/TIR: Fisher of the model's own answers, sampled (Kirkpatrick et "
@@ -264,9 +263,10 @@ class EWC(Strategy):
 
     def after_task(self, model, task_id, train):
         gen = torch.Generator().manual_seed(self.seed * 1000 + task_id)  # which rows estimate it
-        self.merge(importance(model, train, self.measure, self.cfg.importance_samples, gen,
-                              fisher=self.cfg.ewc_fisher), task_id)
-        self.anchor = copy_params((n, p) for n, p in model.named_parameters() if n in self.importance)
+        new = importance(model, train, self.measure, self.cfg.importance_samples, gen,
+                         fisher=self.cfg.ewc_fisher)
+        self.merge(new, task_id)
+        self.anchor = copy_params((n, p) for n, p in model.named_parameters() if n in self.anchor or n in new)
 
     def merge(self, new, task_id):  # a parameter frozen in this task keeps its old importance, decayed
         decay = self.cfg.importance_decay
@@ -327,30 +327,36 @@ def task_similarity(prototypes, temperature):
     return torch.exp(-gap.clamp_min(0) / temperature)
 
 
-def tir_weights(importance, owner, similarity, task_id):
-    """Each entry's importance times (1 - similarity of the new task to the task that set it)."""
-    keep = 1 - similarity[task_id]
-    return {n: f * keep.to(f.device)[owner[n].long()] for n, f in importance.items()}
+def tir_weights(per_task, similarity, task_id):
+    """EWC's summed importance, each earlier task's part counted (1 - its similarity to the new task)
+    times."""
+    keep, weights = (1 - similarity[task_id]).tolist(), {}
+    for k, importance in enumerate(per_task):
+        for n, f in importance.items():
+            weights[n] = weights.get(n, 0) + keep[k] * f
+    return weights
 
 
 class TIR(EWC):
-    """Task-similarity-informed regularisation (He et al. 2023, sec. 4.3) on EWC's penalty. Each task's
-    importances (Fisher, or MAS by option) are scaled to mean 1 and merged element-wise by max, remembering
-    which task set each entry. Before a new task, its similarity to each earlier one is measured on the frozen
-    base model (task_similarity), and each entry is weighted by 1 − similarity(new task, its owner): an old
-    task much like the new one needs little protection, since learning the new task also serves it. The
-    similarities used before each task are kept (`used`) and reported."""
-    name, options = "tir", ("tir_lambda", "tir_importance", "importance_samples", "tir_temperature",
-                            "ewc_fisher")
-    # scaled: the weights in use; used: per task, its similarity to every task up to it, as used then
-    state = {**EWC.state, "owner": {}, "base": None, "prototypes": [], "scaled": {}, "used": []}
-    strength = "tir_lambda"
+    """Task-similarity-informed regularisation (He et al. 2023, sec. 4.3) on EWC's footing: EWC's penalty and
+    λ (MAS's, with --tir-importance mas), where each earlier task's importance counts 1 − similarity(new
+    task, that task) times instead of once: an old task much like the new one needs little protection, since
+    learning the new task also serves it. With every similarity 0 it is EWC (γ = 1). The similarity is
+    measured before each task on the frozen base model (task_similarity); the similarities used are kept
+    (`used`) and reported. He et al.'s are the idea and the weighting by similarity; this project's own are
+    the similarity's features and scale (task_similarity), keeping each task's importance apart (T copies
+    of the trainable parameters, not EWC's one: the weights change with every new task), and EWC's λ."""
+    name, options = "tir", ("ewc_lambda", "mas_lambda", "tir_importance", "importance_samples",
+                            "tir_temperature", "ewc_fisher")
+    # per_task: each task's importances; scaled: the weights in use; used: per task, its similarity to
+    # every task up to it, as used then
+    state = {"anchor": {}, "per_task": [], "base": None, "prototypes": [], "scaled": {}, "used": []}
 
     def __init__(self, cfg, seed=0):
         super().__init__(cfg, seed)
         if cfg.tir_importance not in ("ewc", "mas"):
             raise ValueError(f"--tir-importance must be ewc or mas, got {cfg.tir_importance!r}")
-        self.measure = cfg.tir_importance
+        self.measure, self.strength = cfg.tir_importance, f"{cfg.tir_importance}_lambda"
 
     def weights(self):
         return self.scaled
@@ -362,15 +368,10 @@ class TIR(EWC):
         self.prototypes.append([f.mean(0) for f in examples_features(model, self.base, train)])
         similarity = task_similarity(self.prototypes, self.cfg.tir_temperature)
         self.used.append(similarity[task_id].tolist())
-        self.scaled = tir_weights(self.importance, self.owner, similarity, task_id)
+        self.scaled = tir_weights(self.per_task, similarity, task_id)
 
     def merge(self, new, task_id):
-        mean = sum(f.sum() for f in new.values()) / sum(f.numel() for f in new.values())
-        for n, f in new.items():
-            f, old = f / mean, self.importance.get(n, torch.zeros_like(f))  # every task's mean is 1
-            owner = self.owner.get(n, torch.zeros_like(f, dtype=torch.int16))
-            self.owner[n] = torch.where(f > old, task_id, owner)
-            self.importance[n] = torch.maximum(f, old)
+        self.per_task.append(new)
 
     def extra_results(self, model, tests):
         return {"task_similarity": task_similarity(self.prototypes, self.cfg.tir_temperature).tolist(),

@@ -470,21 +470,21 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_positive_after_a_step(tok, tasks)
     assert ewc.penalty(model, batch, None).item() > 0
 
 
-@pytest.mark.parametrize("spec,option", [("ewc", "ewc_lambda"), ("mas", "mas_lambda"), ("tir", "tir_lambda")])
+@pytest.mark.parametrize("spec,option", [("ewc", "ewc_lambda"), ("mas", "mas_lambda"),
+                                         ("tir", "ewc_lambda")])
 def test_regulariser_penalty_and_its_gradient_match_a_hand_computation(tok, tasks, spec, option):
     """penalty = λ·Σ w·(θ - θ*)² and its gradient 2λ·w·(θ - θ*), in float64 by hand, where w is the
-    importance (EWC's Fisher, MAS's Ω) or, for TIR, the importance times 1 - similarity(new task, owner)."""
+    importance (EWC's Fisher, MAS's Ω) or, for TIR, task 0's Fisher times 1 - similarity(task 1, task 0)."""
     lam = 3.0  # not any option's default, and not 1: a penalty that ignores λ cannot match
     model = tiny_vlm(tok)
     strategy = strategies.build(spec, StrategyConfig(importance_samples=16, **{option: lam}))
     run_task(model, strategy, 0, tasks[0][0])
     strategy.before_task(model, 1, tasks[1][0])  # TIR weighs the importances for task 1 here
-    importance, anchor = strategy.importance, strategy.anchor
-    weights = importance
+    importance = strategy.per_task[0] if spec == "tir" else strategy.importance
+    anchor, weights = strategy.anchor, importance
     if spec == "tir":
-        # (tasks,): 1 - similarity to each task
-        keep = 1 - task_similarity(strategy.prototypes, 0.5)[1].double()
-        weights = {n: f.double() * keep[strategy.owner[n].long()] for n, f in importance.items()}
+        keep = 1 - task_similarity(strategy.prototypes, 0.5)[1, 0].double()
+        weights = {n: f.double() * keep for n, f in importance.items()}
     every = torch.cat([f.flatten() for f in importance.values()])
     assert float(every.std()) > 0.1 * float(every.mean()) > 0  # uneven: dropping w changes the gradient
     gen = torch.Generator().manual_seed(0)
@@ -690,20 +690,36 @@ def test_expansion_oracle_answers_with_the_named_expert_and_the_plain_strategies
 # ----------------------------------------------------------------------------------------------
 # TIR: importances owned per task, weighed by 1 - similarity on a fixed scale
 
-def test_tir_weights_scale_each_entry_by_one_minus_its_owners_similarity():
+def test_tir_weights_count_each_tasks_importance_one_minus_its_similarity_times():
     similarity = torch.tensor([[1.0, 0.2, 0.9], [0.2, 1.0, 0.5], [0.9, 0.5, 1.0]])
-    importance_ = {"w": torch.tensor([1.0, 2.0, 3.0])}
-    owner = {"w": torch.tensor([0, 1, 0], dtype=torch.int16)}
-    scaled = tir_weights(importance_, owner, similarity, task_id=2)
-    assert torch.allclose(scaled["w"], torch.tensor([1.0 * 0.1, 2.0 * 0.5, 3.0 * 0.1]))
+    per_task = [{"w": torch.tensor([1.0, 2.0, 3.0])},
+                {"w": torch.tensor([4.0, 0.0, 1.0]), "v": torch.ones(2)}]
+    scaled = tir_weights(per_task, similarity, task_id=2)
+    assert torch.allclose(scaled["w"], torch.tensor([0.1 + 2.0, 0.2, 0.3 + 0.5]))
+    assert torch.allclose(scaled["v"], torch.full((2,), 0.5))  # trainable in task 1 only
 
 
-def test_tir_merges_normalised_importances_by_max_and_remembers_the_owner():
-    tir = strategies.build("tir", StrategyConfig())
-    tir.merge({"w": torch.tensor([1.0, 3.0])}, 0)  # mean 2 -> [0.5, 1.5]
-    tir.merge({"w": torch.tensor([4.0, 0.0])}, 1)  # mean 2 -> [2.0, 0.0]
-    assert torch.equal(tir.importance["w"], torch.tensor([2.0, 1.5]))
-    assert tir.owner["w"].tolist() == [1, 0]
+def test_tir_with_every_similarity_zero_is_ewc(tok, tasks, monkeypatch):
+    """On EWC's footing: the same importances, λ and anchor; only the similarity tells the two apart."""
+    monkeypatch.setattr(strategies, "task_similarity", lambda prototypes, tau: torch.eye(len(prototypes)))
+    cfg = StrategyConfig(importance_samples=8, ewc_lambda=3.0)
+    runs = {}
+    for spec in ("ewc", "tir"):
+        model, strategy = tiny_vlm(tok), strategies.build(spec, cfg)
+        run_task(model, strategy, 0, tasks[0][0])
+        run_task(model, strategy, 1, tasks[1][0])
+        strategy.before_task(model, 2, tasks[0][0])
+        runs[spec] = model, strategy
+    (_, ewc), (_, tir) = runs["ewc"], runs["tir"]
+    assert ewc.weights().keys() == tir.weights().keys()
+    assert all(torch.allclose(ewc.weights()[n], tir.weights()[n]) for n in ewc.weights())
+    penalties = []
+    for model, strategy in runs.values():  # both moved off their anchors the same way
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        penalties.append(strategy.penalty(model, None, None).item())
+    assert penalties[0] > 0 and penalties[1] == pytest.approx(penalties[0], rel=1e-5)
 
 
 def test_identical_tasks_are_the_most_similar(tok, tasks):
@@ -749,24 +765,20 @@ def test_tir_end_to_end_on_two_tasks(tok, tasks):
     run_task(model, tir, 0, tasks[0][0])
     tir.before_task(model, 1, tasks[1][0])
     keep = 1 - task_similarity(tir.prototypes, 0.5)[1, 0]
-    for n, f in tir.importance.items():  # every entry belongs to task 0 so far
+    assert len(tir.per_task) == 1 and tir.weights().keys() == tir.per_task[0].keys()
+    for n, f in tir.per_task[0].items():  # task 0's importance, counted 1 - similarity times
         assert torch.allclose(tir.weights()[n], f * keep)
-    total = sum(f.sum() for f in tir.importance.values())
-    count = sum(f.numel() for f in tir.importance.values())
-    assert abs(total / count - 1) < 1e-5  # normalised to mean 1
 
 
 def tir_keep(tok, sequence):
     """TIR through its hooks on tasks in sequence (no training steps) -> the factor 1 - similarity that its
-    penalty applies to the first task's importances before the last task, and the strategy."""
+    penalty applies to the first task's importance before the last task, and the strategy."""
     model, tir = tiny_vlm(tok), strategies.build("tir", StrategyConfig(importance_samples=8))
     for t, task_rows in enumerate(sequence[:-1]):
         tir.before_task(model, t, task_rows)
         tir.after_task(model, t, task_rows)
     tir.before_task(model, len(sequence) - 1, sequence[-1])
-    weights, owned = tir.weights(), tir.owner
-    first = [(weights[n][owned[n] == 0].sum(), f[owned[n] == 0].sum()) for n, f in tir.importance.items()]
-    return float(sum(w for w, _ in first) / sum(f for _, f in first)), tir
+    return 1 - tir.used[-1][0], tir
 
 
 def test_tir_tells_an_identical_task_from_an_unrelated_one_at_the_second_task(tok):
@@ -879,10 +891,11 @@ def weighted_drift(weights, anchor, params):
 
 
 @pytest.mark.parametrize("spec,options", [("ewc", dict(ewc_lambda=1e4)), ("mas", dict(mas_lambda=10.0)),
-                                          ("tir", dict(tir_lambda=100.0))])
+                                          ("tir", dict(ewc_lambda=1e4))])
 def test_regularisers_hold_the_parameters_they_protect(naive, spec, options):
     model, strategy, snapshots = learn(spec, n_tasks=1, importance_samples=64, **options)
-    protect = {n: f.clone() for n, f in strategy.importance.items()}  # task 0's importances, before merging
+    first = strategy.per_task[0] if spec == "tir" else strategy.importance
+    protect = {n: f.clone() for n, f in first.items()}  # task 0's importances, before merging
     assert protect and all(torch.equal(strategy.anchor[n], naive[2][0][n]) for n in protect)  # one anchor
     train.tune(1, model, strategy, TRAIN[1], LOOP, torch.device("cpu"), "task 1", None, None)
     held = weighted_drift(protect, naive[2][0], dict(model.named_parameters()))

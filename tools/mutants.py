@@ -39,9 +39,9 @@ MUTANTS = {
                    'measure, strength = "mas", "mas_lambda"',
                    'measure, strength = "mas", "ewc_lambda"',
                    [f"{ST}::test_regulariser_penalty_and_its_gradient"]),
-    "tir_similarity": ("strategies.py",
-                       "    def weights(self):\n        return self.scaled",
-                       "    def weights(self):\n        return self.importance",
+    "tir_similarity": ("strategies.py",  # every earlier task counted once: EWC
+                       "    keep, weights = (1 - similarity[task_id]).tolist(), {}",
+                       "    keep, weights = [1.0] * len(per_task), {}",
                        [f"{ST}::test_regulariser_penalty_and_its_gradient"]),
     "similarity_inverted": ("strategies.py",
                             "gap += 1 - unit @ unit.T",
