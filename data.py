@@ -9,6 +9,7 @@ answer) triples into token rows and batches, and reads and writes tasks as LLaVA
 """
 import argparse
 import functools
+import itertools
 import os
 import random
 from dataclasses import dataclass
@@ -243,9 +244,8 @@ ORDERS = {  # named task orders; 'paper' follows the spirit of the paper's seque
 }
 
 
-# The mixed benchmark (--benchmark mixed): each task adds the other kinds of question its dataset holds
-# (VQAv2 yes/no and numbers, GQA and TextVQA yes/no, VizWiz both), so answer forms recur across tasks. Their
-# phrasings use only words the tokenizer already has (a test checks it), and no held-in task's phrasing.
+# The mixed benchmark (--benchmark mixed): each task adds the other kinds of question its dataset holds, so
+# answer forms recur across tasks. Phrasings use only the tokenizer's words (tested), none a held-in task's.
 def _shape_check(scene, rng):
     """'Is the red object a star?' -> 'no'  (the shape asked is the object's half the time)"""
     o = rng.choice(scene.objects)
@@ -299,22 +299,22 @@ MINOR_KINDS = {t.name: t for t in [  # the scene is the task's own: no drawer of
          "Is there anything {color} here?"), None, _colour_check),
 ]}
 MINORS = {  # task -> (minor kind, share of its rows); the rest of its rows are its own kind
-    "attribute": (("shape check", 0.25), ("how many", 0.15)),
-    "spatial": (("side check", 0.3),), "read": (("text check", 0.2),),
-    "unanswerable": (("colour check", 0.15), ("how many", 0.15)),
+    "attribute": (("shape check", 0.25), ("how many", 0.15)), "spatial": (("side check", 0.3),),
+    "read": (("text check", 0.2),), "unanswerable": (("colour check", 0.15), ("how many", 0.15)),
 }
 
 
 def mixed(task):
-    """The task with its minor kinds: each row asks its own kind, or (by MINORS' shares) a minor one. The
-    task's own question is drawn first, always, so the split's generator draws what the single benchmark
-    draws: the same scenes, test layouts and bases. Which kind a row asks, and the minor question, come from
-    a generator seeded by the scene and that question."""
+    """The task with its minor kinds (MINORS' shares). Its own question is drawn first, so a split draws the
+    single benchmark's scenes, test layouts and bases; a generator of scene and question picks the kind."""
+    kinds = MINORS.get(task.name, ())
+    upto = list(itertools.accumulate(share for _, share in kinds))  # where each kind's share ends
+
     def make(scene, rng):
         question, answer = task.make(scene, rng)
         side = random.Random(f"{scene!r}|{question}")
-        u, shares = side.random(), MINORS.get(task.name, ())
-        pick = next((k for i, (k, _) in enumerate(shares) if u < sum(s for _, s in shares[:i + 1])), None)
+        u = side.random()
+        pick = next((kind for (kind, _), end in zip(kinds, upto) if u < end), None)
         return (question, answer) if pick is None else MINOR_KINDS[pick].make(scene, side)
     return Task(task.name, task.like, task.phrasings, task.scene, make, task.metric)
 

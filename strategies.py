@@ -291,19 +291,25 @@ class MAS(EWC):
 
 
 @torch.no_grad()
-def row_features(model, base, images, tokens, prompt_len):
-    """Per row, with the vision tower and token embedding in `base` ({name: tensor}, e.g. a snapshot of the
-    base model): the mean ViT feature, and the mean embedding of the instruction tokens and of the answer
-    tokens. tokens: [BOS] instruction [SEP] answer [EOS] [PAD]... Embeddings are centred on the vocabulary's
-    mean: a trained embedding gives every token one large common direction (cosines of two tasks' raw
-    instruction means were all >= 0.993), which would hide what the tokens say."""
-    vision = {n.removeprefix("vision."): p for n, p in base.items() if n.startswith("vision.")}
-    image = functional_call(model.vision, vision, (images,)).mean(1)  # (B, N, vit_dim) -> (B, vit_dim)
+def token_features(base, tokens, prompt_len):
+    """Per row, with the token embedding in `base`: the mean embedding of the instruction tokens and of the
+    answer tokens. tokens: [BOS] instruction [SEP] answer [EOS] [PAD]... Embeddings are centred on the
+    vocabulary's mean: a trained embedding gives every token one large common direction (cosines of two
+    tasks' raw instruction means were all >= 0.993), which would hide what the tokens say."""
     table = base["tok_emb.weight"]
     emb = F.embedding(tokens, table - table.mean(0))  # (B, L, d)
     pos, p = torch.arange(tokens.size(1), device=tokens.device)[None], prompt_len[:, None]
     spans = ((pos >= 1) & (pos < p - 1), (pos >= p) & (tokens != llava.PAD) & (tokens != llava.EOS))
-    return (image,) + tuple((emb * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1) for m in spans)
+    return tuple((emb * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1) for m in spans)
+
+
+@torch.no_grad()
+def row_features(model, base, images, tokens, prompt_len):
+    """Per row, with the vision tower and token embedding in `base` ({name: tensor}, e.g. a snapshot of the
+    base model): the mean ViT feature, then token_features (instruction, answer)."""
+    vision = {n.removeprefix("vision."): p for n, p in base.items() if n.startswith("vision.")}
+    image = functional_call(model.vision, vision, (images,)).mean(1)  # (B, N, vit_dim) -> (B, vit_dim)
+    return (image,) + token_features(base, tokens, prompt_len)
 
 
 def examples_features(model, base, rows):
@@ -311,6 +317,13 @@ def examples_features(model, base, rows):
     device = base["tok_emb.weight"].device
     return row_features(model, base, llava.pixels(rows.images).to(device), rows.tokens.long().to(device),
                         rows.prompt_len.long().to(device))
+
+
+def instruction_features(model, rows):
+    """token_features' instruction part of an Examples, by the model's own embedding: no image is encoded."""
+    base = dict(model.named_parameters())
+    device = base["tok_emb.weight"].device
+    return token_features(base, rows.tokens.long().to(device), rows.prompt_len.long().to(device))[0]
 
 
 def task_similarity(prototypes, temperature):
@@ -460,7 +473,7 @@ class Expansion(LoRA):
     def after_task(self, model, task_id, train):
         self.experts.append(copy_params(self.live(model).items()))
         first = train.subset(range(min(KEYS, len(train))))
-        self.keys.append(examples_features(model, dict(model.named_parameters()), first)[1])
+        self.keys.append(instruction_features(model, first))
 
     def route(self, instruction):
         """Each row's instruction features (B, dim) -> the expert of the nearest key (cosine)."""
@@ -472,7 +485,7 @@ class Expansion(LoRA):
         if not self.experts:  # before the first task there is only the base model
             return model.generate(images, ids, max_new_tokens, eos_id)
         prompt_len = torch.full((len(ids),), ids.size(1), device=ids.device)
-        chosen = self.route(row_features(model, dict(model.named_parameters()), images, ids, prompt_len)[1])
+        chosen = self.route(token_features(dict(model.named_parameters()), ids, prompt_len)[0])
         return self.generate_with(model, images, ids, max_new_tokens, eos_id, chosen)
 
     def generate_with(self, model, images, ids, max_new_tokens, eos_id, chosen):
@@ -489,8 +502,7 @@ class Expansion(LoRA):
 
     def extra_results(self, model, tests):
         """How often (%) a test row of task j goes to expert j: the task-identification accuracy."""
-        frozen = dict(model.named_parameters())
-        hits = [100 * (self.route(examples_features(model, frozen, t)[1]) == j).float().mean().item()
+        hits = [100 * (self.route(instruction_features(model, t)) == j).float().mean().item()
                 for j, t in enumerate(tests)]
         return {"task_id_accuracy": sum(hits) / len(hits), "task_id_accuracy_per_task": hits}
 

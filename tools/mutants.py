@@ -109,9 +109,8 @@ MUTANTS = {
                        ["tests/test_eval.py::test_a_model_that_stops_learning_shows_in_learnt_not_in_bwt",
                         "tests/test_study.py::test_report_files_hold_the_numbers"]),
     "router_mean_key": ("strategies.py",  # one mean instruction key per task, as the router had before
-                        "self.keys.append(examples_features(model, dict(model.named_parameters()), first)[1])",
-                        "self.keys.append(examples_features(model, dict(model.named_parameters()), first)[1]"
-                        ".mean(0, keepdim=True))",
+                        "self.keys.append(instruction_features(model, first))",
+                        "self.keys.append(instruction_features(model, first).mean(0, keepdim=True))",
                         [f"{ST}::test_the_router_finds_every_task_of_the_benchmark_on_held_out_rows"]),
     "expansion_scatter": ("strategies.py",
                           "out[rows, :answer.size(1)] = answer",
