@@ -1,23 +1,24 @@
-"""Metrics over the accuracy matrix, answer scoring, statistics and reports.
+"""Metrics over the accuracy matrix, answer scoring, statistics and a run's report; and the features that
+tell tasks apart (TIR's task similarity, expansion's routing).
 
 A[i][j] is the accuracy (in %) on task j after training on task i; `base` is the row of the model
 before any task. Definitions follow Lopez-Paz & Ranzato (2017) and Chaudhry et al. (2018), plus the
 worst-drop BWT of He et al. (arXiv 2311.16206).
-Run `python eval.py RUN_DIR` to reprint a run's report, and `python eval.py --compare runs/*` to put
-runs side by side (table.md and table.png in --out, runs/compare). Re-evaluating a checkpoint needs the
-model: `python train.py --evaluate FILE`. The whole study is study.py.
+report.py reprints a run's report and compares runs; re-evaluating a checkpoint needs the model:
+`python train.py --evaluate FILE`. The whole study is study.py.
 """
-import argparse
-import json
 import math
 import random
 import statistics
-import sys
+import warnings
 from collections import Counter
-from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
 
 import data
-from pictures import human_bytes, table_image
+import llava
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,79 +301,94 @@ def format_report(results):
     return "\n".join(lines)
 
 
-def comparison_rows(runs):
-    """results.json dicts -> the comparison table as rows of strings, header first, best AA first.
+# importance: how much each parameter matters to a task (EWC, MAS, TIR)
 
-    'trainable' is what the last task trained; 'extra memory' is what the strategy keeps beyond the
-    model (buffers, importances, experts, teachers); 'task ID' is how often routing found the task.
-    """
-    routed = any("task_id_accuracy" in r for r in runs)
-    rows = [["strategy", "AA", "BWT", "forgetting", "FWT", "trainable", "extra memory", "wall time"]
-            + (["task ID"] if routed else [])]
-    for r in sorted(runs, key=lambda r: -r["metrics"]["AA"]):
-        m = r["metrics"]
-        strategy = r["config"]["train"]["strategy"]
-        row = [strategy, f"{m['AA']:.1f}", f"{m['BWT']:+.1f}", f"{m['forgetting']:.1f}",
-               f"{m['FWT']:+.1f}", f"{r['timings'][-1]['trainable']:,}", human_bytes(r["extra_bytes"]),
-               f"{r['wall_seconds']:.0f} s"]
-        if routed:
-            row.append(f"{r['task_id_accuracy']:.1f}" if "task_id_accuracy" in r else "-")
-        rows.append(row)
-    return rows
+def importance(model, rows, measure, n_samples, gen, chunk=32, fisher="model"):
+    """Each trainable parameter's importance: the mean over n_samples random rows of g² ('ewc': a diagonal
+    Fisher) or |g| ('mas'), g the gradient on one row alone of the mean over its answer positions of the
+    negative log-likelihood ('ewc') or of ‖logits‖² ('mas', label-free). EWC's labels are the model's own
+    answers, each token sampled from its prediction at that position (fisher='model', the Fisher as
+    Kirkpatrick et al. define it, an expectation over the model's distribution), or the true answers
+    (fisher='empirical'). The empirical g shrinks with the model's error, so its g² vanishes as the square of
+    it once a task is fitted; the model's own Fisher only as the error itself. Squaring the batch-mean
+    gradient instead, as Avalanche does, gives E[g]², which shrinks as the batch grows."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
 
-
-def format_table(rows):
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    def line(row):  # names left-aligned, numbers right-aligned
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-    return "\n".join(map(line, rows))
-
-
-def markdown_table(rows):
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows[1:]]) + "\n"
-
-
-def compare(run_dirs, out):
-    """Print the comparison of runs, and write it to out/table.md and out/table.png -> exit code."""
-    runs = []
-    for d in run_dirs:
-        path = Path(d) / "results.json"
-        if path.is_file():
-            runs.append(json.loads(path.read_text()))
-        else:
-            print(f"skipping {d}: no results.json", file=sys.stderr)
-    if not runs:
-        print("error: none of the folders holds a results.json", file=sys.stderr)
-        return 2
-    if len({tuple(r["tasks"]) for r in runs}) > 1:
-        print("warning: the runs trained different task lists; their numbers do not compare", file=sys.stderr)
-    rows, out = comparison_rows(runs), Path(out)
-    print(format_table(rows))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(markdown_table(rows))
-    table_image(rows, f"tasks: {' -> '.join(runs[0]['tasks'])}").save(out / "table.png")
-    print(f"wrote {out}/table.md and {out}/table.png")
-    return 0
+    def one_row(params, image, inputs, targets):  # inside vmap each row is a batch of one
+        logits = functional_call(model, params, (image[None], inputs[None]))[0][0]  # (T, V)
+        answer = targets != -100
+        if measure == "ewc":  # (T,): the answer's negative log-likelihood
+            per_token = -logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[:, None])[:, 0]
+        else:  # (T,): ‖logits‖², label-free
+            per_token = logits.pow(2).sum(-1)
+        return (per_token * answer).sum() / answer.sum()
+    idx = torch.randperm(len(rows), generator=gen)[:n_samples]
+    for i in range(0, len(idx), chunk):
+        images, inputs, targets = llava.to_batch(rows, idx[i:i + chunk], next(iter(params.values())).device)
+        if measure == "ewc" and fisher == "model":  # each answer token drawn from the model's prediction
+            answer = targets != -100
+            with torch.no_grad():
+                probs = model(images, inputs)[0][answer].float().softmax(-1).cpu()
+            targets = targets.clone()
+            targets[answer] = torch.multinomial(probs, 1, generator=gen)[:, 0].to(targets.device)
+        with warnings.catch_warnings():  # SDPA has no vmap rule yet; its fallback still beats a loop
+            warnings.filterwarnings("ignore", message=".*batching rule")
+            grads = vmap(grad(one_row), in_dims=(None, 0, 0, 0))(params, images, inputs, targets)
+        for n, g in grads.items():
+            total[n] += (g.square() if measure == "ewc" else g.abs()).sum(0)
+    return {n: t / len(idx) for n, t in total.items()}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Reprint a run's report, or compare runs side by side.")
-    ap.add_argument("run_dir", nargs="?", help="a run folder written by train.py")
-    ap.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="put these runs side by side in a table")
-    ap.add_argument("--out", default="runs/compare", help="where --compare writes table.md and table.png")
-    args = ap.parse_args(argv)
-    if args.compare:
-        return compare(args.compare, args.out)
-    if args.run_dir is None:
-        ap.error("give a run folder, or --compare RUN_DIR ...")
-    path = Path(args.run_dir) / "results.json"
-    if not path.is_file():
-        print(f"error: no results.json in {args.run_dir}", file=sys.stderr)
-        return 2
-    print(format_report(json.loads(path.read_text())))
-    return 0
+
+# features that tell tasks apart: TIR's task similarity, expansion's routing
+
+@torch.no_grad()
+def token_features(base, tokens, prompt_len):
+    """Per row, with the token embedding in `base`: the mean embedding of the instruction tokens and of the
+    answer tokens. tokens: [BOS] instruction [SEP] answer [EOS] [PAD]... Embeddings are centred on the
+    vocabulary's mean: a trained embedding gives every token one large common direction (cosines of two
+    tasks' raw instruction means were all >= 0.993), which would hide what the tokens say."""
+    table = base["tok_emb.weight"]
+    emb = F.embedding(tokens, table - table.mean(0))  # (B, L, d)
+    pos, p = torch.arange(tokens.size(1), device=tokens.device)[None], prompt_len[:, None]
+    spans = ((pos >= 1) & (pos < p - 1), (pos >= p) & (tokens != llava.PAD) & (tokens != llava.EOS))
+    return tuple((emb * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1) for m in spans)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+@torch.no_grad()
+def row_features(model, base, images, tokens, prompt_len):
+    """Per row, with the vision tower and token embedding in `base` ({name: tensor}, e.g. a snapshot of the
+    base model): the mean ViT feature, then token_features (instruction, answer)."""
+    vision = {n.removeprefix("vision."): p for n, p in base.items() if n.startswith("vision.")}
+    image = functional_call(model.vision, vision, (images,)).mean(1)  # (B, N, vit_dim) -> (B, vit_dim)
+    return (image,) + token_features(base, tokens, prompt_len)
+
+
+def examples_features(model, base, rows):
+    """row_features of an Examples (uint8 pixels, int16 tokens)."""
+    device = base["tok_emb.weight"].device
+    return row_features(model, base, llava.pixels(rows.images).to(device), rows.tokens.long().to(device),
+                        rows.prompt_len.long().to(device))
+
+
+def instruction_features(model, rows):
+    """token_features' instruction part of an Examples, by the model's own embedding: no image is encoded."""
+    base = dict(model.named_parameters())
+    device = base["tok_emb.weight"].device
+    return token_features(base, rows.tokens.long().to(device), rows.prompt_len.long().to(device))[0]
+
+
+def task_similarity(prototypes, temperature):
+    """[(image, instruction, answer) mean features] of T tasks -> (T, T) similarities in (0, 1]:
+    exp(-Σ (1 - cos) / temperature), the sum over the three kinds of the cosine gap between two tasks' means.
+    It is 1 for equal means and falls as any of the three parts differ. The scale is fixed, not fitted to the
+    tasks at hand, so the similarity of two tasks is the same whichever tasks came before or after them.
+    Instruction and answer features are centred embeddings (row_features), so a direction every token
+    shares does not make all tasks alike."""
+    gap = torch.zeros(len(prototypes), len(prototypes))
+    for kind in zip(*prototypes):  # every task's image mean, then every task's instruction mean, then ...
+        unit = F.normalize(torch.stack(kind).float().cpu(), dim=1)
+        gap += 1 - unit @ unit.T
+    return torch.exp(-gap.clamp_min(0) / temperature)
+

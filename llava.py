@@ -84,6 +84,48 @@ class Examples:
                         parts[0].metric if parts else "exact")
 
 
+class ReservoirBuffer:
+    """A fixed-capacity sample of every row offered so far, each kept with probability capacity/seen."""
+
+    def __init__(self, capacity, seed):
+        self.capacity, self.seen, self.rows = capacity, 0, None  # rows: an Examples, compact as task data
+        self.gen = torch.Generator().manual_seed(seed)  # its own stream: replay never shifts the data order
+
+    def add(self, ex):
+        """Reservoir sampling (Vitter's algorithm R): row n is kept with probability capacity/n."""
+        n_fill = max(min(self.capacity - len(self), len(ex)), 0)  # while not full, every row is kept
+        head = ex.subset(range(n_fill))
+        self.rows = head if self.rows is None else Examples.concat([self.rows, head], "buffer")
+        self.seen += n_fill
+        for i in range(n_fill, len(ex)):
+            self.seen += 1
+            slot = int(torch.randint(self.seen, (1,), generator=self.gen))  # uniform in [0, seen)
+            if slot < self.capacity:  # overwrite a random slot
+                for name in ("images", "tokens", "prompt_len", "answers"):
+                    getattr(self.rows, name)[slot] = getattr(ex, name)[i]
+
+    def __len__(self):
+        return 0 if self.rows is None else len(self.rows)
+
+    def sample(self, n, gen):
+        return self.rows.subset(torch.randint(len(self), (n,), generator=gen))
+
+    def nbytes(self):
+        rows = self.rows  # the answers, strings, count nothing
+        return 0 if rows is None else sum(t.numel() * t.element_size() for t in (rows.images, rows.tokens,
+                                                                                    rows.prompt_len))
+
+    def state_dict(self):  # the rows as a dict of their fields: tensors, a list and strings
+        rows = None if self.rows is None else dict(vars(self.rows))
+        return dict(capacity=self.capacity, seen=self.seen, gen=self.gen.get_state(), rows=rows)
+
+    def load_state_dict(self, state):
+        self.capacity, self.seen, rows = state["capacity"], state["seen"], state["rows"]
+        self.gen.set_state(state["gen"])
+        self.rows = None if rows is None else Examples(**{**rows, "answers": list(rows["answers"])})
+
+
+
 def token_parts(tok, instruction, answer):
     """-> ([BOS] instruction [SEP], answer [EOS]) as token ids."""
     return [BOS] + tok.encode(instruction).ids + [SEP], tok.encode(answer).ids + [EOS]

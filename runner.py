@@ -25,7 +25,7 @@ import strategies
 from data import atomic_write
 from eval import format_report, format_row
 from model import PRESETS, VLM, ModelConfig, arg
-from pictures import heatmap
+from report import heatmap
 
 
 @dataclass

@@ -5,16 +5,17 @@ train.py calls, for every task in order:
 and answers test questions through generate(...), where an expansion strategy would route.
 A strategy keeps its state in `state_dict()`, which checkpoints save. `build("replay+ewc", cfg)`
 composes strategies: every part's hooks run. Methods follow He et al. (arXiv 2311.16206), sec. 4:
-replay, joint (the upper bound), EWC, MAS, LwF, LoRA, model expansion (EProj) and TIR."""
+replay, joint (the upper bound), EWC, MAS, LwF, LoRA, model expansion (EProj) and TIR. What they measure
+(importance, row features, task similarity) is in eval.py; the replay buffer is llava.ReservoirBuffer."""
 import copy
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call
 
 import llava
+from eval import examples_features, importance, instruction_features, task_similarity, token_features
 from model import LORA_SITES, add_lora, arg
 
 
@@ -110,56 +111,15 @@ def copy_params(named):
     return {n: p.detach().clone() for n, p in named}
 
 
-class ReservoirBuffer:
-    """A fixed-capacity sample of every row offered so far, each kept with probability capacity/seen."""
-
-    def __init__(self, capacity, seed):
-        self.capacity, self.seen, self.rows = capacity, 0, None  # rows: an Examples, compact as task data
-        self.gen = torch.Generator().manual_seed(seed)  # its own stream: replay never shifts the data order
-
-    def add(self, ex):
-        """Reservoir sampling (Vitter's algorithm R): row n is kept with probability capacity/n."""
-        n_fill = max(min(self.capacity - len(self), len(ex)), 0)  # while not full, every row is kept
-        head = ex.subset(range(n_fill))
-        self.rows = head if self.rows is None else llava.Examples.concat([self.rows, head], "buffer")
-        self.seen += n_fill
-        for i in range(n_fill, len(ex)):
-            self.seen += 1
-            slot = int(torch.randint(self.seen, (1,), generator=self.gen))  # uniform in [0, seen)
-            if slot < self.capacity:  # overwrite a random slot
-                for field in ("images", "tokens", "prompt_len", "answers"):
-                    getattr(self.rows, field)[slot] = getattr(ex, field)[i]
-
-    def __len__(self):
-        return 0 if self.rows is None else len(self.rows)
-
-    def sample(self, n, gen):
-        return self.rows.subset(torch.randint(len(self), (n,), generator=gen))
-
-    def nbytes(self):
-        return 0 if self.rows is None else nbytes(vars(self.rows))  # the answers, strings, count nothing
-
-    def state_dict(self):  # the rows as a dict of their fields: tensors, a list and strings
-        rows = None if self.rows is None else dict(vars(self.rows))
-        return dict(capacity=self.capacity, seen=self.seen, gen=self.gen.get_state(), rows=rows)
-
-    def load_state_dict(self, state):
-        self.capacity, self.seen, rows = state["capacity"], state["seen"], state["rows"]
-        self.gen.set_state(state["gen"])
-        self.rows = None if rows is None else llava.Examples(**{**rows, "answers": list(rows["answers"])})
-
-
 class Replay(Strategy):
-    """Experience replay: keep a reservoir sample of past tasks' rows and mix them into every batch. After
-    each task, every training row of that task is offered once to a reservoir buffer of fixed capacity, so the
-    buffer is a uniform sample of all tasks seen so far. While training a new task, a fraction `replay_ratio`
-    of each batch is drawn from the buffer instead of the new task. Only fresh rows enter the buffer, never
-    replayed ones, so old tasks are not over-represented."""
+    """Experience replay. After each task, its training rows are offered once to a reservoir buffer of fixed
+    capacity (llava.ReservoirBuffer), a uniform sample of all tasks seen so far; a fraction `replay_ratio` of
+    each later batch comes from it. Only fresh rows enter it, so old tasks are not over-represented."""
     name, options = "replay", ("buffer_size", "replay_ratio")
 
     def __init__(self, cfg, seed=0, capacity=None):
         super().__init__(cfg, seed)
-        self.buffer = ReservoirBuffer(capacity or cfg.buffer_size, seed)
+        self.buffer = llava.ReservoirBuffer(capacity or cfg.buffer_size, seed)
 
     def batch(self, fresh, gen):
         n_old = round(self.cfg.replay_ratio * len(fresh)) if len(self.buffer) else 0
@@ -197,58 +157,18 @@ class Joint(Replay):
     def before_task(self, model, task_id, train):  # the rows go in before the task, not after it
         self.buffer.add(train)
 
-    def after_task(self, model, task_id, train):
-        pass
+    after_task = Strategy.after_task  # nothing: Replay's would add the rows a second time
 
     def batch(self, fresh, gen):
         return self.buffer.sample(len(fresh), gen)
 
 
-def importance(model, rows, measure, n_samples, gen, chunk=32, fisher="model"):
-    """Each trainable parameter's importance: the mean over n_samples random rows of g² ('ewc': a diagonal
-    Fisher) or |g| ('mas'), g the gradient on one row alone of the mean over its answer positions of the
-    negative log-likelihood ('ewc') or of ‖logits‖² ('mas', label-free). EWC's labels are the model's own
-    answers, each token sampled from its prediction at that position (fisher='model', the Fisher as
-    Kirkpatrick et al. define it, an expectation over the model's distribution), or the true answers
-    (fisher='empirical'). The empirical g shrinks with the model's error, so its g² vanishes as the square of
-    it once a task is fitted; the model's own Fisher only as the error itself. Squaring the batch-mean
-    gradient instead, as Avalanche does, gives E[g]², which shrinks as the batch grows."""
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
-
-    def one_row(params, image, inputs, targets):  # inside vmap each row is a batch of one
-        logits = functional_call(model, params, (image[None], inputs[None]))[0][0]  # (T, V)
-        answer = targets != -100
-        if measure == "ewc":  # (T,): the answer's negative log-likelihood
-            per_token = -logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[:, None])[:, 0]
-        else:  # (T,): ‖logits‖², label-free
-            per_token = logits.pow(2).sum(-1)
-        return (per_token * answer).sum() / answer.sum()
-    idx = torch.randperm(len(rows), generator=gen)[:n_samples]
-    for i in range(0, len(idx), chunk):
-        images, inputs, targets = llava.to_batch(rows, idx[i:i + chunk], next(iter(params.values())).device)
-        if measure == "ewc" and fisher == "model":  # each answer token drawn from the model's prediction
-            answer = targets != -100
-            with torch.no_grad():
-                probs = model(images, inputs)[0][answer].float().softmax(-1).cpu()
-            targets = targets.clone()
-            targets[answer] = torch.multinomial(probs, 1, generator=gen)[:, 0].to(targets.device)
-        with warnings.catch_warnings():  # SDPA has no vmap rule yet; its fallback still beats a loop
-            warnings.filterwarnings("ignore", message=".*batching rule")
-            grads = vmap(grad(one_row), in_dims=(None, 0, 0, 0))(params, images, inputs, targets)
-        for n, g in grads.items():
-            total[n] += (g.square() if measure == "ewc" else g.abs()).sum(0)
-    return {n: t / len(idx) for n, t in total.items()}
-
-
 class EWC(Strategy):
     """Online Elastic Weight Consolidation (Kirkpatrick et al. 2017; Schwarz et al. 2018). After each task the
-    diagonal Fisher F = E[g²], over per-sample gradients g of the log-likelihood of the model's own answers
-    (sampled; --ewc-fisher empirical takes the true ones), says how sharply that task's loss rises when a
-    parameter moves. The online variant keeps one running F ← γF + F_new and
-    one anchor θ*, the parameters after the last task: two copies of the trainable parameters however many
-    tasks come. New tasks train with λ·Σ F·(θ − θ*)², which keeps important parameters where old
-    tasks need them."""
+    diagonal Fisher F = E[g²] (eval.importance: g per row, of the log-likelihood of the model's own sampled
+    answers) says how sharply that task's loss rises when a parameter moves. One running F ← γF + F_new and
+    one anchor θ* (the parameters after the last task) serve every task; new tasks train with
+    λ·Σ F·(θ − θ*)², which keeps important parameters where old tasks need them."""
     name, options = "ewc", ("ewc_lambda", "importance_decay", "importance_samples", "ewc_fisher")
     state = {"importance": {}, "anchor": {}}  # name -> tensor, for the parameters that were trainable
     measure, strength = "ewc", "ewc_lambda"  # how importance is measured; the option that is λ
@@ -282,87 +202,32 @@ class EWC(Strategy):
 
 
 class MAS(EWC):
-    """Memory Aware Synapses (Aljundi et al. 2018): EWC's penalty with a label-free importance. A parameter
-    matters if moving it changes what the model outputs, whatever the labels: its importance is the mean
-    over rows of |∂‖logits‖²/∂θ|, the norm over the logits at a row's answer positions. It
-    accumulates like F."""
+    """Memory Aware Synapses (Aljundi et al. 2018): EWC's penalty with a label-free importance, the mean over
+    rows of |∂‖logits‖²/∂θ| at the answer positions: a parameter matters if moving it changes the output."""
     name, options = "mas", ("mas_lambda", "importance_decay", "importance_samples")
     measure, strength = "mas", "mas_lambda"
-
-
-@torch.no_grad()
-def token_features(base, tokens, prompt_len):
-    """Per row, with the token embedding in `base`: the mean embedding of the instruction tokens and of the
-    answer tokens. tokens: [BOS] instruction [SEP] answer [EOS] [PAD]... Embeddings are centred on the
-    vocabulary's mean: a trained embedding gives every token one large common direction (cosines of two
-    tasks' raw instruction means were all >= 0.993), which would hide what the tokens say."""
-    table = base["tok_emb.weight"]
-    emb = F.embedding(tokens, table - table.mean(0))  # (B, L, d)
-    pos, p = torch.arange(tokens.size(1), device=tokens.device)[None], prompt_len[:, None]
-    spans = ((pos >= 1) & (pos < p - 1), (pos >= p) & (tokens != llava.PAD) & (tokens != llava.EOS))
-    return tuple((emb * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1) for m in spans)
-
-
-@torch.no_grad()
-def row_features(model, base, images, tokens, prompt_len):
-    """Per row, with the vision tower and token embedding in `base` ({name: tensor}, e.g. a snapshot of the
-    base model): the mean ViT feature, then token_features (instruction, answer)."""
-    vision = {n.removeprefix("vision."): p for n, p in base.items() if n.startswith("vision.")}
-    image = functional_call(model.vision, vision, (images,)).mean(1)  # (B, N, vit_dim) -> (B, vit_dim)
-    return (image,) + token_features(base, tokens, prompt_len)
-
-
-def examples_features(model, base, rows):
-    """row_features of an Examples (uint8 pixels, int16 tokens)."""
-    device = base["tok_emb.weight"].device
-    return row_features(model, base, llava.pixels(rows.images).to(device), rows.tokens.long().to(device),
-                        rows.prompt_len.long().to(device))
-
-
-def instruction_features(model, rows):
-    """token_features' instruction part of an Examples, by the model's own embedding: no image is encoded."""
-    base = dict(model.named_parameters())
-    device = base["tok_emb.weight"].device
-    return token_features(base, rows.tokens.long().to(device), rows.prompt_len.long().to(device))[0]
-
-
-def task_similarity(prototypes, temperature):
-    """[(image, instruction, answer) mean features] of T tasks -> (T, T) similarities in (0, 1]:
-    exp(-Σ (1 - cos) / temperature), the sum over the three kinds of the cosine gap between two tasks' means.
-    It is 1 for equal means and falls as any of the three parts differ. The scale is fixed, not fitted to the
-    tasks at hand, so the similarity of two tasks is the same whichever tasks came before or after them.
-    Instruction and answer features are centred embeddings (row_features), so a direction every token
-    shares does not make all tasks alike."""
-    gap = torch.zeros(len(prototypes), len(prototypes))
-    for kind in zip(*prototypes):  # every task's image mean, then every task's instruction mean, then ...
-        unit = F.normalize(torch.stack(kind).float().cpu(), dim=1)
-        gap += 1 - unit @ unit.T
-    return torch.exp(-gap.clamp_min(0) / temperature)
 
 
 def tir_weights(per_task, similarity, task_id):
     """EWC's summed importance, each earlier task's part counted (1 - its similarity to the new task)
     times."""
     keep, weights = (1 - similarity[task_id]).tolist(), {}
-    for k, importance in enumerate(per_task):
-        for n, f in importance.items():
+    for k, task_importance in enumerate(per_task):
+        for n, f in task_importance.items():
             weights[n] = weights.get(n, 0) + keep[k] * f
     return weights
 
 
 class TIR(EWC):
     """Task-similarity-informed regularisation (He et al. 2023, sec. 4.3) on EWC's footing: EWC's penalty and
-    λ (MAS's, with --tir-importance mas), where each earlier task's importance counts 1 − similarity(new
-    task, that task) times instead of once: an old task much like the new one needs little protection, since
-    learning the new task also serves it. With every similarity 0 it is EWC (γ = 1). The similarity is
-    measured before each task on the frozen base model (task_similarity); the similarities used are kept
-    (`used`) and reported. He et al.'s are the idea and the weighting by similarity; this project's own are
-    the similarity's features and scale (task_similarity), keeping each task's importance apart (T copies
-    of the trainable parameters, not EWC's one: the weights change with every new task), and EWC's λ."""
+    λ (MAS's, with --tir-importance mas), each earlier task's importance counted 1 − similarity(new task,
+    that task) times instead of once: an old task like the new one needs less protection, as learning the
+    new task serves it too. With every similarity 0 it is EWC (γ = 1). He et al.'s are the idea and the
+    weighting; this project's own are the similarity (eval.task_similarity, on the frozen base's features),
+    keeping each task's importance apart (T copies of the trainable parameters), and EWC's λ."""
     name, options = "tir", ("ewc_lambda", "mas_lambda", "tir_importance", "importance_samples",
                             "tir_temperature", "ewc_fisher")
-    # per_task: each task's importances; scaled: the weights in use; used: per task, its similarity to
-    # every task up to it, as used then
+    # per_task: each task's importances; scaled: the weights in use; used: each task's similarities, as used
     state = {"anchor": {}, "per_task": [], "base": None, "prototypes": [], "scaled": {}, "used": []}
 
     def __init__(self, cfg, seed=0):
@@ -444,13 +309,11 @@ KEYS = 64  # training rows per task whose instructions Expansion keeps as routin
 
 class Expansion(LoRA):
     """Model expansion with task-ID routing, after the paper's EProj (He et al. 2023, sec. 4.2). Each task
-    gets its own expert, a LoRA adapter set and a projector copy, trained from one common start while all
-    else stays frozen; finished experts are stored and never trained again. Each task also leaves keys: the
-    instruction features (mean token embedding, by the frozen embedding) of its first KEYS training rows. At
-    test time no task id is given: each row goes to the expert of the key nearest its own instruction
-    (cosine), and extra_results reports how often that is the right task. Nearest neighbour, not a mean key
-    per task: no two tasks share an instruction template, while their means are nearly alike, and an image
-    key is noise where tasks draw the same kind of scene."""
+    gets its own expert (a LoRA adapter set and a projector copy) trained from one common start while all else
+    stays frozen, and leaves keys: the instruction features (eval.token_features) of its first KEYS training
+    rows. With no task id given, a test row goes to the expert of the key nearest its instruction (cosine);
+    extra_results reports how often that is its task. Nearest neighbour, not a mean key per task: tasks'
+    means are nearly alike, but no two tasks share an instruction template."""
     name = "expansion"
     state = {"start": None, "experts": [], "keys": []}  # keys: per task, (KEYS, dim) instruction features
 
@@ -485,11 +348,7 @@ class Expansion(LoRA):
         if not self.experts:  # before the first task there is only the base model
             return model.generate(images, ids, max_new_tokens, eos_id)
         prompt_len = torch.full((len(ids),), ids.size(1), device=ids.device)
-        chosen = self.route(token_features(dict(model.named_parameters()), ids, prompt_len)[0])
-        return self.generate_with(model, images, ids, max_new_tokens, eos_id, chosen)
-
-    def generate_with(self, model, images, ids, max_new_tokens, eos_id, chosen):
-        """Answer each row with the expert chosen for it (a tensor of expert indices, one per row)."""
+        chosen = self.route(token_features(dict(model.named_parameters()), ids, prompt_len)[0])  # (B,)
         in_place = copy_params(self.live(model).items())
         out = ids.new_full((len(ids), max_new_tokens), eos_id)
         for k in chosen.unique().tolist():  # one batch per expert; rows that stop early stay EOS-padded
@@ -507,20 +366,10 @@ class Expansion(LoRA):
         return {"task_id_accuracy": sum(hits) / len(hits), "task_id_accuracy_per_task": hits}
 
     def oracle(self, task_id):
-        return ExpertOracle(self, task_id)
-
-
-class ExpertOracle(Strategy):
-    """Expansion with the task id given: every row goes to expert `task_id`. An upper bound, not a method."""
-    name = "oracle"
-
-    def __init__(self, expansion, task_id):
-        super().__init__(None)
-        self.expansion, self.task_id = expansion, task_id
-
-    def generate(self, model, images, ids, max_new_tokens, eos_id):
-        chosen = torch.full((len(ids),), self.task_id, device=ids.device)
-        return self.expansion.generate_with(model, images, ids, max_new_tokens, eos_id, chosen)
+        """Expansion told the task (an upper bound, not a method): its experts, every row routed to task_id's."""
+        told = copy.copy(self)  # shares the experts; only the router differs
+        told.route = lambda instruction: torch.full((len(instruction),), task_id, device=instruction.device)
+        return told
 
 
 class Compose:

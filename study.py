@@ -1,13 +1,14 @@
 """The paper's study: every strategy from both bases, seeds and task orders; its table, findings and charts.
 
-    python study.py                      # every strategy (and replay+tir) x both bases x 3 seeds x 2 orders
+    python study.py                      # every strategy (and replay+tir) x both bases x 3 seeds, paper order
     python study.py --seeds 2 --strategies naive,replay,ewc --orders paper -- --steps 200   # -- to train.py
 
 Each run is one train.py process with one thread; a run folder already holding results.json from the same
-configuration is reused, so a killed study resumes. The report (study.md, study.json, pictures) goes to
---out (runs/study). The findings checked are those of He et al. (arXiv 2311.16206), each with its verdict
-on every seed and whether it survives the other task order; finding 6 ranks naive's interference against
-TIR's task similarity (Spearman, with a seeded permutation test). Forgetting is split into format and content.
+configuration is reused, so a killed study resumes. The report (study.md, study.json, pictures, written by
+report.py) goes to --out (runs/study). The findings checked are those of He et al. (arXiv 2311.16206), each
+with its verdict on every seed and whether it survives the other task order; finding 6 ranks naive's
+interference against TIR's task similarity (Spearman, with a seeded permutation test). Forgetting is split
+into format and content.
 """
 import argparse
 import json
@@ -26,10 +27,10 @@ from tqdm import tqdm
 
 import runner
 import strategies
-from data import atomic_write
 import eval as ev
-from eval import LEARNT, format_table, markdown_table  # LEARNT: in finding 6
-from pictures import bar_chart, heatmap, human_bytes, scatter, tile
+from eval import LEARNT
+from report import cell, format_section, format_table, learnt_section, mean_or_none, study_markdown
+from report import study_pictures, write_results
 
 BASES = ("pretrained", "multitask")  # alignment only, and that base tuned jointly on the held-in tasks
 RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks", "--base-only",
@@ -41,7 +42,6 @@ COLUMNS = [("AA", "{:.1f}"), ("learnt", "{:.1f}"), ("not learnt", "{:.1f}"), ("B
            ("BWT learnt", "{:+.1f}"), ("forgetting", "{:.1f}"), ("FWT", "{:+.1f}"),
            ("FWT_random", "{:+.1f}"), ("format drop", "{:.1f}"), ("task ID", "{:.1f}"),
            ("oracle AA", "{:.1f}"), ("gain", "{:+.1f}"), ("extra memory", None), ("extra time", "{:+.0f} s")]
-
 
 
 def task_pairs(A, similarity):
@@ -82,11 +82,6 @@ def run_numbers(r, naive):
     return numbers
 
 
-def mean_or_none(values):
-    values = [v for v in values or () if v is not None]
-    return statistics.fmean(values) if values else None
-
-
 def summarize(runs):
     """{(base, strategy, seed): results} -> {(base, strategy): {number: [one value per seed, seed 0 first,
     whatever order the study's jobs finished in]}}."""
@@ -98,29 +93,12 @@ def summarize(runs):
     return summary
 
 
-def mean_matrix(matrices):
-    """The cell-wise mean over seeds; a cell undefined (None) in every seed stays None."""
-    return [[mean_or_none(cells) for cells in zip(*rows)] for rows in zip(*matrices)]
-
-
-def cell(values, fmt):
-    """Values over seeds -> '74.7', or '74.7 ± 2.1' for several seeds; '-' for none."""
-    if not values:
-        return "-"
-    text = human_bytes(statistics.fmean(values)) if fmt is None else fmt.format(statistics.fmean(values))
-    return text + f" ± {statistics.stdev(values):.1f}" if len(values) > 1 and fmt else text
-
-
 def study_rows(summary, strategies, bases):
     """The study's table: one row per (strategy, base), header first; the columns some run has."""
     columns = [c for c in COLUMNS if any(c[0] in n for n in summary.values())]  # e.g. 'task ID' if one routes
     return [["strategy", "base"] + [name for name, _ in columns]] + [
         [s, b] + [cell(summary[b, s].get(name), fmt) for name, fmt in columns]
         for s in strategies for b in bases if (b, s) in summary]
-
-
-def rho_text(rho):
-    return "ρ undefined (too few pairs, or a constant side)" if math.isnan(rho) else f"ρ = {rho:+.2f}"
 
 
 def minus(x, y):
@@ -184,136 +162,6 @@ def findings(runs, bases):
     if checks[5]["verdict"] == "holds" and not p < 0.05:
         checks[5]["verdict"] = "not significant"
     return checks
-
-
-def finding_text(check):
-    """'per seed: holds, fails; naive BWT (pretrained) -40.0 ± 1.0, ...' (+ the test of finding 6)."""
-    seeds = ", ".join({True: "holds", False: "fails", None: "-"}[h] for h in check["per_seed"])
-    text = f"per seed: {seeds}; " + ", ".join(f"{label} {cell(v, '{:+.2f}' if label == 'ρ' else '{:+.1f}')}"
-                                              for label, v in check["differences"].items())
-    if "n_pairs" in check:
-        rho, p = check["rho"], check["p"]
-        text += (f"; seed-averaged {rho_text(math.nan if rho is None else rho)} over {check['n_pairs']} "
-                 f"independent task pairs (i, i+1) with task i learnt (>= {LEARNT} %), one-sided permutation "
-                 + ("p undefined" if p is None else f"p = {p:.3f}")
-                 + (", not significant" if p is not None and p >= 0.05 else ""))
-    return text
-
-
-# the study's pictures, drawn by pictures.py
-
-
-def study_pictures(summary, pairs, rho, tasks, strategies, bases):
-    """The study's charts -> {file name: image}. pairs: finding 6's [(similarity, relative drop)]."""
-    def metric(key):
-        return {(s, b): numbers[key] for (b, s), numbers in summary.items()}
-
-    def cost(key):  # naive is the origin of both axes, so it is left out
-        return [(statistics.fmean(n[key]), statistics.fmean(n["gain"]), s, b)
-                for (b, s), n in summary.items() if s != "naive" and "gain" in n]
-    gain = "gain in AA over naive (points)"
-    aa = bar_chart(metric("AA"), strategies, "final average accuracy", "AA (%)")
-    bwt = bar_chart(metric("BWT"), strategies, "backward transfer (< 0: forgetting)", "BWT (points)")
-    pictures = {"aa_bwt.png": tile([aa, bwt], 1)}
-    if cost("extra time"):
-        memory = scatter(cost("extra memory"), "does memory pay for itself?", "extra memory (log scale)",
-                         gain, bytes_x=True)
-        compute = scatter(cost("extra time"), "does compute pay for itself?", "extra training time (s)", gain)
-        pictures["cost_benefit.png"] = tile([memory, compute], 2)
-    for b in bases:
-        for key, name, note in (("matrix", "matrices", "columns: task evaluated"),
-                                ("format", "format", "format: % in the task's space"),
-                                ("content", "content", "content: % right of those")):
-            matrices = [heatmap(tasks, mean_matrix(summary[b, s][key]), f"{s}, {b} base", note=note)
-                        for s in strategies if key in summary.get((b, s), {})]
-            if matrices:
-                pictures[f"{name}-{b}.png"] = tile(matrices, 3)
-        if "similarity" in summary.get((b, "tir"), {}):
-            percent = [[100 * v for v in row] for row in mean_matrix(summary[b, "tir"]["similarity"])]
-            pictures[f"similarity-{b}.png"] = heatmap(tasks, percent, f"task similarity x 100, {b} base",
-                                                      rows="{}", note="measured by TIR")
-    if pairs:
-        title = "Spearman " + rho_text(rho).replace("ρ", "rho")  # the bundled font has no ρ
-        points = [(x, y, "", BASES[0]) for x, y in pairs]
-        pictures["task_pairs.png"] = scatter(points, title, "similarity of task i+1 to task i",
-                                             "naive: drop in task i while i+1 trains / A[i][i]", legend=False)
-    return pictures
-
-
-def format_section(summary, tasks, bases):
-    """How much of naive's forgetting is format forgetting, and what a student sees."""
-    lines = []
-    for b in bases:
-        n = summary.get((b, "naive"), {})
-        if "format drop" in n:
-            drop, fmt = [-v for v in n["BWT"]], n["format drop"]
-            mean_drop = statistics.fmean(drop)
-            share = 100 * statistics.fmean(fmt) / mean_drop if mean_drop else math.nan
-            lines.append(f"- {b} base: naive's earlier tasks end {cell(drop, '{:.1f}')} points below where "
-                         f"they were learnt (-BWT); format explains {cell(fmt, '{:.1f}')} points "
-                         f"({share:.0f} %): answers of the wrong kind. The rest is content: the right kind, "
-                         "wrongly.")
-            lines += [f"  - {line}" for line in ev.format_story(tasks, mean_matrix(n["space shares"]))]
-    return lines or ["No naive run holds format and content matrices."]
-
-
-def learnt_section(runs, tasks, strategies, bases):
-    """Is every task learnt? Naive's diagonal (each task right after its own training) for each base and seed,
-    then each strategy's lowest diagonal entry and the tasks it leaves below LEARNT."""
-    lines = ["| naive, base, seed | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
-    for (b, s, seed), r in sorted(runs.items(), key=lambda kv: (bases.index(kv[0][0]), kv[0][2])):
-        if s == "naive":
-            diagonal = [f"{r['matrix'][i][i]:.1f}" for i in range(len(tasks))]
-            lines.append(f"| {b}, {seed} | " + " | ".join(diagonal) + " |")
-    lines += ["", f"| base | strategy | lowest diagonal entry | tasks below {LEARNT} (seed: task entry) |",
-              "|---|---|---:|---|"]
-    for b in bases:
-        for s in strategies:
-            mine = {seed: r["matrix"] for (base, name, seed), r in runs.items() if (base, name) == (b, s)}
-            if mine:
-                low = [f"{seed}: {tasks[i]} {A[i][i]:.1f}" for seed, A in sorted(mine.items())
-                       for i in range(len(tasks)) if A[i][i] < LEARNT]
-                lowest = min(A[i][i] for A in mine.values() for i in range(len(tasks)))
-                lines.append(f"| {b} | {s} | {lowest:.1f} | {'; '.join(low) or 'none'} |")
-    return lines
-
-
-def study_markdown(tasks, rows, checks, pictures, notes, others=(), format_lines=(), learnt_lines=()):
-    """study.md. others: [(order, its checks)] of the other task orders, each finding's verdict there."""
-    lines = []
-    for k, check in enumerate(checks):
-        elsewhere = "".join(f"; {order} order: **{c[k]['verdict']}** ("
-                            f"{'survives' if c[k]['verdict'] == check['verdict'] else 'does not survive'})"
-                            for order, c in others)
-        lines.append(f"- [{'x' if check['verdict'] == 'holds' else ' '}] {check['claim']}: "
-                     f"**{check['verdict']}**{elsewhere} ({finding_text(check)})")
-    six = checks[5]
-    similarity = ("The study ran no tir (or no naive) run, or no task was learnt: no task-pair analysis."
-                  if not six["n_pairs"] else
-                  "Finding 6 uses naive's drop in task i while task i+1 trains, relative to A[i][i], only "
-                  f"where task i was learnt (>= {LEARNT} %), against TIR's similarity of i+1 to i; each pair "
-                  f"averaged over seeds and bases: {six['n_pairs']} independent pairs.")
-    return "\n".join(
-        ["# nanoCIT study", "", f"Tasks in order: {' -> '.join(tasks)}. " + " ".join(notes), "",
-         markdown_table(rows),
-         "AA, BWT, forgetting as in eval.py; *learnt*: the mean diagonal (each task right after its own "
-         f"training); *not learnt*: tasks below {LEARNT} there, which BWT cannot see; *BWT learnt*: BWT over "
-         "the learnt tasks alone; *FWT*: zero-shot accuracy over the base model's (so the two "
-         "bases have different references); *FWT_random*: over a randomly initialised model's, the same "
-         "reference for both; *format drop*: the points of -BWT that answers of the wrong kind explain; "
-         "*task ID*: how often routing found the task; *oracle AA*: AA with each task's own expert (no "
-         "routing errors); "
-         "*gain*: AA minus naive's from the same base and seed; *extra memory*: what the strategy keeps "
-         "beyond the model; *extra time*: training seconds beyond naive's. Several seeds: mean ± std.", "",
-         "## The paper's findings", "",
-         "A finding *holds* when it holds on every seed, *fails* when it fails on every seed, and is *mixed* "
-         "otherwise; the numbers are the paired differences it tests, mean ± std over seeds.", ""]
-        + lines + ["", "## Is every task learnt?", "",
-                   f"A task never learnt (below {LEARNT} right after its own training) cannot be forgotten, "
-                   "so a strategy that leaves one unlearnt can look stable without being so.", ""]
-        + list(learnt_lines) + ["", "## Task similarity and forgetting", "", similarity, "",
-                   "## Forgetting taken apart: format and content", ""] + list(format_lines)
-        + ["", "## Pictures", ""] + [f"![{name}]({name})" for name in pictures]) + "\n"
 
 
 def write_report(out, runs, strategies, bases, notes=(), others=None, about=None):
@@ -497,30 +345,6 @@ def about(args, extra, t0, runs):
                 machine=f"{platform.machine()}, {os.cpu_count()} cores, {r.get('device')}, "
                 f"torch {r.get('torch')}, Python {platform.python_version()}", commit=commit or "unknown",
                 wall_seconds=round(time.time() - t0))
-
-
-def write_results(folder, path):
-    """RESULTS.md from a finished study folder: how it was made, then its study.md without the pictures,
-    which stay in the folder -> exit code."""
-    folder, path = Path(folder), Path(path)
-    try:
-        report, md = json.loads((folder / "study.json").read_text()), (folder / "study.md").read_text()
-    except (OSError, ValueError):
-        print(f"error: {folder} holds no finished study (study.json and study.md); run python study.py "
-              f"--out {folder} first", file=sys.stderr)
-        return 2
-    made = report.get("about") or {}
-    body = md.split("\n## Pictures")[0].split("\n", 1)[1].strip()  # without its title and its pictures
-    text = "\n".join([
-        "# nanoCIT results", "",
-        f"Written by `python study.py --out {folder} --write-results {path}` from a finished study, never by "
-        "hand. The study was made by", "", f"    {made.get('command', '(not recorded)')}", "",
-        f"on {made.get('machine', '(not recorded)')}, at commit {made.get('commit', '(not recorded)')}, in "
-        f"{made.get('wall_seconds', '?')} s of wall time. Its pictures are in {folder}.", "", body, ""])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: p.write_text(text))
-    print(f"wrote {path} from {folder}")
-    return 0
 
 
 def main(argv=None):

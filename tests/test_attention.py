@@ -6,7 +6,7 @@ twin against exact attention, and attention.cu against both.
 
 The twin (attention.flash_attention_reference*) is attention.cu written in PyTorch, loop for loop, so the CPU
 tests check the algorithm the kernel runs; the GPU tests check the kernel's translation of it. Both also
-run strategies.importance() down the kernel's path: vmap(grad(...)) over it, as EWC, MAS and TIR use it.
+run eval.importance() down the kernel's path: vmap(grad(...)) over it, as EWC, MAS and TIR use it.
 """
 import functools
 import json
@@ -26,9 +26,9 @@ import torch
 
 import attention
 import data
+import eval as ev
 import llava
 import model
-import strategies
 from attention import FlashAttention, attend, flash_attention_reference, flash_attention_reference_backward
 from background import background
 from background import run as run_in_background
@@ -224,18 +224,18 @@ def recording(forward, backward, monkeypatch):
 
 
 def importances(attn, measure, device):
-    """strategies.importance() of a tiny seeded VLM with head size 32 (one the kernel covers), over 6 rows."""
+    """eval.importance() of a tiny seeded VLM with head size 32 (one the kernel covers), over 6 rows."""
     tok = llava.train_tokenizer([data.TASKS["classify"]], seed=0)
     rows = llava.make_task(data.TASKS["classify"], 8, 4, 0, tok, 48, 40)[0]
     cfg = model.ModelConfig(vocab_size=tok.get_vocab_size(), vit_dim=64, d_model=64, n_head=2, vit_layers=1,
                             n_layer=1, attn=attn)
     vlm = model.VLM(cfg).to(device)
-    return strategies.importance(vlm, rows, measure, 6, torch.Generator().manual_seed(0))
+    return ev.importance(vlm, rows, measure, 6, torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("measure", ["ewc", "mas"])
 def test_importance_through_the_kernel_path_matches_manual_attention(measure, monkeypatch):
-    """EWC, MAS and TIR take per-sample gradients with vmap(grad(...)) (strategies.importance). Sent down the
+    """EWC, MAS and TIR take per-sample gradients with vmap(grad(...)) (eval.importance). Sent down the
     kernel's path, with the twin standing in for attention.cu, attention gives the importances that manual
     attention gives, and the kernels see plain tensors: each call holds every row of the chunk at once."""
     want = importances("manual", measure, "cpu")

@@ -1,10 +1,9 @@
 """Metrics on hand-built accuracy matrices, answer scoring, answer spaces and the format/content split, the
-statistics (ranks, Spearman, the permutation test), the text report and the comparison table (eval.py).
+statistics (ranks, Spearman, the permutation test) and the text report (eval.py).
 
 Every expected number below was worked out by hand from the definitions in eval.py's docstrings.
 Run: python -m pytest tests/test_eval.py -q   (a few seconds)
 """
-import json
 import math
 import random
 
@@ -207,29 +206,3 @@ def test_the_report_shows_routed_and_oracle_accuracy_with_task_id_accuracy():
     report = ev.format_report(results)
     assert "routed AA 70.0, with oracle routing (each task's own expert) 85.0" in report
     assert "task-ID accuracy 75.0 %" in report
-
-
-def test_eval_main_refuses_a_missing_run(tmp_path, capsys):
-    assert ev.main([str(tmp_path / "nothing")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
-
-
-def test_compare_puts_runs_side_by_side(tmp_path):
-    def fake_run(strategy, aa, **extra):
-        results = dict(config={"train": {"strategy": strategy}}, tasks=["a", "b"], wall_seconds=12.3,
-                       metrics=dict(AA=aa, BWT=-4.0, forgetting=4.0, FWT=1.5), extra_bytes=3 * 1024 ** 2,
-                       timings=[{"trainable": 10}, {"trainable": 1234}], **extra)
-        folder = tmp_path / strategy
-        folder.mkdir()
-        (folder / "results.json").write_text(json.dumps(results))
-        return folder
-    runs = [fake_run("naive", 20.0), fake_run("expansion", 55.5, task_id_accuracy=97.25)]
-    out = tmp_path / "out"
-    assert ev.main(["--compare", *map(str, runs), str(tmp_path / "empty"), "--out", str(out)]) == 0
-    table = (tmp_path / "out" / "table.md").read_text().splitlines()
-    assert table[0].startswith("| strategy | AA | BWT |") and table[0].endswith("task ID |")
-    best = "| expansion | 55.5 | -4.0 | 4.0 | +1.5 | 1,234 | 3.0 MB | 12 s | 97.2 |"
-    assert table[2] == best  # best AA first
-    assert table[3].startswith("| naive | 20.0 |") and table[3].endswith("| - |")
-    assert (tmp_path / "out" / "table.png").stat().st_size > 0

@@ -24,14 +24,14 @@ from background import background
 from background import run as run_in_background
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["data", "llava", "attention", "model", "strategies", "pictures", "eval", "runner", "train",
+ORDER = ["data", "llava", "attention", "model", "eval", "strategies", "report", "runner", "train",
          "study"]  # top to bottom
 ALLOWED = {  # which of our files each may import; every one lies above it in ORDER
     "data": set(), "llava": {"data"}, "attention": set(), "model": {"attention"},
-    "strategies": {"llava", "model"}, "pictures": set(), "eval": {"data", "pictures"},
-    "runner": {"data", "llava", "model", "strategies", "pictures", "eval"},
-    "train": {"data", "llava", "model", "strategies", "pictures", "eval", "runner"},
-    "study": {"data", "runner", "eval", "strategies", "pictures"},
+    "eval": {"data", "llava"}, "strategies": {"llava", "model", "eval"}, "report": {"data", "eval"},
+    "runner": {"data", "llava", "model", "strategies", "eval", "report"},
+    "train": {"data", "llava", "model", "strategies", "eval", "report", "runner"},
+    "study": {"data", "runner", "eval", "strategies", "report"},
 }
 
 

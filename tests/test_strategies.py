@@ -17,13 +17,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import eval as ev
 import llava
 import strategies
 import train
 from llava import Examples
 from model import VLM, ModelConfig
-from strategies import (Compose, Replay, ReservoirBuffer, Strategy, StrategyConfig, importance,
-                        task_similarity, tir_weights)
+from eval import importance, task_similarity
+from llava import ReservoirBuffer
+from strategies import Compose, Replay, Strategy, StrategyConfig, tir_weights
 
 SMALL = dict(vit_dim=32, d_model=32, n_head=2, vit_layers=1, n_layer=1)  # a VLM that steps in milliseconds
 
@@ -644,7 +646,7 @@ def test_a_batch_routed_to_several_experts_is_answered_row_by_row_by_each_rows_e
     ids = torch.cat([tasks[t][1].tokens[[i], :p].long() for _, t, i in order])
     label = [t for _, t, _ in order]
     assert 0 < sum(label) < len(label) and label[:4] == [0, 1, 0, 1]
-    features = strategies.row_features(model, dict(model.named_parameters()), images, ids,
+    features = ev.row_features(model, dict(model.named_parameters()), images, ids,
                                        torch.full((len(ids),), p))[1]
     assert expansion.route(features).tolist() == label  # the router splits the batch by task
     n, in_place = 6, strategies.copy_params(expansion.live(model).items())
@@ -731,7 +733,7 @@ def test_identical_tasks_are_the_most_similar(tok, tasks):
     count = llava.make_task(data.TASKS["count"], 48, 1, 0, tok, 48, 40)[0]
     rows = [classify.subset(range(24)), tasks[1][0], count, classify.subset(range(24, 48))]
     assert not torch.equal(rows[0].images, rows[3].images)  # other scenes: no cosine of 1 by construction
-    prototypes = [[f.mean(0) for f in strategies.examples_features(model, base, r)] for r in rows]
+    prototypes = [[f.mean(0) for f in ev.examples_features(model, base, r)] for r in rows]
     similarity = task_similarity(prototypes, 0.5)
     assert torch.allclose(similarity, similarity.T) and bool(((similarity > 0) & (similarity <= 1)).all())
     others = [float(similarity[i, j]) for i in range(4) for j in range(i + 1, 4) if (i, j) != (0, 3)]
@@ -747,7 +749,7 @@ def test_similarity_ignores_a_direction_that_every_token_shares(tok, tasks):
 
     def similarity_and_features():
         base = dict(model.named_parameters())
-        prototypes = [[f.mean(0) for f in strategies.examples_features(model, base, r)] for r in rows]
+        prototypes = [[f.mean(0) for f in ev.examples_features(model, base, r)] for r in rows]
         return task_similarity(prototypes, 0.5), [p[1] for p in prototypes]
     plain, _ = similarity_and_features()
     with torch.no_grad():

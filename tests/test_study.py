@@ -21,6 +21,7 @@ from PIL import Image
 
 import data
 import eval as ev
+import report
 import study
 import train
 from background import background
@@ -84,7 +85,7 @@ def test_findings_follow_the_numbers():
     holds = [c["verdict"] for c in checks]  # 3-5 need expansion and ewc; 6 has one learnt pair only
     assert holds == ["holds", "fails"] + ["not measured"] * 4
     numbers = "naive BWT (pretrained) -40.0 ± 0.0, naive BWT (multitask) -40.0 ± 0.0"
-    assert numbers in study.finding_text(checks[0])
+    assert numbers in report.finding_text(checks[0])
     # the multitask base forgetting less turns 2 around
     checks = study.findings(study_runs(multitask_drift=10), study.BASES)
     assert checks[1]["verdict"] == "holds" and checks[1]["differences"] == {
@@ -174,7 +175,7 @@ def test_a_finding_holds_only_on_every_seed():
     check = study.findings(runs, ["pretrained"])[0]
     assert check["per_seed"] == [True, True, False] and check["verdict"] == "mixed"
     assert check["differences"] == {"naive BWT (pretrained)": [-50, -40, 10]}
-    assert "per seed: holds, holds, fails" in study.finding_text(check)
+    assert "per seed: holds, holds, fails" in report.finding_text(check)
     assert study.verdict([False, None, False]) == "fails" and study.verdict([None]) == "not measured"
 
 
@@ -192,7 +193,7 @@ def test_finding_6_uses_learnt_adjacent_pairs_averaged_over_seeds_and_bases():
     assert check["rho"] == pytest.approx(-1) and check["n_pairs"] == 3
     assert check["p"] == ev.permutation_p([.9, .5, .2], [.2, .6, .8])  # seeded: the same every time
     assert 0.1 < check["p"] < 0.25  # 1 of 6 orderings: too few pairs to be significant, and it says so
-    assert check["verdict"] == "not significant" and "not significant" in study.finding_text(check)
+    assert check["verdict"] == "not significant" and "not significant" in report.finding_text(check)
 
 
 def test_the_report_says_whether_each_verdict_survives_the_other_order(tmp_path):

@@ -137,13 +137,13 @@ def test_threads_default_to_torchs_count_up_to_two_and_key_the_base(runs, tmp_pa
     assert run1["train"]["threads"] == 1  # OMP_NUM_THREADS=1
 
 
-def test_eval_reprints_the_report(runs):
+def test_report_reprints_a_runs_report(runs):
     tmp, (first, _) = runs
-    proc = run("eval.py", tmp / "run1")
+    proc = run("report.py", tmp / "run1")
     assert proc.returncode == 0, proc.stderr
     report = proc.stdout.strip()
     assert report.startswith("strategy replay") and report in first.stdout
-    assert_one_line_error(run("eval.py", tmp / "missing"), "no results.json")
+    assert_one_line_error(run("report.py", tmp / "missing"), "no results.json")
 
 
 def test_reevaluating_the_last_checkpoint_gives_the_last_row(runs):
@@ -330,12 +330,14 @@ def test_a_trainable_vision_tower_is_encoded_every_step():
 
 
 def test_a_rows_vision_output_does_not_depend_on_the_rows_beside_it():
-    """What makes the cache exact: a row encoded alone or among others gives the same floats."""
+    """What makes the cache exact: a row encoded among any others gives the same floats. (A batch of one row
+    may take other kernels: on an AVX-512 CPU its floats came out 1.5e-6 off at one thread. No path encodes a
+    lone row on one side only: train.encode_images cuts the same chunks, fresh or resumed.)"""
     model, rows = tiny_setup()
     with torch.no_grad():
         whole = model.vision(llava.pixels(rows.images))
-        for i in (0, 5, 15):
-            assert torch.equal(model.vision(llava.pixels(rows.images[i:i + 1]))[0], whole[i])
+        for i in (0, 5, 14):
+            assert torch.equal(model.vision(llava.pixels(rows.images[i:i + 2])), whole[i:i + 2])
         assert torch.equal(model.vision(llava.pixels(rows.images[3:11])), whole[3:11])
 
 

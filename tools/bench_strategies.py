@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
+import eval as ev  # noqa: E402
 import llava  # noqa: E402
 import strategies  # noqa: E402
 from model import VLM, ModelConfig  # noqa: E402
@@ -67,7 +68,7 @@ def main():
     for measure in ("ewc", "mas"):
         gen = torch.Generator().manual_seed(0)
         samples = StrategyConfig().importance_samples
-        t = seconds(lambda: strategies.importance(model, rows[0], measure, samples, gen), 3)
+        t = seconds(lambda: ev.importance(model, rows[0], measure, samples, gen), 3)
         print(f"importance pass ({measure}, {StrategyConfig().importance_samples} rows): {t:.2f} s, "
               f"{100 * t / (tcfg.steps * base):.0f} % of a task's training")
     n_params = sum(p.numel() for p in VLM(cfg).parameters())

@@ -43,7 +43,7 @@ MUTANTS = {
                        "    keep, weights = (1 - similarity[task_id]).tolist(), {}",
                        "    keep, weights = [1.0] * len(per_task), {}",
                        [f"{ST}::test_regulariser_penalty_and_its_gradient"]),
-    "similarity_inverted": ("strategies.py",
+    "similarity_inverted": ("eval.py",
                             "gap += 1 - unit @ unit.T",
                             "gap += 1 + unit @ unit.T",
                             [f"{ST}::test_identical_tasks_are_the_most_similar"]),
@@ -83,11 +83,11 @@ MUTANTS = {
                         'tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")',
                         "tmp = path",
                         ["tests/test_resume.py::test_atomic_write"]),
-    "reservoir_slot": ("strategies.py",
+    "reservoir_slot": ("llava.py",
                        "torch.randint(self.seen, (1,)",
                        "torch.randint(self.seen + 1, (1,)",
                        [f"{ST}::test_reservoir"]),
-    "reservoir_partial_fill": ("strategies.py",
+    "reservoir_partial_fill": ("llava.py",
                                "torch.randint(self.seen, (1,)",
                                "torch.randint(self.seen - n_fill, (1,)",
                                [f"{ST}::test_reservoir_keeps_each_row_with_probability_k_over_n"]),
@@ -95,11 +95,11 @@ MUTANTS = {
                      "round(self.cfg.replay_ratio * len(fresh))",
                      "round(len(fresh) / 4)",
                      [f"{ST}::test_replay_ratio_sets_the_number_of_old_rows"]),
-    "fisher_true_labels": ("strategies.py",  # the model's own Fisher computed on the true answers again
+    "fisher_true_labels": ("eval.py",  # the model's own Fisher computed on the true answers again
                            '        if measure == "ewc" and fisher == "model":  # each answer token drawn',
                            '        if False:  # each answer token drawn',
                            [f"{ST}::test_the_models_own_fisher_does_not_vanish_with_the_square_of_the_error"]),
-    "similarity_uncentred": ("strategies.py",  # raw embeddings: their common direction makes tasks alike
+    "similarity_uncentred": ("eval.py",  # raw embeddings: their common direction makes tasks alike
                              "    emb = F.embedding(tokens, table - table.mean(0))  # (B, L, d)",
                              "    emb = F.embedding(tokens, table)  # (B, L, d)",
                              [f"{ST}::test_similarity_ignores_a_direction_that_every_token_shares"]),
