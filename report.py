@@ -179,10 +179,8 @@ def tile(images, columns):
 
 def comparison_rows(runs):
     """results.json dicts -> the comparison table as rows of strings, header first, best AA first.
-
-    'trainable' is what the last task trained; 'extra memory' is what the strategy keeps beyond the
-    model (buffers, importances, experts, teachers); 'task ID' is how often routing found the task.
-    """
+    'trainable': what the last task trained; 'extra memory': what the strategy keeps beyond the model;
+    'task ID': how often routing found the task."""
     routed = any("task_id_accuracy" in r for r in runs)
     rows = [["strategy", "AA", "BWT", "forgetting", "FWT", "trainable", "extra memory", "wall time"]
             + (["task ID"] if routed else [])]
@@ -233,7 +231,6 @@ def compare(run_dirs, out):
     return 0
 
 
-
 # the study's report (study.py writes it)
 
 def mean_or_none(values):
@@ -259,16 +256,24 @@ def rho_text(rho):
 
 
 def finding_text(check):
-    """'per seed: holds, fails; naive BWT (pretrained) -40.0 ± 1.0, ...' (+ the test of finding 6)."""
+    """'per seed: holds, fails; naive BWT (pretrained) -40.0 [-52.1, -27.9] (p 0.004), ...; Holm-adjusted
+    p 0.021 (the other way 1.000)': each number's mean, 95 % interval and one-sided p in the claimed direction
+    (finding 6: its ρ per seed, then the permutation test of the seed-averaged pairs)."""
+    def number(label, values):
+        if label == "ρ" or label not in check["tests"]:
+            return f"{label} {cell(values, '{:+.2f}' if label == 'ρ' else '{:+.1f}')}"
+        mean, half, p = check["tests"][label]
+        interval = "" if half is None else f" [{mean - half:+.1f}, {mean + half:+.1f}]"
+        return f"{label} {mean:+.1f}{interval}" + ("" if p is None else f" (p {p:.3f})")
     seeds = ", ".join({True: "holds", False: "fails", None: "-"}[h] for h in check["per_seed"])
-    text = f"per seed: {seeds}; " + ", ".join(f"{label} {cell(v, '{:+.2f}' if label == 'ρ' else '{:+.1f}')}"
-                                              for label, v in check["differences"].items())
+    text = f"per seed: {seeds}; " + ", ".join(number(*item) for item in check["differences"].items())
     if "n_pairs" in check:
         rho, p = check["rho"], check["p"]
         text += (f"; seed-averaged {rho_text(math.nan if rho is None else rho)} over {check['n_pairs']} "
                  f"independent task pairs (i, i+1) with task i learnt (>= {LEARNT} %), one-sided permutation "
-                 + ("p undefined" if p is None else f"p = {p:.3f}")
-                 + (", not significant" if p is not None and p >= 0.05 else ""))
+                 + ("p undefined" if p is None else f"p {p:.3f}"))
+    if check["p_holds_holm"] is not None:
+        text += f"; Holm-adjusted p {check['p_holds_holm']:.3f} (the other way {check['p_fails_holm']:.3f})"
     return text
 
 
@@ -347,6 +352,17 @@ def learnt_section(runs, tasks, strategies, bases):
     return lines
 
 
+def seeds_can(n, findings):
+    """What n seeds can show: how many of its seeds' standard deviations the clearest finding's mean must lie
+    from 0 to hold after Holm's correction."""
+    t = ev.t_quantile(1 - ev.ALPHA / findings, max(n - 1, 1))
+    return "One seed gives no test: every finding is undecided." if n < 2 else (
+        f"{n} seeds give the t-test {n - 1} degrees of freedom: the clearest finding holds only if its mean "
+        f"lies {t / math.sqrt(n):.1f} standard deviations of its seeds from 0 (t = {t:.2f} at p = "
+        f"{ev.ALPHA}/{findings}); a smaller effect, even of one sign on every seed, stays undecided: too few "
+        "seeds to tell, which is no evidence that it is absent.")
+
+
 def study_markdown(tasks, rows, checks, pictures, notes, others=(), format_lines=(), learnt_lines=()):
     """study.md. others: [(order, its checks)] of the other task orders, each finding's verdict there."""
     lines = []
@@ -375,8 +391,11 @@ def study_markdown(tasks, rows, checks, pictures, notes, others=(), format_lines
          "*gain*: AA minus naive's from the same base and seed; *extra memory*: what the strategy keeps "
          "beyond the model; *extra time*: training seconds beyond naive's. Several seeds: mean ± std.", "",
          "## The paper's findings", "",
-         "A finding *holds* when it holds on every seed, *fails* when it fails on every seed, and is *mixed* "
-         "otherwise; the numbers are the paired differences it tests, mean ± std over seeds.", ""]
+         "Each number is a paired difference per seed: its mean, 95 % interval and one-sided p (a t-test "
+         "over the seeds, in the claimed direction). A finding with several numbers takes the largest p; "
+         f"finding 6 takes its permutation test. With Holm's correction across the {len(checks)}, a finding "
+         f"*holds* at adjusted p < {ev.ALPHA}, *fails* where the other direction is that clear, and is "
+         f"*undecided* otherwise. {seeds_can(len(checks[0]['per_seed']), len(checks))}", ""]
         + lines + ["", "## Is every task learnt?", "",
                    f"A task never learnt (below {LEARNT} right after its own training) cannot be forgotten, "
                    "so a strategy that leaves one unlearnt can look stable without being so.", ""]
@@ -416,10 +435,8 @@ def main(argv=None):
     ap.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="put these runs side by side in a table")
     ap.add_argument("--out", default="runs/compare", help="where --compare writes table.md and table.png")
     args = ap.parse_args(argv)
-    if args.compare:
-        return compare(args.compare, args.out)
-    if args.run_dir is None:
-        ap.error("give a run folder, or --compare RUN_DIR ...")
+    if args.compare or args.run_dir is None:
+        return compare(args.compare, args.out) if args.compare else ap.error("give a run folder, or --compare")
     path = Path(args.run_dir) / "results.json"
     if not path.is_file():
         print(f"error: no results.json in {args.run_dir}", file=sys.stderr)

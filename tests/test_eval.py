@@ -170,6 +170,31 @@ def test_spearman_of_a_constant_is_undefined():
     assert math.isnan(ev.spearman([1, 2, 3], [5, 5, 5]))
 
 
+def test_students_t_against_its_closed_form_and_its_tables():
+    for t in (-3.0, -0.5, 0.0, 1.0, 4.0):  # two degrees of freedom: P(T <= t) = 1/2 + t / (2 sqrt(2 + t^2))
+        assert ev.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-9)
+    assert ev.t_quantile(0.975, 2) == pytest.approx(4.303, abs=1e-3)  # printed tables
+    assert ev.t_quantile(0.975, 4) == pytest.approx(2.776, abs=1e-3)
+    assert ev.t_quantile(0.975, 10 ** 6) == pytest.approx(1.960, abs=1e-3)  # the normal's
+
+
+def test_paired_test_on_a_worked_example():
+    # [1, 2, 3]: mean 2, sd 1, se 1/sqrt(3), t = 3.464 with 2 degrees of freedom
+    mean, half, p = ev.paired_test([1, 2, 3])
+    t = 2 * math.sqrt(3)
+    assert mean == 2 and half == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)
+    assert p == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), abs=1e-9)  # 0.0371
+    assert ev.paired_test([-1, -2, -3])[2] == pytest.approx(1 - p)
+    assert ev.paired_test([5]) == (5, None, None)  # one seed: no test
+    assert ev.paired_test([2, 2])[2] == 0.0 and ev.paired_test([0, 0])[2] == 0.5
+
+
+def test_holm_on_a_worked_example():
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1 -> 0.03, 0.06, 0.04, then never below the one before: 0.06
+    assert ev.holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None])
+    assert ev.holm([0.5, 0.9]) == [1.0, 1.0]
+
+
 def test_the_permutation_test_finds_a_strong_correlation_and_not_a_weak_one():
     xs = list(range(8))
     assert ev.permutation_p(xs, [-x for x in xs]) < 0.001

@@ -98,7 +98,8 @@ MUTANTS = {
     "fisher_true_labels": ("eval.py",  # the model's own Fisher computed on the true answers again
                            '        if measure == "ewc" and fisher == "model":  # each answer token drawn',
                            '        if False:  # each answer token drawn',
-                           [f"{ST}::test_the_models_own_fisher_does_not_vanish_with_the_square_of_the_error"]),
+                           [f"{ST}::test_the_models_own_fisher_does_not_vanish_with_the_square_of_the"
+                            "_error"]),
     "similarity_uncentred": ("eval.py",  # raw embeddings: their common direction makes tasks alike
                              "    emb = F.embedding(tokens, table - table.mean(0))  # (B, L, d)",
                              "    emb = F.embedding(tokens, table)  # (B, L, d)",
@@ -229,6 +230,14 @@ MUTANTS = {
                      'os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")',
                      'pass',
                      [f"{TR}::test_idle_threads_sleep"]),
+    "verdict_no_holm": ("study.py",  # each finding judged at its own p, as if it were the only one
+                        '(ev.holm([c[key] for c in checks]) for key in ("p_holds", "p_fails"))',
+                        '([c[key] for c in checks] for key in ("p_holds", "p_fails"))',
+                        ["tests/test_study.py::test_verdicts_use_holms_correction_across_the_findings"]),
+    "finding_min_p": ("study.py",  # a finding of several numbers holds when any one does
+                      "p_holds=max(ps) if tested else None,",
+                      "p_holds=min(ps) if tested else None,",
+                      ["tests/test_study.py::test_verdicts_use_holms_correction_across_the_findings"]),
     "compose_inherits_hooks": ("strategies.py",
                                "class Compose:",
                                "class Compose(Strategy):",
