@@ -85,8 +85,7 @@ class Strategy:
         return {}
 
     def oracle(self, task_id):
-        """A strategy told that every question is of task `task_id`, or None where knowing it changes nothing.
-        Expansion's oracle uses that task's expert: the bound its routing could reach."""
+        """A strategy told that every question is of task `task_id` (expansion: routing's bound), or None."""
         return None
 
     def state_dict(self):
@@ -145,9 +144,8 @@ class Replay(Strategy):
 
 
 class Joint(Replay):
-    """Multitask training on all tasks seen so far: the upper-bound row, not a continual method. Each task's
-    rows join a pool (a buffer too big ever to fill) before the task is trained, and every batch comes from
-    the pool alone: stage t trains on the union of tasks 1..t, at the price of keeping all the data."""
+    """Multitask training on all tasks seen so far: the upper bound, not a continual method. Each task's rows
+    join a pool (a buffer never full) before it trains, and every batch comes from the pool: all the data."""
     name, options = "joint", ()
     naive_first = False  # its batches come from the pool, drawn otherwise than naive's
 
@@ -189,8 +187,7 @@ class EWC(Strategy):
         self.anchor = copy_params((n, p) for n, p in model.named_parameters() if n in self.anchor or n in new)
 
     def merge(self, new, task_id):  # a parameter frozen in this task keeps its old importance, decayed
-        decay = self.cfg.importance_decay
-        old = {n: decay * f for n, f in self.importance.items()}
+        old = {n: self.cfg.importance_decay * f for n, f in self.importance.items()}
         self.importance = {**old, **{n: old.get(n, 0) + f for n, f in new.items()}}
 
     def penalty(self, model, batch, logits):
@@ -209,8 +206,7 @@ class MAS(EWC):
 
 
 def tir_weights(per_task, similarity, task_id):
-    """EWC's summed importance, each earlier task's part counted (1 - its similarity to the new task)
-    times."""
+    """EWC's summed importance, each earlier task's part counted 1 - similarity(new task, it) times."""
     keep, weights = (1 - similarity[task_id]).tolist(), {}
     for k, task_importance in enumerate(per_task):
         for n, f in task_importance.items():
@@ -219,15 +215,13 @@ def tir_weights(per_task, similarity, task_id):
 
 
 class TIR(EWC):
-    """Task-similarity-informed regularisation (He et al. 2023, sec. 4.3) on EWC's footing: EWC's penalty and
-    λ (MAS's, with --tir-importance mas), each earlier task's importance counted 1 − similarity(new task,
-    that task) times instead of once: an old task like the new one needs less protection, as learning the
-    new task serves it too. With every similarity 0 it is EWC (γ = 1). He et al.'s are the idea and the
-    weighting; this project's own are the similarity (eval.task_similarity, on the frozen base's features),
-    keeping each task's importance apart (T copies of the trainable parameters), and EWC's λ."""
+    """Task-similarity-informed regularisation (He et al. 2023, sec. 4.3) on EWC's footing (λ too; MAS's with
+    --tir-importance mas), each earlier task's importance counted 1 − similarity(new task, it) times: an old
+    task like the new one needs less protection, as learning the new one serves it too. With every
+    similarity 0 it is EWC (γ = 1). He et al.'s are the idea and the weighting; this project's, the similarity
+    (eval.task_similarity, on the frozen base), and each task's importance kept apart (T copies)."""
     name, options = "tir", ("ewc_lambda", "mas_lambda", "tir_importance", "importance_samples",
                             "tir_temperature", "ewc_fisher")
-    # per_task: each task's importances; scaled: the weights in use; used: each task's similarities, as used
     state = {"anchor": {}, "per_task": [], "base": None, "prototypes": [], "scaled": {}, "used": []}
 
     def __init__(self, cfg, seed=0):
@@ -236,7 +230,7 @@ class TIR(EWC):
             raise ValueError(f"--tir-importance must be ewc or mas, got {cfg.tir_importance!r}")
         self.measure, self.strength = cfg.tir_importance, f"{cfg.tir_importance}_lambda"
 
-    def weights(self):
+    def weights(self):  # tir_weights of per_task (each task's importances), made before each task
         return self.scaled
 
     def before_task(self, model, task_id, train):
@@ -256,33 +250,50 @@ class TIR(EWC):
                 "task_similarity_used": self.used}
 
 
+KEYS = 64  # training rows per task whose instructions are kept: LwF's old questions, Expansion's keys
+
+
 class LwF(Strategy):
-    """Learning without Forgetting (Li & Hoiem 2016), for a model that answers in tokens. Before each task
-    after the first, the parameters are copied as a frozen teacher. The teacher reads each batch too, and the
-    model is pulled towards its answer-token distributions,
-    α·T²·KL(softmax(teacher/T) ‖ softmax(model/T)), at every answer position. No old data is kept:
-    old tasks live on in how the old model answers new questions."""
+    """Learning without Forgetting (Li & Hoiem 2016) with one output head: Li & Hoiem distil a head per old
+    task on the new inputs; here the old tasks' questions play the heads. Each task leaves KEYS instructions
+    (no image, no answer); before a later task the parameters are copied as a frozen teacher, and every step
+    asks the batch's images old questions, pulling the model towards the teacher's distribution over the
+    first answer token: α·T²·KL(softmax(teacher/T) ‖ softmax(model/T)). Distilling on the new task's own
+    questions instead fights the new labels on their own tokens (the teacher gives them p ≈ 0) and leaves the
+    old questions free. The first token decides an answer's form, which naive tuning forgets here."""
     name, options = "lwf", ("lwf_alpha", "lwf_temperature")
-    state = {"teacher": None}  # {name: tensor}, made afresh before each task
+    state = {"teacher": None, "questions": [], "asked": 0}  # questions: per task (tokens, prompt lengths)
 
     def before_task(self, model, task_id, train):
         self.teacher = copy_params(model.named_parameters()) if task_id > 0 else None
 
+    def after_task(self, model, task_id, train):
+        rows = train.subset(range(min(KEYS, len(train))))  # rows are drawn at random: the first will do
+        prompt = torch.arange(rows.tokens.size(1)) < rows.prompt_len[:, None].long()
+        self.questions.append((rows.tokens * prompt, rows.prompt_len))
+
     def penalty(self, model, batch, logits):
         if self.teacher is None:
             return None
+        images, n = batch[0], len(batch[0])
+        tokens, lengths = (torch.cat(parts) for parts in zip(*self.questions))
+        draw = torch.Generator().manual_seed(self.seed * 1_000_003 + self.asked)  # a resume draws the same
+        pick = torch.randint(len(tokens), (n,), generator=draw)  # an old question for each image
+        self.asked += n
+        ids = tokens[pick, :int(lengths[pick].max())].long().to(images.device)
+        at = (torch.arange(n), lengths[pick].long() - 1)  # [SEP]: it predicts the answer's first token
         with torch.no_grad():
-            teacher_logits, _ = functional_call(model, self.teacher, batch[:2])  # (images, inputs)
-        T, answer = self.cfg.lwf_temperature, batch[2] != -100
-        old, new = (F.log_softmax(x[answer] / T, dim=-1) for x in (teacher_logits, logits))  # (answers, V)
+            teacher = functional_call(model, self.teacher, (images, ids))[0][at]
+        student = model(images, ids)[0][at]
+        T = self.cfg.lwf_temperature
+        old, new = (F.log_softmax(x / T, dim=-1) for x in (teacher, student))  # (n, V)
         return self.cfg.lwf_alpha * T * T * F.kl_div(new, old, log_target=True, reduction="batchmean")
 
 
 class LoRA(Strategy):
-    """One low-rank adapter set, tuned through every task in turn while the whole base stays frozen. Before
-    the first task the chosen linear layers are wrapped in LoRALinear (model.py); from then on only the
-    adapters train. Far fewer parameters move than in full fine-tuning, but the same ones move for every task,
-    so LoRA alone still forgets. The adapters live in the model, and so in its checkpoints."""
+    """One low-rank adapter set (LoRALinear, model.py) on the chosen layers, tuned through every task while
+    the whole base stays frozen: far fewer parameters move than in full tuning, but the same ones for every
+    task, so LoRA alone still forgets. The adapters live in the model, and so in its checkpoints."""
     naive_first = False  # adapters from the first task on
     name, options = "lora", ("lora_rank", "lora_alpha", "lora_targets")
 
@@ -304,21 +315,16 @@ class LoRA(Strategy):
         return nbytes(self.adapters)
 
 
-KEYS = 64  # training rows per task whose instructions Expansion keeps as routing keys
-
-
 class Expansion(LoRA):
-    """Model expansion with task-ID routing, after the paper's EProj (He et al. 2023, sec. 4.2). Each task
-    gets its own expert (a LoRA adapter set and a projector copy) trained from one common start while all else
-    stays frozen, and leaves keys: the instruction features (eval.token_features) of its first KEYS training
-    rows. With no task id given, a test row goes to the expert of the key nearest its instruction (cosine);
-    extra_results reports how often that is its task. Nearest neighbour, not a mean key per task: tasks'
-    means are nearly alike, but no two tasks share an instruction template."""
+    """Model expansion with task-ID routing, after EProj (He et al. 2023, sec. 4.2). Each task gets an expert
+    (LoRA adapters and a projector copy) trained from one common start while all else stays frozen, and leaves
+    keys: the instruction features (eval.token_features) of KEYS training rows. Untold its task, a test row
+    goes to the expert of the key nearest its instruction (cosine): nearest neighbour, since tasks' mean keys
+    are nearly alike, but no two tasks share an instruction template."""
     name = "expansion"
     state = {"start": None, "experts": [], "keys": []}  # keys: per task, (KEYS, dim) instruction features
 
-    def extra_bytes(self):  # what the state holds: every expert, the start, the keys (LoRA's would miss them)
-        return Strategy.extra_bytes(self)
+    extra_bytes = Strategy.extra_bytes  # what the state holds: every expert, the start, the keys (not LoRA's)
 
     def live(self, model):  # the parameters that make up the expert in place
         return {n: p for n, p in model.named_parameters() if ".lora_" in n or n.startswith("projector.")}
@@ -335,8 +341,7 @@ class Expansion(LoRA):
 
     def after_task(self, model, task_id, train):
         self.experts.append(copy_params(self.live(model).items()))
-        first = train.subset(range(min(KEYS, len(train))))
-        self.keys.append(instruction_features(model, first))
+        self.keys.append(instruction_features(model, train.subset(range(min(KEYS, len(train))))))
 
     def route(self, instruction):
         """Each row's instruction features (B, dim) -> the expert of the nearest key (cosine)."""
@@ -366,17 +371,16 @@ class Expansion(LoRA):
         return {"task_id_accuracy": sum(hits) / len(hits), "task_id_accuracy_per_task": hits}
 
     def oracle(self, task_id):
-        """Expansion told the task (an upper bound, not a method): its experts, every row routed to task_id's."""
+        """Expansion told the task (a bound, not a method): its experts, every row routed to task_id's."""
         told = copy.copy(self)  # shares the experts; only the router differs
         told.route = lambda instruction: torch.full((len(instruction),), task_id, device=instruction.device)
         return told
 
 
 class Compose:
-    """Several strategies at once ('replay+ewc'), each part keeping its own state. A hook whose results add up
-    combines them below: batches pass from part to part, penalties and bytes add, results merge, one part may
-    route. Every other hook (before_task, after_task, restore, and any new one that Strategy gains) is passed
-    to each part in order by __getattr__, so a new hook needs no edit here."""
+    """Several strategies at once ('replay+ewc'), each part keeping its own state. Hooks whose results combine
+    are below: batches pass from part to part, penalties and bytes add, results merge, one part may route.
+    Every other hook (and any new one that Strategy gains) goes to each part in turn by __getattr__."""
 
     def __init__(self, parts):
         self.parts, self.name = parts, "+".join(p.name for p in parts)
@@ -384,8 +388,7 @@ class Compose:
         self.options = tuple(o for p in parts for o in p.options)
         routers = [p for p in parts if type(p).generate is not Strategy.generate]
         if len(routers) > 1:
-            names = ", ".join(p.name for p in routers)
-            raise ValueError(f"{self.name}: only one part may route, but {names} all do")
+            raise ValueError(f"{self.name}: only one part may route; {', '.join(p.name for p in routers)} do")
         self.router = routers[0] if routers else Strategy(None)  # a plain Strategy lets the model answer
 
     def __getattr__(self, hook):  # called only for names not defined in this class

@@ -547,30 +547,49 @@ def test_lwf_penalty_is_zero_against_its_own_copy_and_positive_after_a_step(tok,
     assert lwf.penalty(model, batch, model(*batch)[0]).item() > 1e-6
 
 
-def test_lwf_penalty_and_its_gradient_match_a_hand_computation(tok, tasks):
-    """penalty = α·T²·KL(softmax(teacher/T) ‖ softmax(model/T)), averaged over the answer positions, and
-    its gradient α·T·(softmax(model/T) - softmax(teacher/T)) / n_answers on the logits, zero elsewhere."""
-    alpha, T = 0.7, 2.0  # neither 1: a penalty without α or T² cannot match
-    model, lwf = tiny_vlm(tok), strategies.build("lwf", StrategyConfig(lwf_alpha=alpha, lwf_temperature=T))
+def lwf_after_two_steps(tok, tasks, **options):
+    """LwF through task 0 (classify), then two steps into task 1 (read): the model has left its teacher."""
+    model, lwf = tiny_vlm(tok), strategies.build("lwf", StrategyConfig(**options))
     run_task(model, lwf, 0, tasks[0][0])
     lwf.before_task(model, 1, tasks[1][0])
-    train_a_little(model, lwf, tasks[1][0], steps=2)  # the model moves away from its teacher
+    train_a_little(model, lwf, tasks[1][0], steps=2)
+    return model, lwf
+
+
+def test_lwf_penalty_and_its_gradient_match_a_hand_computation(tok, tasks):
+    """penalty = α·T²·KL(softmax(teacher/T) ‖ softmax(model/T)) at the first answer position of an old task's
+    question asked of the batch's images, averaged over the rows; its gradient flows into the model."""
+    alpha, T = 0.7, 2.0  # neither 1: a penalty without α or T² cannot match
+    model, lwf = lwf_after_two_steps(tok, tasks, lwf_alpha=alpha, lwf_temperature=T)
+    assert [len(t) for t, _ in lwf.questions] == [48]  # task 0's instructions: KEYS = 64, 48 rows
+    tokens, lengths = lwf.questions[0]
+    assert not tokens[torch.arange(tokens.size(1)) >= lengths[:, None]].any()  # no answer kept
+    lwf.questions = [(tokens[:1], lengths[:1])]  # one old question: every image is asked it
     batch = llava.to_batch(tasks[1][0], range(8), "cpu")
-    logits = model(*batch)[0].detach().requires_grad_(True)
-    value = lwf.penalty(model, batch, logits)
-    assert value.requires_grad, "the penalty has no gradient: it cannot pull the model towards its teacher"
-    (grad,) = torch.autograd.grad(value, logits)
+    model.zero_grad()
+    value = lwf.penalty(model, batch, None)
+    value.backward()
+    assert lwf.asked == 2 * 8 + 8  # two steps of 8 rows, then this call
+    ids, last = tokens[:1, :int(lengths[0])].long().expand(8, -1), int(lengths[0]) - 1
     with torch.no_grad():
-        teacher = torch.func.functional_call(model, lwf.teacher, batch[:2])[0]
-    answer = batch[2] != -100
-    p = torch.softmax(teacher[answer].double() / T, -1)  # the teacher's distribution: KL's first argument
-    q = torch.softmax(logits.detach()[answer].double() / T, -1)
-    n = int(answer.sum())
-    hand = alpha * T * T * float((p * (p.log() - q.log())).sum()) / n
-    assert value.item() == pytest.approx(hand, rel=1e-4) and hand > 1e-4
-    want = torch.zeros_like(grad, dtype=torch.float64)
-    want[answer] = alpha * T * (q - p) / n
-    assert torch.allclose(grad.double(), want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+        teacher = torch.func.functional_call(model, lwf.teacher, (batch[0], ids))[0][:, last]
+        student = model(batch[0], ids)[0][:, last]
+    p, q = (torch.softmax(x.double() / T, -1) for x in (teacher, student))
+    hand = alpha * T * T * float((p * (p.log() - q.log())).sum()) / 8
+    assert value.item() == pytest.approx(hand, rel=1e-4) and hand > 1e-5
+    assert model.lm_head.weight.grad.abs().sum() > 0, "no gradient: it cannot pull the model towards its teacher"
+
+
+def test_lwf_distils_the_old_questions_whatever_the_new_batch_asks(tok, tasks):
+    """The penalty reads only the batch's images: the new task's questions and labels, which distilling on
+    would fight, do not enter it. (Distilling on the batch's own inputs fails this.)"""
+    model, lwf = lwf_after_two_steps(tok, tasks)
+    batch = llava.to_batch(tasks[1][0], range(8), "cpu")
+    other = llava.to_batch(tasks[0][0], range(8), "cpu")  # task 0's questions and answers, task 1's images
+    asked = lwf.asked
+    value = lwf.penalty(model, batch, model(*batch)[0]).item()
+    lwf.asked = asked  # the same old questions drawn again
+    assert lwf.penalty(model, (batch[0], *other[1:]), model(batch[0], *other[1:])[0]).item() == value > 0
 
 
 # ----------------------------------------------------------------------------------------------
