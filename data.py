@@ -12,7 +12,7 @@ import functools
 import itertools
 import os
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,13 +85,13 @@ def render(scene, size=48):
 
 
 def random_objects(rng, n, cells=range(9), distinct=None, colors=tuple(COLORS)):
-    """n objects in distinct cells; `distinct` = 'color' ('shape', 'size') makes that unique in the scene."""
+    """n objects in distinct cells; `distinct` = 'color' (or 'shape') makes that unique in the scene."""
     objs, seen = [], set()
     for cell in rng.sample(list(cells), n):
         while True:
             o = Obj(rng.choice(SHAPES), rng.choice(list(colors)), rng.choice(SIZES), cell,
                     rng.randint(-1, 1), rng.randint(-1, 1))
-            tag = getattr(o, distinct) if distinct else None
+            tag = o.shape if distinct == "shape" else o.color
             if distinct is None or tag not in seen:
                 seen.add(tag)
                 objs.append(o)
@@ -304,7 +304,7 @@ MINORS = {  # task -> (minor kind, share of its rows); the rest of its rows are 
 }
 
 
-def mixed(task, minor_kinds):
+def mixed(task):
     """The task with its minor kinds (MINORS' shares). Its own question is drawn first, so a split draws the
     single benchmark's scenes, test layouts and bases; a generator of scene and question picks the kind."""
     kinds = MINORS.get(task.name, ())
@@ -315,8 +315,11 @@ def mixed(task, minor_kinds):
         side = random.Random(f"{scene!r}|{question}")
         u = side.random()
         pick = next((kind for (kind, _), end in zip(kinds, upto) if u < end), None)
-        return (question, answer) if pick is None else minor_kinds[pick].make(scene, side)
+        return (question, answer) if pick is None else MINOR_KINDS[pick].make(scene, side)
     return Task(task.name, task.like, task.phrasings, task.scene, make, task.metric)
+
+
+BENCHMARKS = {"single": TASKS, "mixed": {name: mixed(t) for name, t in TASKS.items()}}
 
 
 def _exist(scene, rng):
@@ -330,8 +333,7 @@ def _about_one(name, answer):
     """make() of a held-in task: one of its phrasings about a random object o -> answer(o, scene)."""
     def make(scene, rng):
         o = rng.choice(scene.objects)
-        phrasings = (HELD_IN.get(name) or WIDE[name]).phrasings
-        question = rng.choice(phrasings).format(color=o.color, size=o.size, where=where(o.cell))
+        question = rng.choice(HELD_IN[name].phrasings).format(color=o.color, where=where(o.cell))
         return question, answer(o, scene)
     return make
 
@@ -357,64 +359,6 @@ HELD_IN = {t.name: t for t in [
     Task("first", "OCR-VQA", ("What is the first character of the text?",
          "Which symbol comes first in the writing?"), _read_scene, _first),
 ]}
-
-
-def _side(scene, rng):
-    """'Is the large thing on the left or the right?' -> 'left'  (one off the centre on the axis asked)"""
-    o = rng.choice([o for o in scene.objects if o.cell != 4])
-    x, y, answer = rng.choice(_axes(o))
-    return rng.choice(WIDE["side"].phrasings).format(size=o.size, x=x, y=y), answer
-
-
-# '+wide' (--benchmark single+wide): held-in tasks that also answer with every form the sequence uses
-# (shapes, places, sides, short descriptions), so that the multitask base learns that the question decides the
-# form. They ask about an object found by its place or its size, never by its colour as the sequence asks; in
-# the tokenizer's words only (tested).
-WIDE = {t.name: t for t in [
-    Task("shape at", "GQA (objects)", ("What shape is the object at the {where}?",
-         "Name the shape of the thing in the {where}."), some_objects(1, 3),
-         _about_one("shape at", lambda o, s: o.shape)),
-    Task("place", "Visual Genome (regions)", ("Where is the {size} object?",
-         "In which part of the picture is the {size} thing?"), some_objects(2, 2, "size"),
-         _about_one("place", lambda o, s: where(o.cell))),
-    Task("side", "GQA (relations)", ("Is the {size} thing on the {x} or the {y}?",
-         "Which side is the {size} object on, {x} or {y}?"), some_objects(2, 2, "size"), _side),
-    Task("thing", "Visual Genome (objects)", ("What is at the {where}?", "Name the thing in the {where}."),
-         some_objects(1, 3), _about_one("thing", lambda o, s: f"a {o.size} {o.color} {o.shape}.")),
-]}
-FORMS = {  # '+forms': each question ends by saying the answer's form, as LLaVA 1.5's prompts do
-    "classify": "a shape", "attribute": "a shape", "unanswerable": "a shape or unanswerable",
-    "count": "a number", "spatial": "a side", "read": "the text", "ground": "a place",
-    "caption": "a sentence",
-    "shape check": "yes or no", "how many": "a number", "side check": "yes or no", "text check": "yes or no",
-    "colour check": "yes or no", "exist": "yes or no", "colour": "a colour", "size": "a size",
-    "total": "a number", "first": "a character", "shape at": "a shape", "place": "a place", "side": "a side",
-    "thing": "a sentence"}
-
-
-def with_form(task):
-    """The task, each question followed by 'Give <its form>.' ('Give a number.')."""
-    def make(scene, rng):
-        question, answer = task.make(scene, rng)
-        return f"{question} Give {FORMS[task.name]}.", answer
-    return replace(task, make=make)
-
-
-def benchmark_tasks(name):
-    """--benchmark: 'single' or 'mixed', then optionally '+wide' and/or '+forms' -> ({name: Task} of the
-    sequence's built-in tasks, {name: Task} of the multitask base's held-in tasks)."""
-    kind, *extras = name.split("+")
-    if kind not in ("single", "mixed") or not {*extras} <= {"wide", "forms"} or len(extras) > len({*extras}):
-        raise ValueError(f"unknown benchmark {name!r}; choose single or mixed, then optionally +wide, +forms")
-    form = with_form if "forms" in extras else (lambda task: task)
-    minor_kinds = {k: form(t) for k, t in MINOR_KINDS.items()}
-    tasks = {n: mixed(form(t), minor_kinds) if kind == "mixed" else form(t) for n, t in TASKS.items()}
-    return tasks, {n: form(t) for n, t in {**HELD_IN, **(WIDE if "wide" in extras else {})}.items()}
-
-
-def benchmark_words(name):
-    """The words a benchmark's prompts add to the tokenizer's (the forms' words, with '+forms')."""
-    return [f"Give {form}." for form in FORMS.values()] if "forms" in name.split("+") else []
 
 
 def _align_scene(rng):
@@ -475,11 +419,11 @@ def split_scenes(task, split, n, seed, exclude=frozenset()):
 
 
 @functools.lru_cache(maxsize=4)
-def test_layouts(n_test, seed, name="single"):
-    """Every layout of every test split: the eight tasks' and benchmark `name`'s held-in tasks'. Training
-    splits of every stage (alignment, multitask, each task) exclude all of them, so no stage trains on a scene
-    that any stage tests: a layout tested in one task must not be learnt in another (or in a base) either."""
-    return frozenset(scene.key() for task in (*TASKS.values(), *benchmark_tasks(name)[1].values())
+def test_layouts(n_test, seed):
+    """Every layout of every test split: the eight tasks' and the held-in tasks'. Training splits of every
+    stage (alignment, multitask, each task) exclude all of them, so no stage trains on a scene that any
+    stage tests: a layout tested in one task must not be learnt in another (or in the base) either."""
+    return frozenset(scene.key() for task in (*TASKS.values(), *HELD_IN.values())
                      for scene, _, _ in split_scenes(task, "test", n_test, seed))
 
 

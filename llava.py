@@ -22,8 +22,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data import (ALL_TASKS, COLORS, COLS, GLYPHS, ROWS, SHAPES, SIZES, atomic_write, benchmark_tasks,
-                  benchmark_words, render, split_scenes, test_layouts)
+from data import (ALL_TASKS, BENCHMARKS, COLORS, COLS, GLYPHS, ROWS, SHAPES, SIZES, atomic_write, render,
+                  split_scenes, test_layouts)
 
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[SEP]", "[EOS]"]  # PAD must be id 0: batches pad with zeros
 PAD, BOS, SEP, EOS = 0, 2, 3, 4
@@ -153,10 +153,10 @@ def make_split(task, split, n, seed, tok, image_size, max_len, exclude=frozenset
     return ex, set(keys)
 
 
-def make_task(task, n_train, n_test, seed, tok, image_size, max_len, benchmark="single"):
+def make_task(task, n_train, n_test, seed, tok, image_size, max_len):
     """-> (train, test) Examples of a built-in task; no train layout equals any task's test layout."""
     test, _ = make_split(task, "test", n_test, seed, tok, image_size, max_len)
-    held_out = test_layouts(n_test, seed, benchmark)  # every task's test layouts, not only this task's
+    held_out = test_layouts(n_test, seed)  # every task's test layouts, not only this task's
     train, _ = make_split(task, "train", n_train, seed, tok, image_size, max_len, exclude=held_out)
     return train, test
 
@@ -215,14 +215,14 @@ class FileTask:
 
 
 def read_tasks(entries, image_root="", truncate=False, cache="cache", benchmark="single"):
-    """--tasks entries (built-in names, from data.benchmark_tasks(benchmark), and task files) -> {name: Task
-    or FileTask}, every file checked."""
+    """--tasks entries (built-in names, from data.BENCHMARKS[benchmark], and task files) -> {name: Task or
+    FileTask}, every file checked."""
     tasks = {}
     for entry in entries:
         if entry.endswith(TASK_FILE_SUFFIXES):
             task = read_task_file(Path(entry), image_root, truncate, cache)
         else:
-            task = benchmark_tasks(benchmark)[0][entry]
+            task = BENCHMARKS[benchmark][entry]
         if tasks.setdefault(task.name, task) is not task:
             raise TaskFileError(f"{entry}: --tasks already has a task named {task.name!r}")
     return tasks
@@ -391,11 +391,10 @@ def encode_records(task, records, tok, max_len):
 
 def export(out, n_train, n_test, seed, image_size, benchmark="single"):
     """Write the benchmark as task files: out/<task>.json (train), <task>.test.json, images/<task>/*.png."""
-    out, tok = Path(out), train_tokenizer(ALL_TASKS, seed, benchmark_words(benchmark))
-    for task in benchmark_tasks(benchmark)[0].values():
+    out, tok = Path(out), train_tokenizer(ALL_TASKS, seed)
+    for task in BENCHMARKS[benchmark].values():
         (out / "images" / task.name).mkdir(parents=True, exist_ok=True)
-        for split, ex in zip(("train", "test"), make_task(task, n_train, n_test, seed, tok, image_size, 64,
-                                                          benchmark)):
+        for split, ex in zip(("train", "test"), make_task(task, n_train, n_test, seed, tok, image_size, 64)):
             records = []
             for i in range(len(ex)):
                 image, p = f"images/{task.name}/{split}-{i}.png", int(ex.prompt_len[i])

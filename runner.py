@@ -33,8 +33,7 @@ class TrainConfig:
     strategy: str = arg("naive", "continual-learning strategy; combine parts with '+', e.g. replay+naive")
     tasks: str = arg("paper", f"an order ({', '.join(data.ORDERS)}), or a comma list of tasks and task files")
     benchmark: str = arg("single", "built-in tasks of one kind of question each (single), or with the other "
-                         "kinds their datasets hold (mixed); +wide: held-in tasks of every answer form, +forms: "
-                         "each question says its answer's form; so that answer forms recur across tasks")
+                         "kinds their datasets hold (mixed), so that answer forms recur across tasks")
     image_root: str = arg("", "where task files' image paths start; empty means each file's own folder")
     truncate: bool = arg(False, "cut task-file rows longer than --max-text-len (and count them), not stop")
     preset: str = arg("tiny", "size of model and schedule: tiny for a CPU, small or base for a GPU")
@@ -146,10 +145,8 @@ def parse(argv):
     for name in sorted(options.keys() - set(strategy.options)):
         raise CLIError(f"--{name.replace('_', '-')} is not an option of strategy {cfg.strategy!r}")
     task_names(cfg.tasks)  # fails early on unknown tasks
-    try:
-        data.benchmark_tasks(cfg.benchmark)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    if cfg.benchmark not in data.BENCHMARKS:
+        raise CLIError(f"unknown benchmark {cfg.benchmark!r}; choose from {', '.join(data.BENCHMARKS)}")
     if cfg.base not in ("pretrained", "multitask"):
         raise CLIError(f"unknown base {cfg.base!r}; choose from pretrained, multitask")
     if cfg.batch_size < WORLD:
@@ -215,7 +212,7 @@ def set_up(cfg, mcfg, scfg):
         except Exception as e:
             raise CLIError(f"--compile does not work here: {str(e).strip().splitlines()[0][:120]}") from None
     torch.set_num_threads(cfg.threads)
-    tok = llava.train_tokenizer(data.ALL_TASKS, cfg.seed, tokenizer_texts(cfg, tasks))  # a second
+    tok = llava.train_tokenizer(data.ALL_TASKS, cfg.seed, llava.file_texts(tasks.values()))  # a second
     mcfg.vocab_size = tok.get_vocab_size()
     config = {"train": asdict(cfg), "model": asdict(mcfg), "strategy": asdict(scfg)}
     strategy = strategies.build(cfg.strategy, scfg)  # only to ask it: may it take naive's first task?
@@ -309,14 +306,9 @@ def set_up_base(cfg, mcfg):
     writable(Path(cfg.cache_dir), "--cache-dir")
     device = pick_device(cfg.device)
     torch.set_num_threads(cfg.threads)
-    tok = llava.train_tokenizer(data.ALL_TASKS, cfg.seed, tokenizer_texts(cfg, tasks))
+    tok = llava.train_tokenizer(data.ALL_TASKS, cfg.seed, llava.file_texts(tasks.values()))
     mcfg.vocab_size = tok.get_vocab_size()
     return tok, device
-
-
-def tokenizer_texts(cfg, tasks):
-    """The words a run adds to the benchmark's tokenizer: its prompts' forms (+forms), its task files'."""
-    return [*data.benchmark_words(cfg.benchmark), *llava.file_texts(tasks.values())]
 
 
 def load_run(path):
@@ -360,8 +352,7 @@ def task_rows(tasks, cfg, mcfg, tok, n_train):
     def rows(task):
         if isinstance(task, llava.FileTask):
             return llava.load_file_task(task, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)
-        return llava.make_task(task, n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len,
-                               cfg.benchmark)
+        return llava.make_task(task, n_train, cfg.n_test, cfg.seed, tok, mcfg.image_size, mcfg.max_text_len)
     return tuple(zip(*[rows(task) for task in tasks.values()]))
 
 

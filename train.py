@@ -184,15 +184,14 @@ def random_row(mcfg, tests, tok, device, cfg):
 def base_model(cfg, mcfg, tok, device):
     """The starting model: the alignment stage, then for --base multitask joint tuning on the held-in tasks.
     Each stage is cached under a key of everything that made it, and loaded again when that matches."""
-    held_in = data.benchmark_tasks(cfg.benchmark)[1]
     key = dict(model=asdict(mcfg), batch_size=cfg.batch_size, seed=cfg.seed, tokenizer=tok.to_str(),
                bf16=cfg.bf16, threads=cfg.threads,  # more threads sum in another order: other bits
-               n_test=cfg.n_test, held_in=list(held_in),  # the test layouts every stage leaves out
+               n_test=cfg.n_test,  # the test layouts every stage leaves out depend on it
                code=base_code())
-    held_out = data.test_layouts(cfg.n_test, cfg.seed, cfg.benchmark)  # no stage trains on a test layout
+    held_out = data.test_layouts(cfg.n_test, cfg.seed)  # every task's test layouts: no stage trains on them
     stages = [("pretrained", [data.ALIGN], cfg.base_steps, cfg.base_lr, cfg.n_base)]
     if cfg.base == "multitask":  # with --freeze-vision the vision tower stays frozen here, as in task tuning
-        stages.append(("multitask", list(held_in.values()), cfg.multitask_steps, cfg.lr, cfg.n_train))
+        stages.append(("multitask", list(data.HELD_IN.values()), cfg.multitask_steps, cfg.lr, cfg.n_train))
     paths = []
     for name, tasks, steps, lr, n in stages:  # each stage's key holds every stage before it
         key[name] = dict(tasks=[t.name for t in tasks], steps=steps, lr=lr, n=n,

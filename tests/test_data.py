@@ -61,13 +61,11 @@ def test_test_layouts_are_every_tasks_test_layouts(tok):
     assert data.test_layouts(40, 1) == union
 
 
-@pytest.mark.parametrize("variant", ["single", "single+wide"])
-def test_no_stage_trains_on_any_test_layout(tok, tmp_path, monkeypatch, variant):
+def test_no_stage_trains_on_any_test_layout(tok, tmp_path, monkeypatch):
     """Every training split that train.py builds (alignment, multitask, each task) avoids the test layouts of
     every task, built-in and held-in. Without the union, 142/150 classify test layouts were alignment rows."""
     import train
-    cfg, mcfg, _ = runner.parse(["--benchmark", variant, "--base", "multitask", "--base-steps", "1",
-                                "--multitask-steps", "1",
+    cfg, mcfg, _ = runner.parse(["--base", "multitask", "--base-steps", "1", "--multitask-steps", "1",
                                 "--n-base", "3000", "--n-train", "600", "--n-test", "150",
                                 "--cache-dir", str(tmp_path), "--device", "cpu"])
     mcfg.vocab_size = tok.get_vocab_size()
@@ -80,14 +78,13 @@ def test_no_stage_trains_on_any_test_layout(tok, tmp_path, monkeypatch, variant)
         return ex, keys
     monkeypatch.setattr(llava, "make_split", spy)
     train.base_model(cfg, mcfg, tok, torch.device("cpu"))
-    tasks, held_in = data.benchmark_tasks(variant)
-    for task in tasks.values():
-        llava.make_task(task, cfg.n_train, cfg.n_test, cfg.seed, tok, IMAGE_SIZE, MAX_LEN, variant)
+    for task in data.TASKS.values():
+        llava.make_task(task, cfg.n_train, cfg.n_test, cfg.seed, tok, IMAGE_SIZE, MAX_LEN)
     tested = set().union(*(keys for _, split, keys in made if split == "test"))
     tested |= set().union(*(llava.make_split(t, "test", cfg.n_test, cfg.seed, tok, IMAGE_SIZE, MAX_LEN)[1]
-                            for t in held_in.values()))
+                            for t in data.HELD_IN.values()))
     trained = {name for name, split, _ in made if split == "train"}
-    assert trained == {"align", *data.TASKS, *held_in}
+    assert trained == {"align", *data.TASKS, *data.HELD_IN}
     for name, split, keys in made:
         if split == "train":
             assert not keys & tested, f"{name}: {len(keys & tested)} test layouts in its training split"
@@ -231,7 +228,7 @@ def minor_kind(instruction):
 
 @pytest.mark.parametrize("name", list(data.TASKS))
 def test_every_mixed_answer_matches_an_independent_solver_and_minor_kinds_take_their_share(name):
-    task, rng, kinds = data.benchmark_tasks("mixed")[0][name], random.Random(f"mixed-{name}"), []
+    task, rng, kinds = data.BENCHMARKS["mixed"][name], random.Random(f"mixed-{name}"), []
     for _ in range(2000):
         scene = task.scene(rng)
         instruction, answer = task.make(scene, rng)
@@ -250,68 +247,15 @@ def test_the_mixed_benchmark_draws_the_single_ones_scenes_in_words_the_tokenizer
     out, are the single benchmark's: the same bases serve both. The minor kinds' phrasings use the words of
     the tokenizer that the single benchmark trains, so its vocabulary (and the initial weights) stay."""
     for name in data.TASKS:
-        single, mixed = (data.split_scenes(data.benchmark_tasks(b)[0][name], "test", 60, 0)
-                         for b in ("single", "mixed"))
+        single, mixed = (data.split_scenes(b[name], "test", 60, 0) for b in data.BENCHMARKS.values())
         assert [s.key() for s, *_ in single] == [s.key() for s, *_ in mixed]
         assert all(q == q2 and a == a2 for (_, q, a), (_, q2, a2) in zip(single, mixed)
                    if solve_minor(_, q2) is None)  # a row of the task's own kind is the single one's
     vocabulary = set(llava.train_tokenizer(data.ALL_TASKS, seed=0).get_vocab())  # the one train.py trains
-    for kind in [*data.MINOR_KINDS.values(), *data.WIDE.values()]:  # and the wide held-in tasks' words
+    for kind in data.MINOR_KINDS.values():
         for phrasing in kind.phrasings:  # every word is in the tokenizer the single benchmark trains
-            words = re.sub(r"\{\w+\}", "", phrasing).replace("?", " ").replace(".", " ").replace(",", " ")
-            assert all("▁" + w in vocabulary for w in words.split()), phrasing
-
-
-# ----------------------------------------------------------------------------------------------
-# '+wide': held-in tasks of every answer form, about objects found by place or size; '+forms'
-
-def solve_wide(name, scene, instruction):
-    if m := re.fullmatch(r"(?:What shape is the object at|Name the shape of the thing in) the ([a-z ]+)[?.]",
-                         instruction):
-        return one([o for o in scene.objects if POSITION[o.cell] == m[1]]).shape
-    if m := re.fullmatch(r"(?:Where is|In which part of the picture is) the (large|small) (?:object|thing)\?",
-                         instruction):
-        return POSITION[one([o for o in scene.objects if o.size == m[1]]).cell]
-    if m := re.fullmatch(r"(?:Is the|Which side is the) (large|small) (?:thing|object) on,? (?:the )?"
-                         r"(left|top) or (?:the )?(right|bottom)\?", instruction):
-        o = one([o for o in scene.objects if o.size == m[1]])
-        axis = COLUMN if m[2] == "left" else ROW
-        assert axis[o.cell] != 1, instruction
-        return m[2] if axis[o.cell] == 0 else m[3]
-    if m := re.fullmatch(r"(?:What is at|Name the thing in) the ([a-z ]+)[?.]", instruction):
-        o = one([o for o in scene.objects if POSITION[o.cell] == m[1]])
-        return f"a {o.size} {o.color} {o.shape}."
-    raise AssertionError(f"no solver for {name}: {instruction!r}")
-
-
-@pytest.mark.parametrize("name", list(data.WIDE))
-def test_every_wide_held_in_answer_matches_an_independent_solver(name):
-    task, rng, answers = data.benchmark_tasks("single+wide")[1][name], random.Random(f"wide-{name}"), []
-    for _ in range(300):
-        scene = task.scene(rng)
-        instruction, answer = task.make(scene, rng)
-        assert answer == solve_wide(name, scene, instruction), (scene, instruction)
-        answers.append(answer)
-    assert len(set(answers)) >= 2
-
-
-def test_wide_adds_held_in_tasks_and_their_test_layouts_and_forms_only_append_the_form():
-    single, held = data.benchmark_tasks("single")
-    wide = data.benchmark_tasks("single+wide")[1]
-    assert set(wide) == set(held) | set(data.WIDE) and len(wide) > len(held)
-    assert data.test_layouts(40, 0) < data.test_layouts(40, 0, "mixed+wide")
-    plain = {**single, **wide}
-    for name, task in {k: v for b in data.benchmark_tasks("single+wide+forms") for k, v in b.items()}.items():
-        rows = (data.split_scenes(t, "test", 30, 0) for t in (task, plain[name]))
-        for (scene, q, a), (scene2, q2, a2) in zip(*rows):
-            assert (scene, q, a) == (scene2, f"{q2} Give {data.FORMS[name]}.", a2)
-    for name, task in data.benchmark_tasks("mixed+forms")[0].items():  # a minor kind's row: the kind's form
-        for scene, q, a in data.split_scenes(task, "test", 60, 0):
-            q, form = re.fullmatch(r"(.*) Give ([a-z ]+)\.", q).groups()
-            kind = minor_kind(q) if solve_minor(scene, q) is not None else name
-            assert form == data.FORMS[kind] and a == (solve_minor(scene, q) or solve(name, scene, q)), q
-    with pytest.raises(ValueError, match="single or mixed"):
-        data.benchmark_tasks("single+forms+forms")
+            words = re.sub(r"\{\w+\}", "", phrasing).replace("?", " ").replace(".", " ").split()
+            assert all("▁" + w in vocabulary for w in words), phrasing
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def load(path):
 BAD_INPUT = {  # id: (the bad flags, what the one line must say)
     "strategy": (["--strategy", "foo"], ["unknown strategy 'foo'", "naive", "replay"]),
     "task": (["--tasks", "classify,nope"], ["unknown task 'nope'", "classify"]),
-    "benchmark": (["--benchmark", "both"], ["unknown benchmark 'both'", "single or mixed"]),
+    "benchmark": (["--benchmark", "both"], ["unknown benchmark 'both'", "single, mixed"]),
     "steps0": (["--steps", "0"], ["--steps"]),
     "steps-1": (["--steps", "-1"], ["--steps"]),
     "buffer0": (["--strategy", "replay", "--buffer-size", "0"], ["--buffer-size"]),
