@@ -405,8 +405,8 @@ def study_markdown(tasks, rows, checks, pictures, notes, others=(), format_lines
 
 
 def write_results(folder, path):
-    """RESULTS.md from a finished study folder: how it was made, then its study.md without the pictures,
-    which stay in the folder -> exit code."""
+    """RESULTS.md from a finished study folder: how it was made, its study.md and the sweep's sweep.md
+    (study.py --sweep, in <folder>/sweep), without the pictures, which stay in the folder -> exit code."""
     folder, path = Path(folder), Path(path)
     try:
         report, md = json.loads((folder / "study.json").read_text()), (folder / "study.md").read_text()
@@ -414,8 +414,9 @@ def write_results(folder, path):
         print(f"error: {folder} holds no finished study (study.json and study.md); run python study.py "
               f"--out {folder} first", file=sys.stderr)
         return 2
-    made = report.get("about") or {}
+    made, sweep = report.get("about") or {}, folder / "sweep" / "sweep.md"  # the sweep's, if it ran
     body = md.split("\n## Pictures")[0].split("\n", 1)[1].strip()  # without its title and its pictures
+    body += "\n\n" + sweep.read_text().split("\n![")[0].strip() if sweep.is_file() else ""
     text = "\n".join([
         "# nanoCIT results", "",
         f"Written by `python study.py --out {folder} --write-results {path}` from a finished study, never by "

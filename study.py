@@ -29,10 +29,15 @@ import runner
 import strategies
 import eval as ev
 from eval import LEARNT
-from report import cell, format_section, format_table, learnt_section, mean_or_none, study_markdown
-from report import study_pictures, write_results
+from report import cell, format_section, format_table, learnt_section, markdown_table, mean_or_none
+from report import scatter, study_markdown, study_pictures, tile, write_results
 
 BASES = ("pretrained", "multitask")  # alignment only, and that base tuned jointly on the held-in tasks
+# --sweep: each method's strength and the values tried, on a seed the study never reports (it runs 0..N-1),
+# from the pretrained base. TIR takes EWC's λ, so that the two differ only by the similarity.
+SWEEPS = {"ewc": ("ewc_lambda", (1e4, 1e5, 1e6)), "mas": ("mas_lambda", (0.01, 0.1, 1.0)),
+          "lwf": ("lwf_alpha", (0.3, 1.0, 3.0))}
+VALIDATION_SEED = 100
 RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks", "--base-only",
             "--first-task-from")  # the study sets these for each run
 UNCOMPARED = ("vocab_size", "run_dir", "cache_dir",
@@ -201,6 +206,42 @@ def write_report(out, runs, strategies, bases, notes=(), others=None, about=None
     return rows
 
 
+SWEEP_RULE = (f"the best AA among the values that learn every task (each diagonal entry >= {LEARNT}); if "
+              "none does, the fewest tasks not learnt, then the best AA")  # fixed before any sweep ran
+
+
+def write_sweep(out, runs, methods, extra):
+    """{strategy label: results} of a sweep -> sweep.md, sweep.json, sweep.png in out: the table, each
+    method's value by SWEEP_RULE (unlearnt: where it leaves a task unlearnt), a stability-plasticity chart."""
+    rows, chosen, panels, unlearnt = [["method", "setting", "AA", "learnt", "not learnt", "BWT"]], {}, [], []
+    for m in methods:
+        option, values = SWEEPS[m]
+        labels = {v: f"{m}@{option}={v:g}" for v in values}
+        found = {v: run_numbers(runs[label], None) for v, label in labels.items() if label in runs}
+        rows += [[m, f"{option} {v:g}", f"{n['AA']:.1f}", f"{n['learnt']:.1f}", str(n["not learnt"]),
+                  f"{n['BWT']:+.1f}"] for v, n in found.items()]
+        if found:
+            chosen[m] = min(found, key=lambda v: (found[v]["not learnt"], -found[v]["AA"]))
+            unlearnt += [m] if found[chosen[m]]["not learnt"] else []
+            points = [(math.log10(v), n[key], key, "pretrained") for v, n in found.items()
+                      for key in ("AA", "learnt", "BWT")]
+            panels.append(scatter(points, f"{m}: stability and plasticity", f"log10 {option}", "points"))
+    flags = " ".join(f"--{SWEEPS[m][0].replace('_', '-')} {v:g}" for m, v in chosen.items())
+    out.mkdir(parents=True, exist_ok=True)
+    if panels:
+        tile(panels, 3).save(out / "sweep.png")
+    (out / "sweep.md").write_text("\n".join([
+        "## Strengths chosen on a validation seed", "",
+        f"Seed {VALIDATION_SEED} (the study reports seeds from 0), pretrained base, scored on that seed's "
+        f"test rows, whose layouts its training never saw; train.py flags `{' '.join(extra) or 'defaults'}`. "
+        f"The rule, fixed before the sweep ran: {SWEEP_RULE}.", "", markdown_table(rows),
+        f"Chosen: `{flags}`; TIR takes EWC's λ. Methods no value of which learns every task: "
+        f"{', '.join(unlearnt) or 'none'}.",
+        "", "![sweep.png](sweep.png)", ""]))
+    (out / "sweep.json").write_text(json.dumps(dict(rows=rows, chosen=chosen, unlearnt=unlearnt), indent=1))
+    print(format_table(rows) + f"\nchosen: {flags}\nwrote {out}/sweep.md, sweep.json and sweep.png")
+
+
 # running the study: its plan, its jobs
 
 def orders_of(args):
@@ -210,8 +251,9 @@ def orders_of(args):
     return {order: order for order in args.orders.split(",")}
 
 
-def study_plan(args, names, bases, extra):
-    """Every run of the study -> {(order, base, strategy, seed): (train.py flags, run folder, config)}.
+def study_plan(args, names, bases, extra, seeds=None):
+    """Every run of the study -> {(order, base, strategy, seed): (train.py flags, run folder, config)}. A
+    strategy may carry settings, as a sweep's do: 'ewc@ewc_lambda=1e+06'. Seeds: 0..args.seeds-1 unless given.
     Raises runner.CLIError on bad input, before anything is written."""
     for b in bases:
         if b not in BASES:
@@ -225,12 +267,14 @@ def study_plan(args, names, bases, extra):
                                  "use --strategies, --bases, --seeds, --orders or --tasks")
     plan = {}
     for order, tasks in orders_of(args).items():
-        for seed in range(args.seeds):
+        for seed in range(args.seeds) if seeds is None else seeds:
             for base in bases:
                 for s in names:
                     run_dir = Path(args.out) / "runs" / order / base / s / f"seed{seed}"
-                    flags = ["--threads", "1", *extra, "--tasks", tasks, "--strategy", s, "--base", base,
-                             "--seed", str(seed), "--run-dir", str(run_dir)]
+                    strategy, *settings = s.split("@")
+                    flags = ["--threads", "1", *extra, "--tasks", tasks, "--strategy", strategy, "--base",
+                             base, "--seed", str(seed), "--run-dir", str(run_dir),
+                             *(f"--{setting.replace('_', '-')}" for setting in settings)]
                     cfg, mcfg, scfg = runner.parse(flags)  # checks strategy, tasks and flags after --
                     config = dict(train=asdict(cfg), model=asdict(mcfg), strategy=asdict(scfg))
                     plan[order, base, s, seed] = flags, run_dir, config
@@ -261,17 +305,17 @@ def base_job(args, bases, extra, seed):
 
 def naive_first(spec):
     """Does strategy `spec` train its first task as naive does, so that it may start from naive's?"""
-    return strategies.build(spec, strategies.StrategyConfig()).naive_first
+    return strategies.build(spec.split("@")[0], strategies.StrategyConfig()).naive_first
 
 
-def study(args, names, bases, extra):
+def study(args, names, bases, extra, sweep=()):
     """Train every (order, base, strategy, seed) not already finished, args.jobs at a time, then write the
-    report -> exit code. Each seed's base is trained first, by a job of its own; that seed's runs start when
-    it is cached (not when every base is). A strategy that trains its first task as naive does starts from
-    naive's (train.py --first-task-from): the same bits, a task less to train (a test checks it)."""
+    report (a sweep's, for `sweep`, SWEEPS' methods) -> exit code. Each seed's base is trained first, by a job
+    of its own; its runs start when it is cached. A strategy that trains its first task as naive does starts
+    from naive's (train.py --first-task-from): the same bits, a task less to train (a test checks it)."""
     t0, out = time.time(), Path(args.out)
     try:
-        plan = study_plan(args, names, bases, extra)
+        plan = study_plan(args, names, bases, extra, [VALIDATION_SEED] if sweep else None)
     except runner.CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -326,7 +370,9 @@ def study(args, names, bases, extra):
                     submit(other, key)
                 bar.set_postfix_str(name)
                 bar.update()
-    if runs:
+    if runs and sweep:
+        write_sweep(out, {k[2]: r for k, r in runs.items()}, sweep, extra)
+    elif runs:
         notes = ["Seed 0." if args.seeds == 1 else f"Seeds 0..{args.seeds - 1}.",
                  f"train.py flags: `{' '.join(extra) or '(defaults)'}`.",
                  f"Wall time {time.time() - t0:.0f} s "
@@ -382,11 +428,21 @@ def main(argv=None):
                     "(the same bits)")
     ap.add_argument("--out", default="runs/study",
                     help="where the runs, study.md, study.json and pictures go")
+    ap.add_argument("--sweep", metavar="METHODS", help=f"choose the strengths of these ({', '.join(SWEEPS)}) "
+                    f"on seed {VALIDATION_SEED}, which the study never reports; writes <out>/sweep")
     ap.add_argument("--write-results", metavar="FILE",
                     help="write FILE (RESULTS.md) from the finished study in --out, train nothing")
     args = ap.parse_args(argv)
     if args.write_results:
         return write_results(args.out, args.write_results)
+    if args.sweep:
+        methods = args.sweep.split(",")
+        if set(methods) - set(SWEEPS):
+            print(f"error: --sweep {args.sweep!r}: choose from {', '.join(SWEEPS)}", file=sys.stderr)
+            return 2
+        args.out = str(Path(args.out) / "sweep")
+        labels = [f"{m}@{SWEEPS[m][0]}={v:g}" for m in methods for v in SWEEPS[m][1]]
+        return study(args, ["naive", *labels], ["pretrained"], extra, methods)
     return study(args, args.strategies.split(","), args.bases.split(","), extra)
 
 

@@ -455,6 +455,44 @@ def test_tiny_study_fails_resumes_and_reports(tmp_path, capsys, monkeypatch):
     assert json.loads(naive.read_text())["config"]["train"]["steps"] == 2
 
 
+def test_the_sweep_picks_by_its_rule_the_best_aa_among_values_that_learn_every_task(tmp_path):
+    """λ 1e4 has the best AA but leaves a task unlearnt (80 < 90): the rule takes 1e5, the best of the rest.
+    With no value learning every task, the fewest unlearnt wins, then AA."""
+    learns, forgets = [[95, 0, 0], [50, 95, 0], [40, 50, 95]], [[95, 0, 0], [90, 80, 0], [90, 90, 95]]
+    runs = {"ewc@ewc_lambda=10000": result("ewc", forgets), "ewc@ewc_lambda=100000": result("ewc", learns),
+            "ewc@ewc_lambda=1e+06": result("ewc", shifted(learns, -10)),  # every task 85: three unlearnt
+            "mas@mas_lambda=0.01": result("mas", forgets), "mas@mas_lambda=1": result("mas", shifted(learns, -10))}
+    study.write_sweep(tmp_path, runs, ["ewc", "mas"], [])
+    chosen = json.loads((tmp_path / "sweep.json").read_text())
+    assert chosen["chosen"] == {"ewc": 1e5, "mas": 0.01} and chosen["unlearnt"] == ["mas"]
+    md = (tmp_path / "sweep.md").read_text()
+    assert "Chosen: `--ewc-lambda 100000 --mas-lambda 0.01`" in md and "| ewc | ewc_lambda 10000 |" in md
+    with Image.open(tmp_path / "sweep.png") as img:
+        assert img.format == "PNG" and img.size[0] > 600  # two panels side by side
+
+
+def test_a_tiny_sweep_runs_on_the_validation_seed_and_goes_into_results(tmp_path, capsys, monkeypatch):
+    runs_in_this_process(monkeypatch)
+    out = tmp_path / "study"
+    argv = ["--sweep", "lwf", "--tasks", "classify,count", "--jobs", "1", "--out", str(out), "--",
+            *TINY_MODEL, "--cache-dir", str(tmp_path / "cache")]
+    assert study.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "4 runs, 0 reused, 4 to train" in printed and "chosen: --lwf-alpha" in printed  # naive, three α
+    folders = sorted(p.relative_to(out / "sweep" / "runs" / "tasks") for p in out.glob("sweep/runs/*/*/*/*"))
+    assert [str(p) for p in folders] == [f"pretrained/{s}/seed{study.VALIDATION_SEED}" for s in
+                                         ["lwf@lwf_alpha=0.3", "lwf@lwf_alpha=1", "lwf@lwf_alpha=3", "naive"]]
+    config = json.loads((out / "sweep/runs/tasks/pretrained/lwf@lwf_alpha=3/seed100/config.json").read_text())
+    assert config["strategy"]["lwf_alpha"] == 3 and config["train"]["seed"] == study.VALIDATION_SEED
+    assert study.main(["--sweep", "ewc,foo", "--out", str(tmp_path / "x")]) == 2  # one line, nothing made
+    assert "choose from ewc, mas, lwf" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    (out / "study.json").write_text(json.dumps({"about": {}}))  # as if the study had run in the same folder
+    (out / "study.md").write_text("# nanoCIT study\n\nthe table\n")
+    assert study.main(["--out", str(out), "--write-results", str(tmp_path / "RESULTS.md")]) == 0
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert "## Strengths chosen on a validation seed" in results and "sweep.png" not in results
+
+
 # A study killed in the middle of a run. To keep it quick, the study's runs here are train.main calls in its
 # own process, not train.py processes; the study itself is real. The trap SIGKILLs that process right after
 # the tir run's checkpoint at step 20 of its second task.

@@ -242,6 +242,10 @@ MUTANTS = {
                       "p_holds=max(ps) if tested else None,",
                       "p_holds=min(ps) if tested else None,",
                       ["tests/test_study.py::test_verdicts_use_holms_correction_across_the_findings"]),
+    "sweep_best_aa_only": ("study.py",  # the best AA wins even where it leaves a task unlearnt
+                           'key=lambda v: (found[v]["not learnt"], -found[v]["AA"])',
+                           'key=lambda v: -found[v]["AA"]',
+                           ["tests/test_study.py::test_the_sweep_picks_by_its_rule"]),
     "compose_inherits_hooks": ("strategies.py",
                                "class Compose:",
                                "class Compose(Strategy):",
