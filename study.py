@@ -33,10 +33,10 @@ from report import cell, format_section, format_table, learnt_section, markdown_
 from report import scatter, study_markdown, study_pictures, tile, write_results
 
 BASES = ("pretrained", "multitask")  # alignment only, and that base tuned jointly on the held-in tasks
-# --sweep: each method's strength and the values tried, on a seed the study never reports (it runs 0..N-1),
-# from the pretrained base. TIR takes EWC's λ, so that the two differ only by the similarity.
-SWEEPS = {"ewc": ("ewc_lambda", (1e4, 1e5, 1e6)), "mas": ("mas_lambda", (0.01, 0.1, 1.0)),
-          "lwf": ("lwf_alpha", (0.3, 1.0, 3.0))}
+# --sweep: each method's strength and the values tried (powers of ten; docs/methods.md) on a seed the study
+# never reports, from the pretrained base. TIR takes EWC's λ, so that the two differ only by the similarity.
+SWEEPS = {"ewc": ("ewc_lambda", (1e2, 1e3, 1e4, 1e5, 1e6)),
+          "mas": ("mas_lambda", (1e-4, 1e-3, 0.01, 0.1, 1.0)), "lwf": ("lwf_alpha", (0.1, 0.3, 1.0, 3.0))}
 VALIDATION_SEED = 100
 RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks", "--base-only",
             "--first-task-from")  # the study sets these for each run

@@ -478,10 +478,11 @@ def test_a_tiny_sweep_runs_on_the_validation_seed_and_goes_into_results(tmp_path
             *TINY_MODEL, "--cache-dir", str(tmp_path / "cache")]
     assert study.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "4 runs, 0 reused, 4 to train" in printed and "chosen: --lwf-alpha" in printed  # naive, three α
+    assert "5 runs, 0 reused, 5 to train" in printed and "chosen: --lwf-alpha" in printed  # naive, four α
     folders = sorted(p.relative_to(out / "sweep" / "runs" / "tasks") for p in out.glob("sweep/runs/*/*/*/*"))
     assert [str(p) for p in folders] == [f"pretrained/{s}/seed{study.VALIDATION_SEED}" for s in
-                                         ["lwf@lwf_alpha=0.3", "lwf@lwf_alpha=1", "lwf@lwf_alpha=3", "naive"]]
+                                         ["lwf@lwf_alpha=0.1", "lwf@lwf_alpha=0.3", "lwf@lwf_alpha=1",
+                                          "lwf@lwf_alpha=3", "naive"]]
     config = json.loads((out / "sweep/runs/tasks/pretrained/lwf@lwf_alpha=3/seed100/config.json").read_text())
     assert config["strategy"]["lwf_alpha"] == 3 and config["train"]["seed"] == study.VALIDATION_SEED
     assert study.main(["--sweep", "ewc,foo", "--out", str(tmp_path / "x")]) == 2  # one line, nothing made
