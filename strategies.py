@@ -2,11 +2,10 @@
 
 train.py calls, for every task in order:
     before_task(model, task_id, train) -> steps of [batch(fresh, gen) -> loss + penalty] -> after_task(...)
-and answers test questions through generate(...), where an expansion strategy would route.
-A strategy keeps its state in `state_dict()`, which checkpoints save. `build("replay+ewc", cfg)`
-composes strategies: every part's hooks run. Methods follow He et al. (arXiv 2311.16206), sec. 4:
-replay, joint (the upper bound), EWC, MAS, LwF, LoRA, model expansion (EProj) and TIR. What they measure
-(importance, row features, task similarity) is in eval.py; the replay buffer is llava.ReservoirBuffer."""
+and answers test questions through generate(...), where an expansion strategy would route. State lives in
+`state_dict()`, which checkpoints save; `build("replay+ewc", cfg)` composes strategies. After He et al. (arXiv
+2311.16206), sec. 4: replay, joint (the upper bound), EWC, MAS, LwF, LoRA, expansion (EProj), TIR; where this
+project departs: docs/methods.md. eval.py measures (importance, features); llava.py has the replay buffer."""
 import copy
 from dataclasses import dataclass
 
@@ -24,8 +23,8 @@ class StrategyConfig:
     """Options of the strategies; each strategy lists the ones it reads in `options`."""
     buffer_size: int = arg(200, "replay buffer capacity in rows (the paper replays ~1 %; we afford more)")
     replay_ratio: float = arg(0.25, "fraction of each batch drawn from the replay buffer")
-    ewc_lambda: float = arg(1e5, "EWC: penalty weight λ; too small holds nothing, too large stops learning")
-    mas_lambda: float = arg(1.0, "MAS: penalty weight λ on its importances, which are larger than EWC's")
+    ewc_lambda: float = arg(100.0, "EWC, TIR: penalty weight λ, by study.py --sweep; larger stops learning")
+    mas_lambda: float = arg(1e-3, "MAS: penalty weight λ, by study.py --sweep; larger stops learning")
     importance_decay: float = arg(1.0, "online EWC/MAS: γ in F ← γF + F_new; 1 keeps every task in full")
     importance_samples: int = arg(256, "rows whose per-sample gradients estimate the importances")
     ewc_fisher: str = arg("model", "EWC/TIR: Fisher of the model's own answers, sampled (Kirkpatrick et "
@@ -33,7 +32,7 @@ class StrategyConfig:
     tir_importance: str = arg("ewc", "TIR: importance measure, ewc (Fisher) or mas")
     tir_temperature: float = arg(0.5, "TIR: τ of similarity exp(-Σ(1-cos)/τ): a smaller τ tells tasks "
                                  "apart more sharply")
-    lwf_alpha: float = arg(1.0, "LwF: weight of distillation beside the task loss; larger stops new tasks")
+    lwf_alpha: float = arg(0.3, "LwF: weight of distillation beside the task loss, by study.py --sweep")
     lwf_temperature: float = arg(2.0, "LwF: softens both distributions so small logits still teach")
     lora_rank: int = arg(8, "LoRA: rank r of each adapter: a few % of the tiny model per adapter set")
     lora_alpha: float = arg(16.0, "LoRA: scaling α/r = 2 lets the zero-initialised B grow quickly")
@@ -254,15 +253,14 @@ KEYS = 64  # training rows per task whose instructions are kept: LwF's old quest
 
 
 class LwF(Strategy):
-    """Learning without Forgetting (Li & Hoiem 2016) with one output head: Li & Hoiem distil a head per old
-    task on the new inputs; here the old tasks' questions play the heads. Each task leaves KEYS instructions
-    (no image, no answer); before a later task the parameters are copied as a frozen teacher, and every step
-    asks the batch's images old questions, pulling the model towards the teacher's distribution over the
-    first answer token: α·T²·KL(softmax(teacher/T) ‖ softmax(model/T)). Distilling on the new task's own
-    questions instead fights the new labels on their own tokens (the teacher gives them p ≈ 0) and leaves the
-    old questions free. The first token decides an answer's form, which naive tuning forgets here."""
+    """Learning without Forgetting (Li & Hoiem 2016) with one head: old tasks' questions play the old heads.
+    Each task leaves KEYS instructions; before a later task the parameters are copied as a frozen teacher, and
+    each batch gains a row per image asking it an old question (no answer: no task loss), where the model is
+    pulled towards the teacher's first answer token, the one that decides an answer's form: α·T²·KL(softmax(
+    teacher/T) ‖ softmax(model/T)). On the new questions it would fight their labels (the teacher gives them
+    p ≈ 0) and leave the old questions free."""
     name, options = "lwf", ("lwf_alpha", "lwf_temperature")
-    state = {"teacher": None, "questions": [], "asked": 0}  # questions: per task (tokens, prompt lengths)
+    state = {"teacher": None, "questions": []}  # questions: per task (tokens, answer blanked; prompt lengths)
 
     def before_task(self, model, task_id, train):
         self.teacher = copy_params(model.named_parameters()) if task_id > 0 else None
@@ -272,21 +270,23 @@ class LwF(Strategy):
         prompt = torch.arange(rows.tokens.size(1)) < rows.prompt_len[:, None].long()
         self.questions.append((rows.tokens * prompt, rows.prompt_len))
 
-    def penalty(self, model, batch, logits):
+    def batch(self, fresh, gen):
         if self.teacher is None:
-            return None
-        images, n = batch[0], len(batch[0])
+            return fresh
         tokens, lengths = (torch.cat(parts) for parts in zip(*self.questions))
-        draw = torch.Generator().manual_seed(self.seed * 1_000_003 + self.asked)  # a resume draws the same
-        pick = torch.randint(len(tokens), (n,), generator=draw)  # an old question for each image
-        self.asked += n
-        ids = tokens[pick, :int(lengths[pick].max())].long().to(images.device)
-        at = (torch.arange(n), lengths[pick].long() - 1)  # [SEP]: it predicts the answer's first token
+        pick = torch.randint(len(tokens), (len(fresh),), generator=gen)  # an old question for each image
+        asked = llava.Examples("asked", fresh.images, tokens[pick], lengths[pick], [""] * len(fresh))
+        return llava.Examples.concat([fresh, asked])
+
+    def penalty(self, model, batch, logits):
+        asked = (batch[2] == -100).all(1)  # the rows batch() added: no answer to learn
+        if self.teacher is None or not asked.any():
+            return None
+        at = (torch.arange(int(asked.sum())), (batch[1][asked] == llava.SEP).int().argmax(1))  # at each [SEP]
         with torch.no_grad():
-            teacher = functional_call(model, self.teacher, (images, ids))[0][at]
-        student = model(images, ids)[0][at]
+            teacher = functional_call(model, self.teacher, (batch[0][asked], batch[1][asked]))[0][at]
         T = self.cfg.lwf_temperature
-        old, new = (F.log_softmax(x / T, dim=-1) for x in (teacher, student))  # (n, V)
+        old, new = (F.log_softmax(x / T, dim=-1) for x in (teacher, logits[asked][at]))  # (rows, V)
         return self.cfg.lwf_alpha * T * T * F.kl_div(new, old, log_target=True, reduction="batchmean")
 
 

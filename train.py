@@ -112,9 +112,10 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
         with torch.autocast(device.type, torch.bfloat16) if cfg.bf16 else contextlib.nullcontext():
             logits, loss = forward(*batch, seen=vision_seen(model, images, seen, device) if frozen else None)
             extra = strategy.penalty(model, batch, logits)
-        total = loss if extra is None else loss + extra
-        if WORLD > 1:  # DDP averages the ranks' gradients; the shares sum to 1, so the average of
-            total = total * share * WORLD  # WORLD·share·loss is the gradient of the whole batch's mean loss
+        # DDP averages the ranks' gradients; the shares sum to 1, so the average of WORLD·share·loss is the
+        # gradient of the whole batch's mean loss. A penalty is the same on every rank (EWC's) or a mean over
+        # the rank's rows (LwF's): the ranks' average is the whole batch's, as it stands
+        total = loss * (share * WORLD if WORLD > 1 else 1) + (0 if extra is None else extra)
         opt.zero_grad(set_to_none=True)
         total.backward()  # under DDP every rank now holds the same gradients
         if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):  # the same on every rank

@@ -541,7 +541,8 @@ def test_lwf_penalty_is_zero_against_its_own_copy_and_positive_after_a_step(tok,
     model, lwf = tiny_vlm(tok), strategies.build("lwf", StrategyConfig())
     run_task(model, lwf, 0, tasks[0][0])
     lwf.before_task(model, 1, tasks[1][0])
-    batch = llava.to_batch(tasks[1][0], range(8), "cpu")
+    rows = lwf.batch(tasks[1][0].subset(range(8)), torch.Generator().manual_seed(0))
+    batch = llava.to_batch(rows, range(16), "cpu")
     assert abs(lwf.penalty(model, batch, model(*batch)[0]).item()) < 1e-6
     train_a_little(model, lwf, tasks[1][0], steps=2)
     assert lwf.penalty(model, batch, model(*batch)[0]).item() > 1e-6
@@ -556,40 +557,54 @@ def lwf_after_two_steps(tok, tasks, **options):
     return model, lwf
 
 
-def test_lwf_penalty_and_its_gradient_match_a_hand_computation(tok, tasks):
-    """penalty = α·T²·KL(softmax(teacher/T) ‖ softmax(model/T)) at the first answer position of an old task's
-    question asked of the batch's images, averaged over the rows; its gradient flows into the model."""
-    alpha, T = 0.7, 2.0  # neither 1: a penalty without α or T² cannot match
-    model, lwf = lwf_after_two_steps(tok, tasks, lwf_alpha=alpha, lwf_temperature=T)
+def lwf_batch(tok, tasks, **options):
+    """LwF two steps into task 1 (read) after task 0 (classify), and a batch of 8 read rows with the 8 rows
+    it adds -> (model, lwf, rows, batch, the SEP position of each added row)."""
+    model, lwf = lwf_after_two_steps(tok, tasks, **options)
+    rows = lwf.batch(tasks[1][0].subset(range(8)), torch.Generator().manual_seed(0))
+    return model, lwf, rows, llava.to_batch(rows, range(len(rows)), "cpu"), rows.prompt_len[8:].long() - 1
+
+
+def test_lwf_asks_each_image_an_old_question_with_no_answer_to_learn(tok, tasks):
+    model, lwf, rows, batch, _ = lwf_batch(tok, tasks)
     assert [len(t) for t, _ in lwf.questions] == [48]  # task 0's instructions: KEYS = 64, 48 rows
     tokens, lengths = lwf.questions[0]
     assert not tokens[torch.arange(tokens.size(1)) >= lengths[:, None]].any()  # no answer kept
-    lwf.questions = [(tokens[:1], lengths[:1])]  # one old question: every image is asked it
-    batch = llava.to_batch(tasks[1][0], range(8), "cpu")
-    model.zero_grad()
-    value = lwf.penalty(model, batch, None)
-    value.backward()
-    assert lwf.asked == 2 * 8 + 8  # two steps of 8 rows, then this call
-    ids, last = tokens[:1, :int(lengths[0])].long().expand(8, -1), int(lengths[0]) - 1
+    assert len(rows) == 16 and torch.equal(rows.images[8:], rows.images[:8])  # the same images, asked again
+    questions = {tuple(t[:n].tolist()) for t, n in zip(tokens, lengths)}
+    assert all(tuple(t[:n].tolist()) in questions for t, n in zip(rows.tokens[8:], rows.prompt_len[8:]))
+    assert (batch[2][8:] == -100).all() and (batch[2][:8] != -100).any(1).all()  # no task loss on them
+    assert len(strategies.build("lwf", StrategyConfig()).batch(rows, None)) == 16  # no teacher: nothing added
+
+
+def test_lwf_penalty_and_its_gradient_match_a_hand_computation(tok, tasks):
+    """penalty = α·T²·KL(softmax(teacher/T) ‖ softmax(model/T)) at the [SEP] of each added row, averaged over
+    them; its gradient α·T·(softmax(model/T) - softmax(teacher/T)) / 8 on those logits, zero elsewhere."""
+    alpha, T = 0.7, 2.0  # neither 1: a penalty without α or T² cannot match
+    model, lwf, rows, batch, last = lwf_batch(tok, tasks, lwf_alpha=alpha, lwf_temperature=T)
+    logits = model(*batch)[0].detach().requires_grad_(True)
+    value = lwf.penalty(model, batch, logits)
+    assert value.requires_grad, "the penalty has no gradient: it cannot pull the model towards its teacher"
+    (grad,) = torch.autograd.grad(value, logits)
     with torch.no_grad():
-        teacher = torch.func.functional_call(model, lwf.teacher, (batch[0], ids))[0][:, last]
-        student = model(batch[0], ids)[0][:, last]
-    p, q = (torch.softmax(x.double() / T, -1) for x in (teacher, student))
+        teacher = torch.func.functional_call(model, lwf.teacher, (batch[0][8:], batch[1][8:]))[0]
+    p = torch.softmax(teacher[torch.arange(8), last].double() / T, -1)  # KL's first argument: the teacher
+    q = torch.softmax(logits.detach()[8 + torch.arange(8), last].double() / T, -1)
     hand = alpha * T * T * float((p * (p.log() - q.log())).sum()) / 8
     assert value.item() == pytest.approx(hand, rel=1e-4) and hand > 1e-5
-    assert model.lm_head.weight.grad.abs().sum() > 0, "no gradient: it cannot pull the model towards its teacher"
+    want = torch.zeros_like(grad, dtype=torch.float64)
+    want[8 + torch.arange(8), last] = alpha * T * (q - p) / 8
+    assert torch.allclose(grad.double(), want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
 
 
-def test_lwf_distils_the_old_questions_whatever_the_new_batch_asks(tok, tasks):
-    """The penalty reads only the batch's images: the new task's questions and labels, which distilling on
-    would fight, do not enter it. (Distilling on the batch's own inputs fails this.)"""
-    model, lwf = lwf_after_two_steps(tok, tasks)
-    batch = llava.to_batch(tasks[1][0], range(8), "cpu")
-    other = llava.to_batch(tasks[0][0], range(8), "cpu")  # task 0's questions and answers, task 1's images
-    asked = lwf.asked
+def test_lwf_distils_the_old_questions_whatever_the_new_rows_ask(tok, tasks):
+    """The penalty reads only the rows batch() added: the new task's questions and labels, which distilling on
+    would fight, do not enter it. (Distilling at the batch's own answer positions fails this.)"""
+    model, lwf, rows, batch, _ = lwf_batch(tok, tasks)
     value = lwf.penalty(model, batch, model(*batch)[0]).item()
-    lwf.asked = asked  # the same old questions drawn again
-    assert lwf.penalty(model, (batch[0], *other[1:]), model(batch[0], *other[1:])[0]).item() == value > 0
+    other = llava.Examples.concat([tasks[0][0].subset(range(8)), rows.subset(range(8, 16))])  # classify rows
+    other = llava.to_batch(other, range(16), "cpu")
+    assert lwf.penalty(model, other, model(*other)[0]).item() == pytest.approx(value, rel=1e-5) and value > 0
 
 
 # ----------------------------------------------------------------------------------------------

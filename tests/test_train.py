@@ -395,8 +395,8 @@ def test_first_task_from_refuses_what_would_not_give_the_same_bits(naive_run, tm
 # past one process: two gloo processes under torchrun train like one process with the same global
 # batch, and only rank 0 writes
 
-# answers of unequal length (a place, a caption), so the ranks' shares of answer tokens differ; LwF's penalty
-# is a mean over each rank's answer tokens, which the shares must weight right
+# answers of unequal length (a place, a caption), so the ranks' shares of answer tokens differ, which must
+# weight their losses; LwF's rows asking old questions split over the ranks with the rest
 DDP_ARGS = ["--strategy", "replay+lwf", "--tasks", "ground,caption", "--steps", "30", "--base-steps", "5",
             "--n-train", "40", "--n-test", "8", "--n-base", "40", "--buffer-size", "10", "--device", "cpu"]
 
