@@ -245,7 +245,10 @@ def run_folder(cfg, config, run_dir):
 
 def config_diff(old, new, ignore=()):
     """Two configs ({part: {field: value}}) -> 'field old -> new' for each field that differs, but those in
-    `ignore`. Resume, --first-task-from and the study's reuse of a finished run all ask it."""
+    `ignore` and the strategy options that the new config's strategy does not read (a changed default of
+    EWC's does not make a naive run another). Resume, --first-task-from and the study's reuse ask it."""
+    read = strategies.build(new["train"]["strategy"], strategies.StrategyConfig()).options
+    ignore = set(ignore) | set(new.get("strategy", {})) - set(read)
     old, new = ({k: v for part in c.values() for k, v in part.items()} for c in (old, new))
     return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in ignore and old.get(k) != v]
 

@@ -112,6 +112,21 @@ def test_bad_strategy_specs_exit_2_with_one_line(tmp_path, name):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU --bf16 is accepted")
+def test_a_changed_option_counts_only_for_a_strategy_that_reads_it():
+    """A changed default of EWC's does not make a naive or replay run another, so its folder resumes and a
+    study reuses it; for EWC itself, and for a composition holding it, it does."""
+    import runner
+    def config(strategy, **options):
+        return {"train": {"strategy": strategy, "steps": 400},
+                "strategy": {"ewc_lambda": 100.0, "buffer_size": 200, **options}}
+    for strategy in ("naive", "replay"):
+        assert runner.config_diff(config(strategy), config(strategy, ewc_lambda=1e5)) == []
+    assert runner.config_diff(config("replay"), config("replay", buffer_size=20)) == ["buffer_size 200 -> 20"]
+    for strategy in ("ewc", "replay+ewc", "tir"):
+        assert runner.config_diff(config(strategy), config(strategy, ewc_lambda=1e5)) == [
+            "ewc_lambda 100.0 -> 100000.0"]
+
+
 def test_bf16_without_cuda_is_refused_in_one_line(tmp_path):
     proc = run("train.py", *SMALL, "--bf16", "--run-dir", tmp_path / "r", "--cache-dir", tmp_path / "cache")
     assert_one_line_error(proc, "--bf16 needs a CUDA device", "cpu")

@@ -242,6 +242,10 @@ MUTANTS = {
                            'key=lambda v: (found[v]["not learnt"], -found[v]["AA"])',
                            'key=lambda v: -found[v]["AA"]',
                            ["tests/test_study.py::test_the_sweep_picks_by_its_rule"]),
+    "config_diff_unread_options": ("runner.py",  # a changed EWC default refuses a naive run's folder again
+                                   '    ignore = set(ignore) | set(new.get("strategy", {})) - set(read)\n',
+                                   "    ignore = set(ignore)\n",
+                                   ["tests/test_runner.py::test_a_changed_option_counts_only_for_a_strategy"]),
     "compose_inherits_hooks": ("strategies.py",
                                "class Compose:",
                                "class Compose(Strategy):",
