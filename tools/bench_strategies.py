@@ -37,7 +37,6 @@ def main():
     cfg = ModelConfig(vocab_size=tok.get_vocab_size())
     rows = [llava.make_task(data.TASKS[n], 512, 1, 0, tok, cfg.image_size, cfg.max_text_len)[0]
             for n in ("attribute", "count")]
-    batch = llava.to_batch(rows[1], range(tcfg.batch_size), "cpu")
     print(f"torch threads {torch.get_num_threads()}, batch {tcfg.batch_size}, {tcfg.steps} steps per task")
 
     def step_with(name):
@@ -49,6 +48,9 @@ def main():
         strategy.after_task(model, 0, rows[0])
         strategy.before_task(model, 1, rows[1])
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        fresh = rows[1].subset(range(tcfg.batch_size))  # through the strategy: LwF adds its rows
+        shaped = strategy.batch(fresh, torch.Generator().manual_seed(0))
+        batch = llava.to_batch(shaped, range(len(shaped)), "cpu")
 
         def step():
             logits, loss = model(*batch)
