@@ -5,9 +5,8 @@ study's written report.
     python report.py --compare runs/naive runs/replay  # runs side by side: table.md, table.png in --out
     heatmap(tasks, A, title).save("accuracy.png")      # train.py draws every run's matrices so
 
-train.py draws each run's accuracy, format and content heatmaps here; study.py its charts and its study.md
-(the table, the findings, the learnt and format sections), and RESULTS.md from it. No plotting library: a
-frame with a y axis, then bars or points in it, in about a hundred lines.
+train.py draws each run's heatmaps here; study.py its charts, its study.md (the table, the findings, the learnt
+and format sections) and RESULTS.md. No plotting library: a frame with a y axis, then bars or points in it.
 """
 import argparse
 import json
@@ -436,8 +435,10 @@ def main(argv=None):
     ap.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="put these runs side by side in a table")
     ap.add_argument("--out", default="runs/compare", help="where --compare writes table.md and table.png")
     args = ap.parse_args(argv)
-    if args.compare or args.run_dir is None:
-        return compare(args.compare, args.out) if args.compare else ap.error("give a run folder, or --compare")
+    if args.run_dir is None and not args.compare:
+        ap.error("give a run folder, or --compare RUN_DIR ...")
+    if args.compare:
+        return compare(args.compare, args.out)
     path = Path(args.run_dir) / "results.json"
     if not path.is_file():
         print(f"error: no results.json in {args.run_dir}", file=sys.stderr)
