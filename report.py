@@ -1,12 +1,9 @@
-"""What you look at: heatmaps, charts and tables drawn with Pillow alone, the comparison of runs, and the
-study's written report.
+"""What you look at: heatmaps, charts and tables drawn with Pillow alone (a frame with a y axis, then bars or
+points in it), the comparison of runs, and the study's written report: study.md and RESULTS.md.
 
     python report.py runs/replay                       # reprint a run's report
     python report.py --compare runs/naive runs/replay  # runs side by side: table.md, table.png in --out
     heatmap(tasks, A, title).save("accuracy.png")      # train.py draws every run's matrices so
-
-train.py draws each run's heatmaps here; study.py its charts, its study.md (the table, the findings, the learnt
-and format sections) and RESULTS.md. No plotting library: a frame with a y axis, then bars or points in it.
 """
 import argparse
 import json
