@@ -130,9 +130,9 @@ ALPHA = 0.05  # the level of the study's verdicts, after Holm's correction acros
 
 
 def t_cdf(t, df):
-    """P(T <= t) for Student's t with df degrees of freedom. With x = √df·tan θ the density's integral from
-    0 to t is c·√df·∫cos^(df-1) θ dθ over [0, atan(t/√df)]: a smooth integrand on a short interval, which
-    Simpson's rule with 2000 intervals gets right to many more digits than a p-value needs."""
+    """P(T <= t) for Student's t with df degrees of freedom. With x = √df·tan θ the density's
+    integral from 0 to t is c·√df·∫cos^(df-1) θ dθ over [0, atan(t/√df)]: a smooth integrand on a
+    short interval, which Simpson's rule with 2000 intervals gets right to more digits than p needs."""
     c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
     n, end = 2000, math.atan(abs(t) / math.sqrt(df))
     ys = [math.cos(end * i / n) ** (df - 1) for i in range(n + 1)]

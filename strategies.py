@@ -198,8 +198,8 @@ class EWC(Strategy):
 
 
 class MAS(EWC):
-    """Memory Aware Synapses (Aljundi et al. 2018): EWC's penalty with a label-free importance, the mean over
-    rows of |∂‖logits‖²/∂θ| at the answer positions: a parameter matters if moving it changes the output."""
+    """Memory Aware Synapses (Aljundi et al. 2018): EWC's penalty, with |∂‖logits‖²/∂θ| (mean over
+    rows, at the answers) as a label-free importance: a parameter matters if moving it moves the output."""
     name, options = "mas", ("mas_lambda", "importance_decay", "importance_samples")
     measure, strength = "mas", "mas_lambda"
 
@@ -217,8 +217,8 @@ class TIR(EWC):
     """Task-similarity-informed regularisation (He et al. 2023, sec. 4.3) on EWC's footing (λ too; MAS's with
     --tir-importance mas), each earlier task's importance counted 1 − similarity(new task, it) times: an old
     task like the new one needs less protection, as learning the new one serves it too. With every
-    similarity 0 it is EWC (γ = 1). He et al.'s are the idea and the weighting; this project's, the similarity
-    (eval.task_similarity, on the frozen base), and each task's importance kept apart (T copies)."""
+    similarity 0 it is EWC (γ = 1). He et al.'s are the idea and the weighting; this project's: the
+    similarity (eval.task_similarity, on the frozen base), each task's importance kept apart (T copies)."""
     name, options = "tir", ("ewc_lambda", "mas_lambda", "tir_importance", "importance_samples",
                             "tir_temperature", "ewc_fisher")
     state = {"anchor": {}, "per_task": [], "base": None, "prototypes": [], "scaled": {}, "used": []}
@@ -256,7 +256,7 @@ class LwF(Strategy):
     """Learning without Forgetting (Li & Hoiem 2016) with one head: old tasks' questions play the old heads.
     Each task leaves KEYS instructions; before a later task the parameters are copied as a frozen teacher, and
     each batch gains a row per image asking it an old question (no answer: no task loss), where the model is
-    pulled towards the teacher's first answer token, the one that decides an answer's form: α·T²·KL(softmax(
+    pulled towards the teacher's first answer token, which decides an answer's form: α·T²·KL(softmax(
     teacher/T) ‖ softmax(model/T)). On the new questions it would fight their labels (the teacher gives them
     p ≈ 0) and leave the old questions free."""
     name, options = "lwf", ("lwf_alpha", "lwf_temperature")
