@@ -412,7 +412,8 @@ def write_results(folder, path):
         return 2
     made, sweep = report.get("about") or {}, folder / "sweep" / "sweep.md"  # the sweep's, if it ran
     body = md.split("\n## Pictures")[0].split("\n", 1)[1].strip()  # without its title and its pictures
-    body += "\n\n" + sweep.read_text().split("\n![")[0].strip() if sweep.is_file() else ""
+    if sweep.is_file():  # its table, without its picture
+        body += "\n\n" + sweep.read_text().split("\n![")[0].strip()
     text = "\n".join([
         "# nanoCIT results", "",
         f"Written by `python study.py --out {folder} --write-results {path}` from a finished study, never by "
