@@ -100,8 +100,12 @@ def all_metrics(A, base, random_row=None):
 # statistics over seeds and task pairs
 
 def ranks(xs):
-    """1-based ranks; ties share the mean of the ranks they span: [10, 20, 20, 5] -> [2, 3.5, 3.5, 1]."""
-    return [sum(y < x for y in xs) + (sum(y == x for y in xs) + 1) / 2 for x in xs]
+    """1-based ranks; ties share the mean of the ranks they span: [10, 20, 20, 5] -> [2, 3.5, 3.5, 1]. A
+    value's rank is how many lie below it, plus the middle of those equal to it."""
+    below, equal = {}, Counter(xs)
+    for k, x in enumerate(sorted(xs)):
+        below.setdefault(x, k)
+    return [below[x] + (equal[x] + 1) / 2 for x in xs]
 
 
 def spearman(xs, ys):
@@ -113,16 +117,22 @@ def spearman(xs, ys):
     return cov / math.sqrt(var) if var > 0 else math.nan
 
 
-def permutation_p(xs, ys, seed=0, n=10000):
-    """One-sided p-value of Spearman ρ < 0: the share of n seeded shuffles of ys (and the data) whose ρ is
-    at most the observed one. NaN where ρ is undefined."""
-    rho, shuffled, rng = spearman(xs, ys), list(ys), random.Random(seed)
-    if math.isnan(rho):
+def mantel_p(similarity, drop, seed=0, n=10000):
+    """One-sided p of Spearman ρ(similarity, drop) < 0 over the cells of a task x task grid where drop is
+    defined (not None): the share of n seeded relabellings of the tasks in `similarity` whose ρ is at most
+    the observed one (Mantel's test). Tasks are relabelled, not cells shuffled: the cells of one task are not
+    independent (a task hard to forget lowers its whole column). NaN where ρ is undefined."""
+    cells = [(i, j) for i, row in enumerate(drop) for j, d in enumerate(row) if d is not None]
+    ys, order, rng = [drop[i][j] for i, j in cells], list(range(len(drop))), random.Random(seed)
+
+    def rho():
+        return spearman([similarity[order[i]][order[j]] for i, j in cells], ys)
+    observed, low = rho(), 0
+    if math.isnan(observed):
         return math.nan
-    low = 0
     for _ in range(n):
-        rng.shuffle(shuffled)
-        low += spearman(xs, shuffled) <= rho + 1e-12
+        rng.shuffle(order)
+        low += rho() <= observed + 1e-12
     return (low + 1) / (n + 1)
 
 

@@ -184,6 +184,36 @@ def pixels(images):
 
 
 # ----------------------------------------------------------------------------------------------
+# a frozen vision tower's outputs: each image encoded once for a whole stage
+
+@torch.no_grad()
+def encode_images(model, sources, device, chunk=256):
+    """The frozen vision tower's output for every image of some Examples (or None) -> {image bytes: output}.
+    Encoded in fixed chunks, in row order: with two threads a row's floats can depend on the rows encoded
+    beside it, so the grouping must not depend on which batch first met an image, which a resume changes."""
+    images = torch.cat([rows.images for rows in sources if rows is not None])
+    first = {}  # image bytes -> its first row: each distinct image is encoded once
+    for i, image in enumerate(images):
+        first.setdefault(image.numpy().tobytes(), i)
+    keys, order, seen = list(first), list(first.values()), {}
+    for i in range(0, len(order), chunk):
+        outputs = model.vision(pixels(images[order[i:i + chunk]]).to(device))
+        seen.update(zip(keys[i:i + chunk], outputs))
+    return seen
+
+
+@torch.no_grad()
+def vision_seen(model, images, seen, device):
+    """uint8 images (B, 3, H, W) -> the frozen vision tower's output, looked up in `seen` by their bytes. An
+    image that encode_images did not cover is encoded alone, a grouping that no resume changes, and kept."""
+    keys = [image.numpy().tobytes() for image in images]
+    for i, key in enumerate(keys):
+        if key not in seen:
+            seen[key] = model.vision(pixels(images[i:i + 1]).to(device))[0]
+    return torch.stack([seen[key] for key in keys])
+
+
+# ----------------------------------------------------------------------------------------------
 # task files
 
 TASK_FILE_SUFFIXES = (".json", ".jsonl")  # a JSON list of records, or one record a line

@@ -35,7 +35,7 @@ def heatmap(tasks, A, title="", rows="after {}", note="columns: task evaluated")
                 x, y = left + j * side + side / 2, top + i * side + side / 2
                 draw.text((x, y), "-", fill="gray", font=font, anchor="mm")
                 continue
-            g = a / 100
+            g = min(max(a / 100, 0), 1)  # the colour's scale; the number says the rest
             color = (int(255 - 215 * g), int(255 - 110 * g), int(255 - 195 * g))
             x, y = left + j * side, top + i * side
             draw.rectangle([x, y, x + side - 2, y + side - 2], fill=color)
@@ -265,8 +265,8 @@ def finding_text(check):
     text = f"per seed: {seeds}; " + ", ".join(number(*item) for item in check["differences"].items())
     if "n_pairs" in check:
         rho, p = check["rho"], check["p"]
-        text += (f"; seed-averaged {rho_text(math.nan if rho is None else rho)} over {check['n_pairs']} "
-                 f"independent task pairs (i, i+1) with task i learnt (>= {LEARNT} %), one-sided permutation "
+        text += (f"; {rho_text(math.nan if rho is None else rho)} over the {check['n_pairs']} task pairs "
+                 f"(i, j) of the seeds' mean grid with task i learnt (>= {LEARNT} %), one-sided Mantel "
                  + ("p undefined" if p is None else f"p {p:.3f}"))
     if check["p_holds_holm"] is not None:
         text += f"; Holm-adjusted p {check['p_holds_holm']:.3f} (the other way {check['p_fails_holm']:.3f})"
@@ -298,15 +298,11 @@ def study_pictures(summary, pairs, rho, tasks, strategies, bases):
                         for s in strategies if key in summary.get((b, s), {})]
             if matrices:
                 pictures[f"{name}-{b}.png"] = tile(matrices, 3)
-        if "similarity" in summary.get((b, "tir"), {}):
-            percent = [[100 * v for v in row] for row in mean_matrix(summary[b, "tir"]["similarity"])]
-            pictures[f"similarity-{b}.png"] = heatmap(tasks, percent, f"task similarity x 100, {b} base",
-                                                      rows="{}", note="measured by TIR")
     if pairs:
         title = "Spearman " + rho_text(rho).replace("ρ", "rho")  # the bundled font has no ρ
         points = [(x, y, "", "pretrained") for x, y in pairs]  # one colour: pairs average over the bases
-        pictures["task_pairs.png"] = scatter(points, title, "similarity of task i+1 to task i",
-                                             "naive: drop in task i while i+1 trains / A[i][i]", legend=False)
+        pictures["task_pairs.png"] = scatter(points, title, "similarity of tasks i and j",
+                                             "naive: drop in task i while j trains / A[i][i]", legend=False)
     return pictures
 
 
@@ -369,11 +365,12 @@ def study_markdown(tasks, rows, checks, pictures, notes, others=(), format_lines
         lines.append(f"- [{'x' if check['verdict'] == 'holds' else ' '}] {check['claim']}: "
                      f"**{check['verdict']}**{elsewhere} ({finding_text(check)})")
     six = checks[5]
-    similarity = ("The study ran no tir (or no naive) run, or no task was learnt: no task-pair analysis."
-                  if not six["n_pairs"] else
-                  "Finding 6 uses naive's drop in task i while task i+1 trains, relative to A[i][i], only "
-                  f"where task i was learnt (>= {LEARNT} %), against TIR's similarity of i+1 to i; each pair "
-                  f"averaged over seeds and bases: {six['n_pairs']} independent pairs.")
+    similarity = ("No task-pair experiment in pairs/ (python study.py --pairs), or no task learnt there: "
+                  "finding 6 is not measured." if not six["n_pairs"] else
+                  "Finding 6 takes the task-pair experiment (pairs/pairs.md): naive's drop in task i while "
+                  "task j trains after it, relative to A[i][i], where task i was learnt (>= "
+                  f"{LEARNT} %), against the similarity of i and j; each pair averaged over seeds and bases: "
+                  f"{six['n_pairs']} pairs.")
     return "\n".join(
         ["# nanoCIT study", "", f"Tasks in order: {' -> '.join(tasks)}. " + " ".join(notes), "",
          markdown_table(rows),
@@ -401,8 +398,8 @@ def study_markdown(tasks, rows, checks, pictures, notes, others=(), format_lines
 
 
 def write_results(folder, path):
-    """RESULTS.md from a finished study folder: how it was made, its study.md and the sweep's sweep.md
-    (study.py --sweep, in <folder>/sweep), without the pictures, which stay in the folder -> exit code."""
+    """RESULTS.md from a finished study folder: how it was made, its study.md, the sweep's sweep.md and the
+    task pairs' pairs.md (study.py --sweep, --pairs), without the pictures, which stay there -> exit code."""
     folder, path = Path(folder), Path(path)
     try:
         report, md = json.loads((folder / "study.json").read_text()), (folder / "study.md").read_text()
@@ -410,10 +407,11 @@ def write_results(folder, path):
         print(f"error: {folder} holds no finished study (study.json and study.md); run python study.py "
               f"--out {folder} first", file=sys.stderr)
         return 2
-    made, sweep = report.get("about") or {}, folder / "sweep" / "sweep.md"  # the sweep's, if it ran
+    made = report.get("about") or {}
     body = md.split("\n## Pictures")[0].split("\n", 1)[1].strip()  # without its title and its pictures
-    if sweep.is_file():  # its table, without its picture
-        body += "\n\n" + sweep.read_text().split("\n![")[0].strip()
+    for part in (folder / "sweep" / "sweep.md", folder / "pairs" / "pairs.md"):  # if they ran
+        if part.is_file():  # its tables, without its pictures
+            body += "\n\n" + part.read_text().split("\n![")[0].strip()
     text = "\n".join([
         "# nanoCIT results", "",
         f"Written by `python study.py --out {folder} --write-results {path}` from a finished study, never by "

@@ -9,9 +9,12 @@ with weights_only=True; rerunning the command resumes it, and a command that wou
 is refused with the settings that differ.
 """
 import argparse
+import itertools
 import json
 import os
 import pickle
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -67,16 +70,18 @@ class TrainConfig:
     base_only: bool = arg(False, "only train (or find cached) the base model of these settings, then stop")
     first_task_from: str = arg("", "a naive run of these settings: take its first task's weights instead of "
                                "training them (the same bits; for strategies that train it as naive does)")
+    pair_first: str = arg("", "a task of --tasks: tune it from the base, then each other task from its "
+                          "weights in turn, and stop (naive; study.py --pairs runs one per task)")
     compile: bool = arg(False, "torch.compile the model for training: a one-off delay, then faster steps")
     bf16: bool = arg(False, "bfloat16 autocast on CUDA: faster matmuls; weights and optimizer stay fp32")
 
 
+BASES = ("pretrained", "multitask")  # alignment only, and that base tuned jointly on the held-in tasks
 TRAIN_PRESETS = {"tiny": {}, "small": dict(batch_size=64, steps=300, base_steps=2000, n_train=4000),
                  "base": dict(batch_size=64, steps=500, base_steps=4000, n_train=8000)}
 
 POSITIVE = ("steps", "batch_size", "lr", "base_lr", "n_train", "n_test", "n_base", "eval_batch_size",
             "threads", "multitask_steps", "checkpoint_every")
-
 SAME_RUN_ANYWAY = {"run_dir", "cache_dir", "threads", "show_mistakes", "checkpoint_every", "resume",
                    "force_new", "evaluate", "export", "base_only",
                    "first_task_from"}  # flags that change where or how a run goes, not what it computes
@@ -144,11 +149,16 @@ def parse(argv):
         raise CLIError(f"--replay-ratio must be in [0, 1), got {scfg.replay_ratio}")
     for name in sorted(options.keys() - set(strategy.options)):
         raise CLIError(f"--{name.replace('_', '-')} is not an option of strategy {cfg.strategy!r}")
-    task_names(cfg.tasks)  # fails early on unknown tasks
+    names = task_names(cfg.tasks)  # fails early on unknown tasks
+    if cfg.pair_first and cfg.pair_first not in names:
+        raise CLIError(f"--pair-first {cfg.pair_first!r} is not one of --tasks; "
+                       f"choose from {', '.join(names)}")
+    if cfg.pair_first and cfg.strategy != "naive":
+        raise CLIError(f"--pair-first trains as naive does; drop --strategy {cfg.strategy}")
     if cfg.benchmark not in data.BENCHMARKS:
         raise CLIError(f"unknown benchmark {cfg.benchmark!r}; choose from {', '.join(data.BENCHMARKS)}")
-    if cfg.base not in ("pretrained", "multitask"):
-        raise CLIError(f"unknown base {cfg.base!r}; choose from pretrained, multitask")
+    if cfg.base not in BASES:
+        raise CLIError(f"unknown base {cfg.base!r}; choose from {', '.join(BASES)}")
     if cfg.batch_size < WORLD:
         raise CLIError(f"--batch-size {cfg.batch_size} leaves some of the {WORLD} processes without a row")
     cfg.run_dir = cfg.run_dir or f"runs/{cfg.strategy}"
@@ -375,3 +385,65 @@ def report(run_dir, out, results, show_mistakes):
         for q, pred, ref in mistakes[:show_mistakes]:
             print(f"  {name}: {q!r} -> {pred!r} (expected {ref!r})")
     print(f"wrote {run_dir}/results.json, accuracy.png, format.png and content.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# many runs: study.py's plan of train.py runs (each in a Python of its own) and their reuse
+
+RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks", "--base-only",
+            "--first-task-from", "--pair-first")  # the study sets these for each run
+UNCOMPARED = ("vocab_size", "run_dir", "cache_dir",
+              "first_task_from", "pair_first")  # set at run time, or paths: not what a run computes
+
+
+def orders_of(args):
+    """The task orders the study runs -> {folder name: train.py --tasks}: --tasks alone, else --orders."""
+    if args.tasks:
+        return {args.tasks if args.tasks in args.orders.split(",") else "tasks": args.tasks}
+    return {order: order for order in args.orders.split(",")}
+
+
+def study_plan(args, names, bases, extra, seeds=None):
+    """Every run of the study -> {(order, base, strategy, seed): (train.py flags, run folder, config)}. A
+    strategy may carry settings, as a sweep's do: 'ewc@ewc_lambda=1e+06'. Seeds: 0..args.seeds-1 unless given.
+    Raises CLIError on bad input, before anything is written."""
+    for name in ("seeds", "jobs"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for flag in extra:
+        if flag.split("=")[0] in RESERVED:
+            raise CLIError(f"{flag} after -- is set by the study for each run; "
+                           "use --strategies, --bases, --seeds, --orders or --tasks")
+    plan, seeds = {}, range(args.seeds) if seeds is None else seeds
+    for (order, tasks), seed, base, s in itertools.product(orders_of(args).items(), seeds, bases, names):
+        run_dir = Path(args.out) / "runs" / order / base / s / f"seed{seed}"
+        strategy, *settings = s.split("@")
+        flags = ["--threads", "1", *extra, "--tasks", tasks, "--strategy", strategy, "--base",
+                 base, "--seed", str(seed), "--run-dir", str(run_dir),
+                 *(f"--{setting.replace('_', '-')}" for setting in settings)]
+        cfg, mcfg, scfg = parse(flags)  # checks strategy, base, tasks and flags after --
+        plan[order, base, s, seed] = flags, run_dir, dict(train=asdict(cfg), model=asdict(mcfg),
+                                                          strategy=asdict(scfg))
+    return plan
+
+
+def finished(run_dir, config):
+    """The run's results if this configuration made its results.json, else None: a killed study resumes."""
+    path = run_dir / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else None
+    return None if not results or config_diff(results["config"], config, UNCOMPARED) else results
+
+
+def train_run(flags):
+    """One train.py run in its own Python, one thread, no progress bars -> the finished process."""
+    return subprocess.run([sys.executable, str(Path(__file__).with_name("train.py")), *flags], text=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+
+
+def base_job(args, bases, extra, seed):
+    """train.py flags that train a seed's bases once (the multitask one holds the pretrained stage): all the
+    seed's runs, in every order, reuse them."""
+    tasks = next(iter(orders_of(args).values()))  # every order has the same tasks, so the same tokenizer
+    return ["--threads", "1", *extra, "--tasks", tasks, "--base", "multitask" if "multitask" in bases else
+            bases[0], "--seed", str(seed), "--base-only", "--run-dir", str(Path(args.out) / "runs" / "bases")]

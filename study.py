@@ -2,46 +2,42 @@
 
     python study.py                      # every strategy (and replay+tir) x both bases x 3 seeds, paper order
     python study.py --seeds 2 --strategies naive,replay,ewc --orders paper -- --steps 200   # -- to train.py
+    python study.py --pairs                # the task-pair experiment (finding 6), into runs/study/pairs
 
 Each run is one train.py process with one thread; a run folder already holding results.json from the same
 configuration is reused, so a killed study resumes. The report (study.md, study.json, pictures, written by
 report.py) goes to --out (runs/study). The findings checked are those of He et al. (arXiv 2311.16206), each
-with its verdict on every seed and whether it survives the other task order; finding 6 ranks naive's
-interference against TIR's task similarity (Spearman, with a seeded permutation test). Forgetting is split
-into format and content.
+with its verdict on every seed and whether it survives the other task order. Finding 6 takes the task-pair
+experiment (--pairs: naive's forgetting of each task while each other trains after it, against TIR's
+task similarity; Spearman, with Mantel's permutation test). Forgetting is split into format and content.
 """
 import argparse
 import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
+
+import torch
 
 import runner
 import strategies
 import eval as ev
 from eval import LEARNT
-from report import cell, format_section, format_table, learnt_section, markdown_table, mean_or_none
-from report import scatter, study_markdown, study_pictures, tile, write_results
+from report import cell, format_section, format_table, heatmap, learnt_section, markdown_table, mean_matrix
+from report import mean_or_none, scatter, study_markdown, study_pictures, tile, write_results
 
-BASES = ("pretrained", "multitask")  # alignment only, and that base tuned jointly on the held-in tasks
 # --sweep: each method's strength and the values tried (powers of ten; docs/methods.md) on a seed the study
 # never reports, from the pretrained base. TIR takes EWC's λ, so that the two differ only by the similarity.
 SWEEPS = {"ewc": ("ewc_lambda", (1e2, 1e3, 1e4, 1e5, 1e6)),
           "mas": ("mas_lambda", (1e-4, 1e-3, 0.01, 0.1, 1.0)), "lwf": ("lwf_alpha", (0.1, 0.3, 1.0, 3.0))}
 VALIDATION_SEED = 100
-RESERVED = ("--strategy", "--base", "--seed", "--run-dir", "--tasks", "--base-only",
-            "--first-task-from")  # the study sets these for each run
-UNCOMPARED = ("vocab_size", "run_dir", "cache_dir",
-              "first_task_from")  # set at run time, or paths: not what a run computes
 # the table's (column, format); None: bytes, the same each seed
 COLUMNS = [("AA", "{:.1f}"), ("learnt", "{:.1f}"), ("not learnt", "{:.1f}"), ("BWT", "{:+.1f}"),
            ("BWT learnt", "{:+.1f}"), ("forgetting", "{:.1f}"), ("FWT", "{:+.1f}"),
@@ -49,23 +45,42 @@ COLUMNS = [("AA", "{:.1f}"), ("learnt", "{:.1f}"), ("not learnt", "{:.1f}"), ("B
            ("oracle AA", "{:.1f}"), ("gain", "{:+.1f}"), ("extra memory", None), ("extra time", "{:+.0f} s")]
 
 
-def task_pairs(A, similarity):
-    """Naive's interference where it tells something -> {i: (similarity of task i+1 to i, the drop in task i
-    while task i+1 trains relative to A[i][i])} for each task i learnt (A[i][i] >= LEARNT). Later drops are
-    mostly tied zeros (naive has forgotten by then), and an unlearnt task has nothing to lose."""
-    return {i: (similarity[i + 1][i], (A[i][i] - A[i + 1][i]) / A[i][i])
-            for i in range(len(A) - 1) if A[i][i] >= LEARNT}
+def pair_grids(runs, tasks):
+    """--pairs' runs {(order, base, label, seed): a train.py --pair-first run's results} -> {(base, seed):
+    (drop, similarity)}, T x T lists, for each base and seed whose every task ran. drop[j][i]: task i's
+    relative drop while task j trains after it, (A_ii - A_ji) / A_ii; None on the diagonal and where task i
+    was not learnt (A_ii < LEARNT: nothing to lose). similarity: eval.task_similarity of the tasks' features,
+    whatever it measures."""
+    found, grids = {}, {}
+    for (_, base, _, seed), r in runs.items():
+        found.setdefault((base, seed), {})[r["first"]] = r
+    for key, run in ((key, found[key]) for key in sorted(found) if set(found[key]) == set(tasks)):
+        alone = [run[t]["alone"]["acc"] for t in tasks]
+        drop = [[None if i == j or alone[i] < LEARNT else (alone[i] - run[first]["after"][then]["first"]) /
+                 alone[i] for i, first in enumerate(tasks)] for j, then in enumerate(tasks)]
+        features = [[torch.tensor(f) for f in run[t]["features"]] for t in tasks]
+        similarity = ev.task_similarity(features, run[tasks[0]]["config"]["strategy"]["tir_temperature"])
+        grids[key] = drop, similarity.tolist()
+    return grids
 
 
-def interference(runs, seed=None):
-    """Each adjacent task pair's (similarity, relative drop), averaged over bases and seeds (or on one seed):
-    points that are independent of each other, one per task pair -> [(similarity, drop)]."""
-    cells = {}  # task index i -> [(similarity, drop)] over bases and seeds
-    for (base, s, sd), r in runs.items():
-        if s == "naive" and (base, "tir", sd) in runs and seed in (None, sd):
-            for i, pair in task_pairs(r["matrix"], runs[base, "tir", sd]["task_similarity"]).items():
-                cells.setdefault(i, []).append(pair)
-    return [tuple(map(statistics.fmean, zip(*cells[i]))) for i in sorted(cells)]
+def pair_mean(grids, seed=None, base=None):
+    """Grids' cell-wise mean over bases and seeds (or one seed's, one base's) -> (drop, similarity, the
+    [(similarity, drop)] of every cell where drop is defined); empty where no grid is chosen."""
+    chosen = [grid for (b, s), grid in grids.items() if seed in (None, s) and base in (None, b)]
+    drop, similarity = (mean_matrix(m) for m in zip(*chosen)) if chosen else ([], [])
+    return drop, similarity, [(similarity[j][i], d) for j, row in enumerate(drop) for i, d in enumerate(row)
+                              if d is not None]
+
+
+def pair_test(grids, **chosen):
+    """Finding 6 on pair_mean(grids, **chosen) -> (ρ, Mantel p of ρ < 0, p of ρ > 0, [(similarity, drop)]);
+    None where undefined (no grid, too few pairs, a constant side)."""
+    drop, similarity, points = pair_mean(grids, **chosen)
+    if len(points) < 2 or math.isnan(rho := ev.spearman(*zip(*points))):
+        return None, None, None, points
+    other = [[None if d is None else -d for d in row] for row in drop]
+    return rho, ev.mantel_p(similarity, drop), ev.mantel_p(similarity, other), points
 
 
 def run_numbers(r, naive):
@@ -110,22 +125,24 @@ def minus(x, y):
     return None if x is None or y is None else x - y
 
 
-def finding_numbers(runs, seed, bases):
-    """One seed's runs -> per finding, {label: the number its verdict tests on that seed (None: not run)}."""
+def finding_numbers(runs, seed, bases, grids):
+    """One seed's runs (and grids: --pairs') -> per finding, {label: the number its verdict tests on that
+    seed (None: not run)}."""
     def m(base, strategy, key):
         r = runs.get((base, strategy, seed))
         return r and r["metrics"][key]
 
     def gain(s, b):
         return minus(m(b, s, "AA"), m(b, "naive", "AA"))
-    pairs, P, M = interference(runs, seed), "pretrained", "multitask"
+    points, P, M = pair_mean(grids, seed=seed)[2], "pretrained", "multitask"
+    rho = ev.spearman(*zip(*points)) if len(points) > 1 else math.nan
     return [{f"naive BWT ({b})": m(b, "naive", "BWT") for b in bases},
             {"naive forgetting, pretrained - multitask": minus(m(P, "naive", "forgetting"),
                                                                m(M, "naive", "forgetting"))},
             {f"{s} gain ({b})": gain(s, b) for s in ("replay", "expansion") for b in bases},
             {f"{s} gain, multitask - pretrained": minus(gain(s, M), gain(s, P)) for s in ("ewc", "mas")},
             {f"tir - ewc AA ({b})": minus(m(b, "tir", "AA"), m(b, "ewc", "AA")) for b in bases},
-            {"ρ": None if len(pairs) < 2 or math.isnan(r := ev.spearman(*zip(*pairs))) else r}]
+            {"ρ": None if math.isnan(rho) else rho}]
 
 
 CLAIMS = [  # each finding, and the sign its numbers must have for it to hold: +1 above 0, -1 below
@@ -139,17 +156,17 @@ CLAIMS = [  # each finding, and the sign its numbers must have for it to hold: +
 ]
 
 
-def findings(runs, bases):
-    """The paper's six findings on one task order's runs -> [dict(claim, verdict, per_seed, differences,
-    tests, p_holds, p_fails, ...)]. Each number of a finding is a paired difference per seed (its
-    `differences`); its test (eval.paired_test: mean, 95 % half-width, one-sided p) is taken in the claimed
-    direction. A finding with several numbers holds only if each does, so its p is the largest (an
-    intersection-union test), and it fails if any one is significantly the other way (the smallest opposite p,
-    times how many). Finding 6's p is the permutation test of ρ over the seed-averaged task pairs. Holm's
-    correction across the findings, then: holds, fails, or undecided. per_seed: does every number have the
-    claimed sign on that seed (None: not measured), for reading only."""
-    seeds = sorted({seed for _, _, seed in runs})
-    numbers = [finding_numbers(runs, seed, bases) for seed in seeds]  # [seed][finding] -> {label: value}
+def findings(runs, bases, grids=None):
+    """The paper's six findings on one task order's runs (finding 6 on --pairs' grids) -> [dict(claim,
+    verdict, per_seed, differences, tests, p_holds, p_fails, ...)]. Each number of a finding is a paired
+    difference per seed (its `differences`); its test (eval.paired_test: mean, 95 % half-width, one-sided p)
+    is taken in the claimed direction. A finding with several numbers holds only if each does, so its p is
+    the largest (an intersection-union test), and it fails if any one is significantly the other way (the
+    smallest opposite p, times how many). Finding 6's p is Mantel's test of ρ over the task pairs' mean
+    grid. Holm's correction across the findings, then: holds, fails, or undecided. per_seed: does every
+    number have the claimed sign on that seed (None: not measured), for reading only."""
+    seeds, grids = sorted({seed for _, _, seed in runs}), grids or {}
+    numbers = [finding_numbers(runs, seed, bases, grids) for seed in seeds]  # [seed][finding] -> {label: v}
     checks = []
     for k, (claim, sign) in enumerate(CLAIMS):
         per_seed = [None if None in n[k].values() else all(sign * v > 0 for v in n[k].values())
@@ -164,13 +181,9 @@ def findings(runs, bases):
                            tests={label: [sign * m, h, p] for label, (m, h, p) in tests.items()},
                            p_holds=max(ps) if tested else None,
                            p_fails=min(1.0, len(ps) * min(1 - p for p in ps)) if tested else None))
-    pairs = interference(runs)
-    rho = ev.spearman(*zip(*pairs)) if len(pairs) > 1 else math.nan
-    p = ev.permutation_p(*zip(*pairs)) if len(pairs) > 1 else math.nan
-    p_other = ev.permutation_p(*zip(*((x, -y) for x, y in pairs))) if len(pairs) > 1 else math.nan
-    checks[5].update(rho=None if math.isnan(rho) else rho, p=None if math.isnan(p) else p, n_pairs=len(pairs),
-                     pairs=pairs, measured=not math.isnan(p), p_holds=None if math.isnan(p) else p,
-                     p_fails=None if math.isnan(p_other) else p_other)
+    rho, p, p_other, pairs = pair_test(grids)
+    checks[5].update(rho=rho, p=p, n_pairs=len(pairs), pairs=pairs, measured=p is not None, p_holds=p,
+                     p_fails=p_other)
     holds, fails = (ev.holm([c[key] for c in checks]) for key in ("p_holds", "p_fails"))
     for check, p_hold, p_fail in zip(checks, holds, fails):
         verdict = ("not measured" if not check["measured"] else "undecided" if p_hold is None else
@@ -185,8 +198,11 @@ def write_report(out, runs, strategies, bases, notes=(), others=None, about=None
     out, summary, tasks = Path(out), summarize(runs), next(iter(runs.values()))["tasks"]
     strategies = [s for s in strategies if any((b, s) in summary for b in bases)]
     bases = [b for b in bases if any((b, s) in summary for s in strategies)]
-    checks, rows = findings(runs, bases), study_rows(summary, strategies, bases)
-    other_checks = [(order, findings(r, bases)) for order, r in (others or {}).items() if r]
+    path = out / "pairs" / "pairs.json"  # the task-pair experiment's grids, if it ran (study.py --pairs)
+    grids = {(g["base"], g["seed"]): (g["drop"], g["similarity"])
+             for g in (json.loads(path.read_text()) if path.is_file() else [])}
+    checks, rows = findings(runs, bases, grids), study_rows(summary, strategies, bases)
+    other_checks = [(order, findings(r, bases, grids)) for order, r in (others or {}).items() if r]
     six = checks[5]
     pictures = study_pictures(summary, six["pairs"], math.nan if six["rho"] is None else six["rho"], tasks,
                               strategies, bases)
@@ -200,10 +216,41 @@ def write_report(out, runs, strategies, bases, notes=(), others=None, about=None
     report = dict(about=about, tasks=tasks,
                   summary={f"{b}/{s}": numbers for (b, s), numbers in summary.items()},
                   task_pairs=[dict(similarity=x, relative_drop=y) for x, y in six["pairs"]],
-                  spearman=six["rho"], permutation_p=six["p"], findings=checks,
+                  spearman=six["rho"], mantel_p=six["p"], findings=checks,
                   orders={order: c for order, c in other_checks})
     (out / "study.json").write_text(json.dumps(report, indent=1))
     return rows
+
+
+def write_pairs(out, runs, tasks):
+    """--pairs' runs -> in out: pairs.json (each base and seed's grids, which the study's finding 6 reads),
+    pairs.md and per base pairs-<base>.png: its similarity and drop heatmaps side by side, mean over seeds."""
+    grids, rows = pair_grids(runs, tasks), [["base", "ρ", "p (ρ < 0)", "pairs"]]
+    bases = sorted({b for b, _ in grids})
+
+    def percent(grid):
+        return [[None if v is None else 100 * v for v in row] for row in grid]
+    out.mkdir(parents=True, exist_ok=True)
+    for base in [*bases, None]:  # None: both
+        rho, p, _, points = pair_test(grids, base=base)
+        rows.append([base or "both", "-" if rho is None else f"{rho:+.2f}", "-" if p is None else f"{p:.3f}",
+                     str(len(points))])
+        if base:
+            drop, similarity, _ = pair_mean(grids, base=base)
+            tile([heatmap(tasks, percent(similarity), f"similarity x 100, {base} base", rows="{}", note=""),
+                  heatmap(tasks, percent(drop), f"relative drop (%), {base} base", rows="then {}",
+                          note="columns: the task tuned first")], 2).save(out / f"pairs-{base}.png")
+    (out / "pairs.json").write_text(json.dumps([dict(base=b, seed=s, drop=d, similarity=m)
+                                                for (b, s), (d, m) in grids.items()], indent=1))
+    (out / "pairs.md").write_text("\n".join([
+        "## Task pairs: does a similar task make naive forget less?", "",
+        f"For every ordered pair of the {len(tasks)} tasks, naive tunes task i from the base, then j from "
+        f"i's weights (train.py --pair-first); the drop is (A_ii - A_ji) / A_ii where i was learnt (A_ii >= "
+        f"{LEARNT}). Similarity: eval.task_similarity on the base, as TIR measures it. Spearman ρ over the "
+        f"pairs of the grid's mean over {len({s for _, s in grids})} seeds, with Mantel's test (the tasks "
+        "relabelled: the pairs of one task are not independent).", "", markdown_table(rows),
+        *(f"![pairs-{b}.png](pairs-{b}.png)" for b in bases), ""]))
+    print(format_table(rows) + f"\nwrote {out}/pairs.md, pairs.json and pictures")
 
 
 SWEEP_RULE = (f"the best AA among the values that learn every task (each diagonal entry >= {LEARNT}); if "
@@ -244,82 +291,25 @@ def write_sweep(out, runs, methods, extra):
 
 # running the study: its plan, its jobs
 
-def orders_of(args):
-    """The task orders the study runs -> {folder name: train.py --tasks}: --tasks alone, else --orders."""
-    if args.tasks:
-        return {args.tasks if args.tasks in args.orders.split(",") else "tasks": args.tasks}
-    return {order: order for order in args.orders.split(",")}
-
-
-def study_plan(args, names, bases, extra, seeds=None):
-    """Every run of the study -> {(order, base, strategy, seed): (train.py flags, run folder, config)}. A
-    strategy may carry settings, as a sweep's do: 'ewc@ewc_lambda=1e+06'. Seeds: 0..args.seeds-1 unless given.
-    Raises runner.CLIError on bad input, before anything is written."""
-    for b in bases:
-        if b not in BASES:
-            raise runner.CLIError(f"unknown base {b!r}; choose from {', '.join(BASES)}")
-    for name in ("seeds", "jobs"):
-        if getattr(args, name) < 1:
-            raise runner.CLIError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for flag in extra:
-        if flag.split("=")[0] in RESERVED:
-            raise runner.CLIError(f"{flag} after -- is set by the study for each run; "
-                                 "use --strategies, --bases, --seeds, --orders or --tasks")
-    plan = {}
-    for order, tasks in orders_of(args).items():
-        for seed in range(args.seeds) if seeds is None else seeds:
-            for base in bases:
-                for s in names:
-                    run_dir = Path(args.out) / "runs" / order / base / s / f"seed{seed}"
-                    strategy, *settings = s.split("@")
-                    flags = ["--threads", "1", *extra, "--tasks", tasks, "--strategy", strategy, "--base",
-                             base, "--seed", str(seed), "--run-dir", str(run_dir),
-                             *(f"--{setting.replace('_', '-')}" for setting in settings)]
-                    cfg, mcfg, scfg = runner.parse(flags)  # checks strategy, tasks and flags after --
-                    config = dict(train=asdict(cfg), model=asdict(mcfg), strategy=asdict(scfg))
-                    plan[order, base, s, seed] = flags, run_dir, config
-    return plan
-
-
-def finished(run_dir, config):
-    """The run's results if this configuration made its results.json, else None: a killed study resumes."""
-    path = run_dir / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else None
-    return results if results and not runner.config_diff(results["config"], config, UNCOMPARED) else None
-
-
-def train_run(flags):
-    """One train.py run in its own Python, one thread, no progress bars -> the finished process."""
-    return subprocess.run([sys.executable, str(Path(__file__).with_name("train.py")), *flags], text=True,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
-
-
-def base_job(args, bases, extra, seed):
-    """train.py flags that train a seed's base (the multitask one holds the pretrained stage): all of that
-    seed's runs reuse it, in every order, so it is trained once, not by each base's first run side by side."""
-    tasks = next(iter(orders_of(args).values()))  # every order has the same tasks, so the same tokenizer
-    return ["--threads", "1", *extra, "--tasks", tasks, "--base", "multitask" if "multitask" in bases else
-            bases[0], "--seed", str(seed), "--base-only", "--run-dir", str(Path(args.out) / "runs" / "bases")]
-
 
 def naive_first(spec):
     """Does strategy `spec` train its first task as naive does, so that it may start from naive's?"""
     return strategies.build(spec.split("@")[0], strategies.StrategyConfig()).naive_first
 
 
-def study(args, names, bases, extra, sweep=()):
+def study(args, names, bases, extra, seeds=None, write=None):
     """Train every (order, base, strategy, seed) not already finished, args.jobs at a time, then write the
-    report (a sweep's, for `sweep`, SWEEPS' methods) -> exit code. Each seed's base is trained first, by a job
-    of its own; its runs start when it is cached. A strategy that trains its first task as naive does starts
-    from naive's (train.py --first-task-from): the same bits, a task less to train (a test checks it)."""
+    report (write(out, runs) instead, if given: the sweep's, the pairs') -> exit code. Each seed's base is
+    trained first, by a job of its own; its runs start when it is cached. A strategy that trains its first
+    task as naive does starts from naive's (train.py --first-task-from): the same bits, a task less to train
+    (a test checks it)."""
     t0, out = time.time(), Path(args.out)
     try:
-        plan = study_plan(args, names, bases, extra, [VALIDATION_SEED] if sweep else None)
+        plan = runner.study_plan(args, names, bases, extra, seeds)
     except runner.CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    runs = {k: r for k, (_, run_dir, config) in plan.items() if (r := finished(run_dir, config))}
+    runs = {k: r for k, (_, run_dir, config) in plan.items() if (r := runner.finished(run_dir, config))}
     todo, failed = [k for k in plan if k not in runs], []
     print(f"study: {len(plan)} runs, {len(runs)} reused, {len(todo)} to train with {args.jobs} jobs, "
           f"in {out}")
@@ -328,7 +318,7 @@ def study(args, names, bases, extra, sweep=()):
 
     def submit(key, naive=None):  # naive: the finished naive run whose first task this run takes
         more = ["--first-task-from", str(plan[naive][1])] if naive in runs else []
-        jobs[pool.submit(train_run, plan[key][0] + more)] = key
+        jobs[pool.submit(runner.train_run, plan[key][0] + more)] = key
 
     def release(seed):  # the seed's base is cached: its runs may start, some after naive's
         for key in [k for k in todo if k[3] == seed]:
@@ -340,7 +330,7 @@ def study(args, names, bases, extra, sweep=()):
             else:
                 waiting.setdefault(naive, []).append(key)
     with bar, ThreadPoolExecutor(args.jobs) as pool:
-        jobs = {pool.submit(train_run, base_job(args, bases, extra, seed)): ("base", seed)
+        jobs = {pool.submit(runner.train_run, runner.base_job(args, bases, extra, seed)): ("base", seed)
                 for seed in sorted({k[3] for k in todo})}
         while jobs:
             for job in wait(jobs, return_when=FIRST_COMPLETED).done:
@@ -370,8 +360,8 @@ def study(args, names, bases, extra, sweep=()):
                     submit(other, key)
                 bar.set_postfix_str(name)
                 bar.update()
-    if runs and sweep:
-        write_sweep(out, {k[2]: r for k, r in runs.items()}, sweep, extra)
+    if runs and write:
+        write(out, runs)
     elif runs:
         notes = ["Seed 0." if args.seeds == 1 else f"Seeds 0..{args.seeds - 1}.",
                  f"train.py flags: `{' '.join(extra) or '(defaults)'}`.",
@@ -379,7 +369,8 @@ def study(args, names, bases, extra, sweep=()):
                  f"({len(todo)} runs trained, {len(plan) - len(todo)} reused)."]
         if failed:
             notes.append(f"Failed: {', '.join(failed)}.")
-        by_order = {order: {k[1:]: r for k, r in runs.items() if k[0] == order} for order in orders_of(args)}
+        by_order = {order: {k[1:]: r for k, r in runs.items() if k[0] == order}
+                    for order in runner.orders_of(args)}
         first_order, *others = [order for order, r in by_order.items() if r]
         rows = write_report(out, by_order[first_order], names, bases, notes,
                             {order: by_order[order] for order in others}, about(args, extra, t0, runs))
@@ -415,7 +406,7 @@ def main(argv=None):
         "resumes")
     ap.add_argument("--strategies", default=",".join([*strategies.STRATEGIES, "replay+tir"]),
                     help="a comma list (default: all, and replay+tir)")
-    ap.add_argument("--bases", default=",".join(BASES), help="a comma list of train.py --base values")
+    ap.add_argument("--bases", default=",".join(runner.BASES), help="a comma list of train.py --base values")
     ap.add_argument("--seeds", type=int, default=3,
                     help="seeds 0..N-1; cells are mean ± std; each finding is a paired test over the seeds")
     ap.add_argument("--jobs", type=int, default=2, help="train.py runs at once, one CPU thread each")
@@ -430,6 +421,8 @@ def main(argv=None):
                     help="where the runs, study.md, study.json and pictures go")
     ap.add_argument("--sweep", metavar="METHODS", help=f"choose the strengths of these ({', '.join(SWEEPS)}) "
                     f"on seed {VALIDATION_SEED}, which the study never reports; writes <out>/sweep")
+    ap.add_argument("--pairs", action="store_true", help="the task-pair experiment (8 + 56 task trainings a "
+                    "seed and base, for 8 tasks) for finding 6; writes <out>/pairs, which the study reads")
     ap.add_argument("--write-results", metavar="FILE",
                     help="write FILE (RESULTS.md) from the finished study in --out, train nothing")
     args = ap.parse_args(argv)
@@ -442,7 +435,13 @@ def main(argv=None):
             return 2
         args.out = str(Path(args.out) / "sweep")
         labels = [f"{m}@{SWEEPS[m][0]}={v:g}" for m in methods for v in SWEEPS[m][1]]
-        return study(args, ["naive", *labels], ["pretrained"], extra, methods)
+        return study(args, ["naive", *labels], ["pretrained"], extra, [VALIDATION_SEED],
+                     lambda out, runs: write_sweep(out, {k[2]: r for k, r in runs.items()}, methods, extra))
+    if args.pairs:  # one order: a pair's drop does not depend on the order
+        args.out, args.orders = str(Path(args.out) / "pairs"), args.orders.split(",")[0]
+        tasks = runner.task_names(next(iter(runner.orders_of(args).values())))
+        return study(args, [f"naive@pair_first={t}" for t in tasks], args.bases.split(","), extra,
+                     write=lambda out, runs: write_pairs(out, runs, tasks))
     return study(args, args.strategies.split(","), args.bases.split(","), extra)
 
 

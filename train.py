@@ -36,7 +36,7 @@ import runner
 import strategies
 from data import atomic_write
 from eval import all_metrics, answer_space, format_header, format_matrix, format_row, row_spaces
-from eval import score_tests, stage_rows
+from eval import examples_features, score_tests, stage_rows
 from model import VLM
 from runner import RANK, WORLD, Stop
 
@@ -94,7 +94,7 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
     forward = torch.compile(module) if cfg.compile else module
     frozen = not cfg.bf16 and not any(p.requires_grad for p in model.vision.parameters())
     # a frozen vision tower's output for every image the batches can hold: computed once, not each step
-    seen = encode_images(model, [rows, strategy.stored_rows()], device) if frozen else None
+    seen = llava.encode_images(model, [rows, strategy.stored_rows()], device) if frozen else None
     model.train()
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, leave=False, dynamic_ncols=True,
                disable=not progress_bars())
@@ -110,7 +110,8 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
             share = (batch[2][RANK::WORLD] != -100).sum() / (batch[2] != -100).sum()
             batch, images = tuple(x[RANK::WORLD] for x in batch), images[RANK::WORLD]
         with torch.autocast(device.type, torch.bfloat16) if cfg.bf16 else contextlib.nullcontext():
-            logits, loss = forward(*batch, seen=vision_seen(model, images, seen, device) if frozen else None)
+            seen_now = llava.vision_seen(model, images, seen, device) if frozen else None
+            logits, loss = forward(*batch, seen=seen_now)
             extra = strategy.penalty(model, batch, logits)
         # DDP averages the ranks' gradients; the shares sum to 1, so the average of WORLD·share·loss is the
         # gradient of the whole batch's mean loss. A penalty is the same on every rank (EWC's) or a mean over
@@ -133,33 +134,6 @@ def train_steps(model, rows, strategy, steps, lr, cfg, gen, device, desc, start=
 def progress_bars():
     """Bars on a terminal only: in a log, one line per stage and task (TQDM_DISABLE turns them off too)."""
     return RANK == 0 and sys.stderr.isatty() and "TQDM_DISABLE" not in os.environ
-
-
-@torch.no_grad()
-def encode_images(model, sources, device, chunk=256):
-    """The frozen vision tower's output for every image of some Examples (or None) -> {image bytes: output}.
-    Encoded in fixed chunks, in row order: with two threads a row's floats can depend on the rows encoded
-    beside it, so the grouping must not depend on which batch first met an image, which a resume changes."""
-    images = torch.cat([rows.images for rows in sources if rows is not None])
-    first = {}  # image bytes -> its first row: each distinct image is encoded once
-    for i, image in enumerate(images):
-        first.setdefault(image.numpy().tobytes(), i)
-    keys, order, seen = list(first), list(first.values()), {}
-    for i in range(0, len(order), chunk):
-        outputs = model.vision(llava.pixels(images[order[i:i + chunk]]).to(device))
-        seen.update(zip(keys[i:i + chunk], outputs))
-    return seen
-
-
-@torch.no_grad()
-def vision_seen(model, images, seen, device):
-    """uint8 images (B, 3, H, W) -> the frozen vision tower's output, looked up in `seen` by their bytes. An
-    image that encode_images did not cover is encoded alone, a grouping that no resume changes, and kept."""
-    keys = [image.numpy().tobytes() for image in images]
-    for i, key in enumerate(keys):
-        if key not in seen:
-            seen[key] = model.vision(llava.pixels(images[i:i + 1]).to(device))[0]
-    return torch.stack([seen[key] for key in keys])
 
 
 @torch.no_grad()
@@ -233,6 +207,33 @@ def prepare_base(cfg, mcfg):
     class; and the study's first step for each seed, so that its runs do not each train the same base."""
     _, path = base_model(cfg, mcfg, *runner.set_up_base(cfg, mcfg))
     print(f"base model ready: {path}")
+
+
+def pairs(cfg, mcfg, scfg):
+    """--pair-first TASK, a unit of study.py --pairs: TASK tuned from the base, then each other task of
+    --tasks from TASK's weights in turn, as naive's second task (`--tasks TASK,OTHER` gives the same bits).
+    -> results.json: TASK's accuracy (and last loss) alone, and after each other task (with that task's
+    own); TASK's mean features on the base (eval.row_features), for the similarity of every pair."""
+    device, run_dir, tasks, tok, config, _, _ = runner.set_up(cfg, mcfg, scfg)
+    names, t0, skip = list(tasks), time.time(), lambda *_: None  # skip: no checkpoints within a task
+    trains, tests = runner.task_rows(tasks, cfg, mcfg, tok, cfg.n_train)
+    model, _ = base_model(cfg, mcfg, tok, device)
+    i, naive = names.index(cfg.pair_first), strategies.build("naive", scfg, cfg.seed)
+    base = dict(model.named_parameters())  # read before any training: the base's vision tower and embedding
+    features = [f.mean(0).tolist() for f in examples_features(model, base, trains[i])]
+    loss = tune(0, model, naive, trains[i], cfg, device, f"{names[i]} from the base", None, skip)[0]
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    alone = dict(acc=evaluate(model, naive, [tests[i]], tok, device, cfg)[0][0], loss=loss)
+    after = {}  # each other task -> the accuracy on TASK after it, its own accuracy, its last loss
+    for j in (j for j in range(len(names)) if j != i):
+        model.load_state_dict(first)
+        loss = tune(1, model, naive, trains[j], cfg, device, f"{names[j]} after {names[i]}", None, skip)[0]
+        acc, own = (acc for acc, *_ in evaluate(model, naive, [tests[i], tests[j]], tok, device, cfg))
+        after[names[j]] = dict(first=acc, own=own, loss=loss)
+        print(f"{names[i]} {alone['acc']:.1f} -> {acc:.1f} after {names[j]}, which reached {own:.1f}")
+    out = dict(config=config, tasks=names, first=names[i], alone=alone, after=after, features=features,
+               wall_seconds=time.time() - t0)
+    atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(out, indent=1)))
 
 
 def tune(t, model, strategy, rows, cfg, device, desc, saved, save, shared=None):
@@ -323,7 +324,8 @@ def main(argv=None):
             dist.init_process_group("nccl" if cuda else "gloo")
             sys.stdout = open(os.devnull, "w") if RANK > 0 else sys.stdout
         print(runner.settings_line(cfg, mcfg, scfg))
-        prepare_base(cfg, mcfg) if cfg.base_only else run(cfg, mcfg, scfg)
+        prepare_base(cfg, mcfg) if cfg.base_only else pairs(cfg, mcfg, scfg) if cfg.pair_first else run(
+            cfg, mcfg, scfg)
     except (Stop, llava.TaskFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "code", 2)

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 import runner
-import study
 from background import background
 from background import run as run_in_background
 
@@ -115,7 +114,7 @@ def test_the_gpu_check_without_a_gpu_fails_each_step_fast_in_one_line(call, step
 # The script runs as `python script flags` (runpy) up to its first parse_args or parse_known_args, which
 # then raises Parsed: nothing after parsing runs. Flags of train.py (also under torchrun, after a study's --,
 # and the rest of a parse_known_args) then go through runner.parse, and a study's whole plan through
-# study.study_plan, which refuse unknown strategies, tasks and bases as the real commands would.
+# runner.study_plan, which refuse unknown strategies, tasks and bases as the real commands would.
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -207,7 +206,7 @@ def command_errors(paths, monkeypatch):
                     runner.parse(args)
                 elif Path(script).name == "study.py":  # flags after -- go to every train.py run
                     names, bases = parsed.namespace.strategies.split(","), parsed.namespace.bases.split(",")
-                    study.study_plan(parsed.namespace, names, bases, extra)
+                    runner.study_plan(parsed.namespace, names, bases, extra)
                 elif parsed.rest:  # what the script's own parser left: train.py flags (tools/probe_lookup.py)
                     runner.parse(parsed.rest)
             except SystemExit as e:

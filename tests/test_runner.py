@@ -58,6 +58,8 @@ BAD_INPUT = {  # id: (the bad flags, what the one line must say)
     "foreign-option": (["--strategy", "naive", "--buffer-size", "5"], ["--buffer-size", "naive"]),
     "unknown-flag": (["--bogus-flag"], ["--bogus-flag"]),
     "device": (["--device", "tpu"], ["device 'tpu'", "auto, cpu"]),
+    "pair-first": (["--tasks", "classify,count", "--pair-first", "read"], ["'read'", "classify, count"]),
+    "pair-strategy": (["--strategy", "ewc", "--pair-first", "classify"], ["--pair-first", "naive"]),
 }
 
 

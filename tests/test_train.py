@@ -308,8 +308,8 @@ def test_a_frozen_vision_tower_encodes_each_image_once_and_changes_no_weight(mon
     cached = tune(cached_model, rows, replay)
     assert counted[0] <= len(rows), "each of the 16 images is encoded once, not in every one of 12 steps"
 
-    monkeypatch.setattr(train, "encode_images", lambda *args: {})
-    monkeypatch.setattr(train, "vision_seen", lambda model, images, seen, device: model.vision(
+    monkeypatch.setattr(llava, "encode_images", lambda *args: {})
+    monkeypatch.setattr(llava, "vision_seen", lambda model, images, seen, device: model.vision(
         llava.pixels(images).to(device)))  # the slow way: the whole batch through the tower, every step
     model, _ = tiny_setup()
     replay = strategies.build("replay", strategies.StrategyConfig(buffer_size=8, replay_ratio=0.5))
@@ -332,7 +332,7 @@ def test_a_trainable_vision_tower_is_encoded_every_step():
 def test_a_rows_vision_output_does_not_depend_on_the_rows_beside_it():
     """What makes the cache exact: a row encoded among any others gives the same floats. (A batch of one row
     may take other kernels: on an AVX-512 CPU its floats came out 1.5e-6 off at one thread. No path encodes a
-    lone row on one side only: train.encode_images cuts the same chunks, fresh or resumed.)"""
+    lone row on one side only: llava.encode_images cuts the same chunks, fresh or resumed.)"""
     model, rows = tiny_setup()
     with torch.no_grad():
         whole = model.vision(llava.pixels(rows.images))
@@ -389,6 +389,23 @@ def test_first_task_from_refuses_what_would_not_give_the_same_bits(naive_run, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --first-task-from") and fragment in err[0], err
     assert not (tmp_path / "other").exists()  # refused before any work
+
+
+def test_a_task_pair_run_is_naives_run_of_each_pair(naive_run, tmp_path):
+    """--pair-first classify over three tasks: each branch starts from classify's weights, as naive's second
+    task would (classify,count is naive_run; classify,read is trained here), and classify's features are
+    those TIR measures before its first task."""
+    naive, cache = naive_run
+    pair = tiny_run(tmp_path, "pairs", "--tasks", "classify,count,read", "--pair-first", "classify",
+                    cache=cache)
+    tiny_run(tmp_path, "tir", "--strategy", "tir", cache=cache)
+    for other, two in (("count", json.loads((naive / "results.json").read_text())),
+                       ("read", tiny_run(tmp_path, "read", "--tasks", "classify,read", cache=cache))):
+        A, after = two["matrix"], pair["after"][other]
+        assert [pair["alone"]["acc"], after["first"], after["own"]] == [A[0][0], A[1][0], A[1][1]]
+        assert [pair["alone"]["loss"], after["loss"]] == two["final_loss"], other
+    prototype = torch.load(tmp_path / "tir" / "checkpoint.pt", weights_only=True)["strategy"]["prototypes"][0]
+    assert pair["features"] == [f.tolist() for f in prototype]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def step_flops(model, batch, seen=None):
 
 
 def slow_vision(model, images, seen, device):
-    """train.vision_seen without its cache: every step puts the whole batch through the frozen tower."""
+    """llava.vision_seen without its cache: every step puts the whole batch through the frozen tower."""
     return model.vision(llava.pixels(images).to(device))
 
 
@@ -143,9 +143,9 @@ def threads(n):
 
 
 LEVERS = {  # name -> (kept?, the lever switched on around train.py's loop, given its TrainConfig)
-    "before: no vision cache": (False, lambda cfg: patched((train, "encode_images", lambda *args: {}),
-                                                           (train, "vision_seen", slow_vision))),
-    "vision cache (train.vision_seen)": (True, lambda cfg: patched()),
+    "before: no vision cache": (False, lambda cfg: patched((llava, "encode_images", lambda *args: {}),
+                                                           (llava, "vision_seen", slow_vision))),
+    "vision cache (llava.vision_seen)": (True, lambda cfg: patched()),
     "+ torch.compile (--compile)": (False, lambda cfg: patched((cfg, "compile", True))),
     "+ AdamW foreach": (False, lambda cfg: patched((torch.optim, "AdamW", functools.partial(
         torch.optim.AdamW, foreach=True)))),

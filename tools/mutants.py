@@ -246,6 +246,26 @@ MUTANTS = {
                                    '    ignore = set(ignore) | set(new.get("strategy", {})) - set(read)\n',
                                    "    ignore = set(ignore)\n",
                                    ["tests/test_runner.py::test_a_changed_option_counts_only_for_a"]),
+    "pair_no_restore": ("train.py",  # each later task trains on from the one before it, not from TASK's
+                        "        model.load_state_dict(first)",
+                        "        pass",
+                        [f"{TR}::test_a_task_pair_run_is_naives_run_of_each_pair"]),
+    "pair_second_stream": ("train.py",  # the second task draws the first task's batches
+                           "        loss = tune(1, model, naive, trains[j]",
+                           "        loss = tune(0, model, naive, trains[j]",
+                           [f"{TR}::test_a_task_pair_run_is_naives_run_of_each_pair"]),
+    "pairs_unlearnt_counted": ("study.py",  # a task never learnt "forgets" nothing: it joins the ranks
+                               "None if i == j or alone[i] < LEARNT else",
+                               "None if i == j else",
+                               ["tests/test_study.py::test_pair_grids_hold_each_learnt_tasks_relative_drop"]),
+    "pairs_first_grid_only": ("study.py",  # finding 6 on one base and seed, not their mean
+                              "if seed in (None, s) and base in (None, b)]",
+                              "if seed in (None, s) and base in (None, b)][:1]",
+                              ["tests/test_study.py::test_finding_6_ranks_the_pairs_of_the_mean_grid"]),
+    "mantel_shuffles_cells": ("eval.py",  # pairs taken as independent: a weak ρ of 8 tasks looks clear
+                              "        rng.shuffle(order)",
+                              "        rng.shuffle(ys)",
+                              ["tests/test_eval.py::test_mantels_test_finds_a_strong_correlation"]),
     "compose_inherits_hooks": ("strategies.py",
                                "class Compose:",
                                "class Compose(Strategy):",
