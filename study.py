@@ -55,9 +55,9 @@ def pair_grids(runs, tasks):
     for (_, base, _, seed), r in runs.items():
         found.setdefault((base, seed), {})[r["first"]] = r
     for key, run in ((key, found[key]) for key in sorted(found) if set(found[key]) == set(tasks)):
-        alone = [run[t]["alone"]["acc"] for t in tasks]
-        drop = [[None if i == j or alone[i] < LEARNT else (alone[i] - run[first]["after"][then]["first"]) /
-                 alone[i] for i, first in enumerate(tasks)] for j, then in enumerate(tasks)]
+        alone = {t: run[t]["alone"]["acc"] for t in tasks}  # each task right after its own training
+        drop = [[None if a == b or alone[a] < LEARNT else (alone[a] - run[a]["after"][b]["first"]) / alone[a]
+                 for a in tasks] for b in tasks]  # row: b, the task tuned second; column: a, the first
         features = [[torch.tensor(f) for f in run[t]["features"]] for t in tasks]
         similarity = ev.task_similarity(features, run[tasks[0]]["config"]["strategy"]["tir_temperature"])
         grids[key] = drop, similarity.tolist()

@@ -155,6 +155,14 @@ def test_ranks_average_ties():
     assert ev.ranks([7, 7, 7]) == [2, 2, 2]
 
 
+def test_ranks_sorted_once_are_the_ranks_counted_pair_by_pair():
+    """eval.ranks sorts; its reference counts, for each value, those below it and those equal to it."""
+    rng = random.Random(0)
+    for _ in range(200):
+        xs = [rng.choice([1, 2, 3, 4.5, 7]) for _ in range(rng.randint(1, 20))]  # many ties
+        assert ev.ranks(xs) == [sum(y < x for y in xs) + (sum(y == x for y in xs) + 1) / 2 for x in xs]
+
+
 @pytest.mark.parametrize("xs,ys,rho", [
     ([1, 2, 3, 4], [1, 8, 27, 64], 1.0),        # monotone but not linear: Pearson would be < 1
     ([1, 2, 3, 4], [40, 30, 20, 10], -1.0),

@@ -255,13 +255,17 @@ MUTANTS = {
                            "        loss = tune(0, model, naive, trains[j]",
                            [f"{TR}::test_a_task_pair_run_is_naives_run_of_each_pair"]),
     "pairs_unlearnt_counted": ("study.py",  # a task never learnt "forgets" nothing: it joins the ranks
-                               "None if i == j or alone[i] < LEARNT else",
-                               "None if i == j else",
+                               "None if a == b or alone[a] < LEARNT else",
+                               "None if a == b else",
                                ["tests/test_study.py::test_pair_grids_hold_each_learnt_tasks_relative_drop"]),
     "pairs_first_grid_only": ("study.py",  # finding 6 on one base and seed, not their mean
                               "if seed in (None, s) and base in (None, b)]",
                               "if seed in (None, s) and base in (None, b)][:1]",
                               ["tests/test_study.py::test_finding_6_ranks_the_pairs_of_the_mean_grid"]),
+    "ranks_ties_off": ("eval.py",  # the sorted ranks lose the middle of a tie: off by a half
+                       "    return [below[x] + (equal[x] + 1) / 2 for x in xs]",
+                       "    return [below[x] + equal[x] / 2 for x in xs]",
+                       ["tests/test_eval.py::test_ranks_sorted_once_are_the_ranks_counted_pair_by_pair"]),
     "mantel_shuffles_cells": ("eval.py",  # pairs taken as independent: a weak ρ of 8 tasks looks clear
                               "        rng.shuffle(order)",
                               "        rng.shuffle(ys)",
